@@ -1,0 +1,89 @@
+"""The one JSON error shape, {"error": {"code", "message", "details"}}, and the mapping of every failure to it."""
+
+from __future__ import annotations
+
+import logging
+
+import marshmallow as ma
+from flask import Flask, jsonify
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from recsvc.errors import ArtifactError, ConfigError, InvalidInput, ModelUnavailable, NotFound, RecsvcError
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[RecsvcError], int] = {
+    InvalidInput: 400,
+    NotFound: 404,
+    ModelUnavailable: 503,
+    ArtifactError: 503,
+    ConfigError: 500,
+}
+
+# Werkzeug names (e.g. "Not Found") become stable snake_case codes.
+CODE_BY_STATUS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+                  429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+
+
+class ErrorBodySchema(ma.Schema):
+    code = ma.fields.String(required=True, metadata={"description": "Stable machine-readable error name"})
+    message = ma.fields.String(required=True, metadata={"description": "What went wrong, for a person"})
+    details = ma.fields.Dict(required=True, metadata={"description": "Specifics, e.g. per-field validation errors"})
+
+
+class ErrorSchema(ma.Schema):
+    error = ma.fields.Nested(ErrorBodySchema, required=True)
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None):
+    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+class RecsvcApi(Api):
+    """flask-smorest's Api with recsvc's error shape; validation failures are 400, not 422."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def __init__(self, app: Flask):
+        super().__init__(app)
+        app.register_error_handler(RecsvcError, self.handle_domain_error)
+        app.register_error_handler(Exception, self.handle_unexpected)
+
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        status = 400 if error.code == 422 else error.code or 500
+        details = data.get("errors") or data.get("messages") or {}
+        if error.code == 422 and isinstance(details, dict):
+            details = {"fields": _flatten_locations(details)}
+        message = data.get("message") or ("invalid request parameters" if error.code == 422 else error.description)
+        return error_response(status, CODE_BY_STATUS.get(status, "http_error"), message, details, data.get("headers"))
+
+    @staticmethod
+    def handle_domain_error(error: RecsvcError):
+        status = STATUS_BY_ERROR.get(type(error), 500)
+        if status >= 500:
+            log.error("request failed: %s", error.message)
+        return error_response(status, error.code, error.message, error.details)
+
+    @staticmethod
+    def handle_unexpected(error: Exception):
+        # HTTPExceptions never get here: Flask picks the more specific handler above.
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "the server could not answer; the error was logged")
+
+
+def _flatten_locations(messages: dict) -> dict:
+    """webargs nests errors by location ({"query": {"limit": [...]}}); callers care about the field."""
+    flat = {}
+    for location, fields in messages.items():
+        if isinstance(fields, dict):
+            flat.update(fields)
+        else:
+            flat[location] = fields
+    return flat

@@ -1,0 +1,266 @@
+"""The model artifact format shared by the trainer and the server: registry, versions, manifests, arrays.
+
+A registry is a directory:
+
+    REGISTRY/
+      CURRENT                      the current version id (one line), replaced atomically
+      versions/<version_id>/       one immutable directory per training run
+        manifest.json
+        customers.npy items.npy    ids as sorted UTF-8 byte strings: index = position
+        owned.{indptr,indices,data}.npy   the customers' items (CSR, customers x items)
+        catalog.{title,category}.npy catalog.active.npy
+        strategies/<name>/*.npy    each strategy's arrays (see recsvc.scoring)
+
+Every array is a plain .npy file loaded with allow_pickle=False and memory-mapped,
+so gunicorn workers share one copy through the page cache.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsvc.errors import ArtifactError
+from recsvc.scoring import Scorer, load_scorer
+
+FORMAT_VERSION = 1
+CURRENT_POINTER = "CURRENT"
+VERSIONS_DIR = "versions"
+MANIFEST = "manifest.json"
+
+
+# --- arrays -----------------------------------------------------------------
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_array(path: Path, *, mmap: bool = True) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read array {path.name}: {exc}") from exc
+
+
+def save_csr(directory: Path, prefix: str, matrix: sp.csr_matrix) -> None:
+    matrix = matrix.tocsr()
+    save_array(directory / f"{prefix}.indptr.npy", matrix.indptr.astype(np.int64))
+    save_array(directory / f"{prefix}.indices.npy", matrix.indices.astype(np.int32))
+    save_array(directory / f"{prefix}.data.npy", matrix.data.astype(np.float32))
+    save_array(directory / f"{prefix}.shape.npy", np.asarray(matrix.shape, dtype=np.int64))
+
+
+def load_csr(directory: Path, prefix: str, *, mmap: bool = True) -> sp.csr_matrix:
+    shape = tuple(int(n) for n in load_array(directory / f"{prefix}.shape.npy", mmap=False))
+    parts = [load_array(directory / f"{prefix}.{name}.npy", mmap=mmap) for name in ("data", "indices", "indptr")]
+    # scipy keeps the memory-mapped buffers as they are when dtypes already match.
+    return sp.csr_matrix(tuple(parts), shape=shape, copy=False)
+
+
+def encode_ids(ids) -> np.ndarray:
+    """Sorted, unique ids as a fixed-width UTF-8 byte array (the on-disk id map)."""
+    encoded = np.array([str(i).encode("utf-8") for i in ids], dtype=np.bytes_)
+    return np.unique(encoded)
+
+
+class IdIndex:
+    """Maps external ids to row positions by binary search in a sorted byte array (no per-process dict)."""
+
+    def __init__(self, sorted_ids: np.ndarray):
+        self.ids = sorted_ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def position(self, external_id: str) -> int | None:
+        key = external_id.encode("utf-8")
+        if not key or len(key) > self.ids.dtype.itemsize:
+            return None
+        pos = int(np.searchsorted(self.ids, key))
+        return pos if pos < len(self.ids) and self.ids[pos] == key else None
+
+    def positions(self, external_ids) -> list[int]:
+        """Positions of the ids that are known; unknown ids are dropped."""
+        found = (self.position(i) for i in external_ids)
+        return [p for p in found if p is not None]
+
+    def external(self, position: int) -> str:
+        return self.ids[position].decode("utf-8")
+
+
+# --- registry ---------------------------------------------------------------
+
+
+def versions_root(registry: Path) -> Path:
+    return Path(registry) / VERSIONS_DIR
+
+
+def new_version_id(fingerprint: str, now: dt.datetime | None = None) -> str:
+    """Sortable, unique-enough id: UTC time to the microsecond plus the data fingerprint."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"v{now:%Y%m%dT%H%M%S%f}Z-{fingerprint[:8]}"
+
+
+def current_version(registry: Path) -> str | None:
+    """The version id the CURRENT pointer names, or None for an empty registry."""
+    try:
+        text = (Path(registry) / CURRENT_POINTER).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read the registry's current pointer: {exc}") from exc
+    return text or None
+
+
+def set_current(registry: Path, version_id: str) -> None:
+    """Point CURRENT at version_id atomically: write a temporary file, fsync, rename over."""
+    registry = Path(registry)
+    if not (versions_root(registry) / version_id / MANIFEST).is_file():
+        raise ArtifactError(f"version {version_id} does not exist in {registry}")
+    fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=registry)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(version_id + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, registry / CURRENT_POINTER)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_versions(registry: Path) -> list[str]:
+    """Complete version ids, oldest first (ids sort by creation time)."""
+    root = versions_root(registry)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
+
+
+def read_manifest(version_dir: Path) -> dict:
+    try:
+        manifest = json.loads((Path(version_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read the manifest of {Path(version_dir).name}: {exc}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"{Path(version_dir).name} has artifact format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+# --- the bundle: everything one version holds -------------------------------
+
+
+@dataclass
+class Catalog:
+    """Item attributes aligned with the item index; items without catalog rows are active and untitled."""
+
+    title: np.ndarray
+    category: np.ndarray
+    active: np.ndarray
+
+    @classmethod
+    def empty(cls, n_items: int) -> "Catalog":
+        return cls(np.full(n_items, "", dtype="U1"), np.full(n_items, "", dtype="U1"), np.ones(n_items, dtype=bool))
+
+
+@dataclass
+class ModelBundle:
+    """One model version: id maps, owned items, catalog and one scorer per strategy."""
+
+    manifest: dict
+    customers: IdIndex
+    items: IdIndex
+    owned: sp.csr_matrix
+    catalog: Catalog
+    scorers: dict[str, Scorer] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def default_strategy(self) -> str:
+        return self.manifest["default_strategy"]
+
+    def owned_items(self, customer: int | None) -> np.ndarray:
+        if customer is None:
+            return np.empty(0, dtype=np.int32)
+        return self.owned.indices[self.owned.indptr[customer] : self.owned.indptr[customer + 1]]
+
+    def validate(self) -> None:
+        """Cross-check shapes so a damaged version is refused before it serves anyone."""
+        n_customers, n_items = len(self.customers), len(self.items)
+        if self.owned.shape != (n_customers, n_items):
+            raise ArtifactError(f"owned matrix shape {self.owned.shape} != ({n_customers}, {n_items})")
+        if len(self.catalog.active) != n_items:
+            raise ArtifactError("catalog arrays do not match the item count")
+        if self.default_strategy not in self.scorers:
+            raise ArtifactError(f"default strategy {self.default_strategy!r} has no arrays")
+        for name, scorer in self.scorers.items():
+            scorer.check_shape(n_customers, n_items, name)
+
+
+def write_version(registry: Path, bundle: ModelBundle) -> Path:
+    """Write bundle as a new immutable version directory; returns its path. Does not touch CURRENT.
+
+    Files go to a hidden temporary directory first, which is renamed into place
+    only when complete, so a crash never leaves a half-written version behind.
+    """
+    root = versions_root(registry)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / bundle.version
+    if final.exists():
+        raise ArtifactError(f"version {bundle.version} already exists")
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle.version}.", dir=root))
+    try:
+        save_array(staging / "customers.npy", bundle.customers.ids)
+        save_array(staging / "items.npy", bundle.items.ids)
+        save_csr(staging, "owned", bundle.owned)
+        for attr in ("title", "category", "active"):
+            save_array(staging / f"catalog.{attr}.npy", getattr(bundle.catalog, attr))
+        for name, scorer in bundle.scorers.items():
+            scorer.save(staging / "strategies" / name)
+        manifest = dict(bundle.manifest, format=FORMAT_VERSION)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def load_version(registry: Path, version_id: str, *, mmap: bool = True) -> ModelBundle:
+    """Load and validate one version; raises ArtifactError when anything is missing or inconsistent."""
+    path = versions_root(registry) / version_id
+    manifest = read_manifest(path)
+    if manifest.get("version") != version_id:
+        raise ArtifactError(f"manifest of {version_id} names version {manifest.get('version')!r}")
+    try:
+        bundle = ModelBundle(
+            manifest=manifest,
+            customers=IdIndex(load_array(path / "customers.npy", mmap=mmap)),
+            items=IdIndex(load_array(path / "items.npy", mmap=mmap)),
+            owned=load_csr(path, "owned", mmap=mmap),
+            catalog=Catalog(*(load_array(path / f"catalog.{a}.npy", mmap=mmap) for a in ("title", "category", "active"))),
+            scorers={name: load_scorer(path / "strategies" / name, mmap=mmap) for name in manifest["strategies"]},
+            path=path,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"version {version_id} is inconsistent: {exc}") from exc
+    bundle.validate()
+    return bundle
+
+
+def load_current(registry: Path, *, mmap: bool = True) -> ModelBundle | None:
+    version_id = current_version(registry)
+    return None if version_id is None else load_version(registry, version_id, mmap=mmap)

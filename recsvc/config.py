@@ -1,0 +1,97 @@
+"""Server settings: every RECSVC_* environment variable, read and converted in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from recsvc.errors import ConfigError
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = _text(env, name, None)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={raw!r} must be between {minimum:g} and {maximum:g}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _text(env, name, None)
+    if raw is None:
+        return default
+    if raw.lower() in TRUE:
+        return True
+    if raw.lower() in FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} must be one of {', '.join(TRUE + FALSE)}")
+
+
+def _keys(env: Mapping[str, str], name: str) -> frozenset[str]:
+    keys = frozenset(k.strip() for k in (env.get(name) or "").split(",") if k.strip())
+    short = [k for k in keys if len(k) < 8]
+    if short:
+        raise ConfigError(f"{name}: every key needs at least 8 characters ({len(short)} shorter)")
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Model registry: the directory the trainer publishes into.
+    registry: Path = Path("var/registry")
+    reload_interval: float = 5.0  # seconds between checks of the registry's CURRENT pointer
+
+    # Cache: Redis when a URL is set, otherwise an in-process cache (the embedded default).
+    redis_url: str | None = None
+    cache_ttl: float = 300.0  # seconds a cached recommendation list lives
+    redis_timeout: float = 0.05  # seconds, for connecting and for each command
+    local_cache_entries: int = 10_000
+
+    # Security: secure by default; auth can only be switched off explicitly.
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    admin_keys: frozenset[str] = field(default_factory=frozenset)
+    auth_disabled: bool = False
+    max_body_bytes: int = 64 * 1024
+
+    # Experiments file (JSON or TOML); none by default.
+    experiments_path: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Read RECSVC_* variables; raises ConfigError naming the variable on a wrong value."""
+        env = os.environ if env is None else env
+        experiments = _text(env, "RECSVC_EXPERIMENTS", None)
+        auth = (_text(env, "RECSVC_AUTH", "on") or "on").lower()
+        if auth not in ("on", "off"):
+            raise ConfigError(f"RECSVC_AUTH={auth!r} must be 'on' or 'off' (off: local development only)")
+        return cls(
+            registry=Path(_text(env, "RECSVC_REGISTRY", str(cls.registry))),
+            reload_interval=_number(env, "RECSVC_RELOAD_INTERVAL", cls.reload_interval, minimum=0.1, maximum=3600),
+            redis_url=_text(env, "RECSVC_REDIS_URL", None),
+            cache_ttl=_number(env, "RECSVC_CACHE_TTL", cls.cache_ttl, minimum=1, maximum=7 * 86400),
+            redis_timeout=_number(env, "RECSVC_REDIS_TIMEOUT_MS", cls.redis_timeout * 1000, minimum=1,
+                                  maximum=10_000) / 1000,
+            local_cache_entries=int(_number(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries,
+                                            minimum=0, maximum=10_000_000)),
+            api_keys=_keys(env, "RECSVC_API_KEYS"),
+            admin_keys=_keys(env, "RECSVC_ADMIN_KEYS"),
+            auth_disabled=auth == "off",
+            max_body_bytes=int(_number(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
+                                       maximum=64 * 1024 * 1024)),
+            experiments_path=Path(experiments) if experiments else None,
+        )

@@ -1,0 +1,44 @@
+"""Domain exceptions of recsvc; one root class, mapped to HTTP in recsvc/api/errors.py."""
+
+
+class RecsvcError(Exception):
+    """Root of every error recsvc raises on purpose.
+
+    `code` is a stable machine-readable name; `details` carries anything a
+    caller can act on (never internals such as paths or stack traces).
+    """
+
+    code = "error"
+
+    def __init__(self, message: str, *, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidInput(RecsvcError):
+    """A user's input (file, parameter, request) is unusable."""
+
+    code = "invalid_input"
+
+
+class NotFound(RecsvcError):
+    code = "not_found"
+
+
+class ModelUnavailable(RecsvcError):
+    """No model version is loaded (yet), or the registry is unreadable."""
+
+    code = "model_unavailable"
+
+
+class ArtifactError(RecsvcError):
+    """A model version on disk is missing, incomplete or inconsistent."""
+
+    code = "artifact_error"
+
+
+class ConfigError(RecsvcError):
+    """A setting has a wrong value; raised at start-up."""
+
+    code = "config_error"

@@ -1,0 +1,93 @@
+"""The loaded model version of this process, kept in step with the registry's CURRENT pointer.
+
+A watcher thread reads the pointer every few seconds; a new version is loaded
+beside the old one and swapped in with one reference assignment, so requests
+in flight finish on the version they started with. A version that fails to load
+or validate is refused and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsvc import artifacts
+from recsvc.artifacts import ModelBundle
+from recsvc.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    version: str | None
+    reason: str
+    at: float  # Unix seconds
+
+
+class ModelStore:
+    def __init__(self, registry: Path, reload_interval: float = 5.0):
+        self.registry = Path(registry)
+        self.reload_interval = reload_interval
+        self.bundle: ModelBundle | None = None
+        self.last_failure: LoadFailure | None = None
+        self.loaded_at: float | None = None
+        self._lock = threading.Lock()
+        self._watcher_pid: int | None = None
+        self._stop = threading.Event()
+
+    def current(self) -> ModelBundle | None:
+        """The bundle to serve with (None until one loads). Starts the watcher in this process on first use,
+        which also covers gunicorn workers forked after the app was preloaded."""
+        if self._watcher_pid != os.getpid():
+            self._start_watcher()
+        return self.bundle
+
+    def refresh(self) -> bool:
+        """Load the version CURRENT names if it is not the one loaded; True when a new one was swapped in."""
+        with self._lock:
+            try:
+                version = artifacts.current_version(self.registry)
+            except ArtifactError as exc:
+                self._refuse(None, str(exc))
+                return False
+            if version is None or (self.bundle is not None and self.bundle.version == version):
+                return False
+            if self.last_failure is not None and self.last_failure.version == version:
+                return False  # already refused; wait for the pointer to move on
+            try:
+                bundle = artifacts.load_version(self.registry, version)
+            except ArtifactError as exc:
+                self._refuse(version, str(exc))
+                return False
+            previous = self.bundle.version if self.bundle else None
+            self.bundle, self.loaded_at, self.last_failure = bundle, time.time(), None
+            log.info("model version %s loaded (was %s)", version, previous)
+            return True
+
+    def _refuse(self, version: str | None, reason: str) -> None:
+        self.last_failure = LoadFailure(version, reason, time.time())
+        log.error("model version %s refused, keeping %s: %s", version, self.bundle.version if self.bundle else None,
+                  reason)
+
+    def _start_watcher(self) -> None:
+        with self._lock:
+            if self._watcher_pid == os.getpid():
+                return
+            self._watcher_pid = os.getpid()
+            self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="recsvc-model-watcher", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.reload_interval):
+            try:
+                self.refresh()
+            except Exception:  # the watcher must survive anything a broken registry throws at it
+                log.exception("model refresh failed")
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,260 @@
+"""Scorers: the trained arrays of a strategy and the arithmetic that turns them into item scores.
+
+The trainer produces a scorer (training/strategies), the registry stores it
+(recsvc/artifacts.py) and the server asks it for scores; nothing here trains.
+Three kinds cover every strategy:
+
+- factors:          customer and item latent factors (ALS, BPR); score = U[c] . V[i]
+- item_similarity:  an item x item matrix S (item-KNN sparse, EASE dense); score = history . S
+- popularity:       one score per item, the same for every customer
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsvc.errors import ArtifactError
+
+SCORER_FILE = "scorer.json"
+
+
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best item positions by score, best first, never an excluded or -inf one.
+
+    `scores` is modified in place when `exclude` is given. May return fewer than k
+    items when fewer have a finite score.
+    """
+    if exclude is not None and len(exclude):
+        scores[exclude] = -np.inf
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    best = best[np.argsort(-scores[best], kind="stable")]
+    best = best[np.isfinite(scores[best])]
+    return best, scores[best]
+
+
+def top_k_batch(scores: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise top-k positions (best first) of a dense (customers x items) score matrix."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+class Scorer(ABC):
+    """Scores items for a customer (known by position, or described by a list of items)."""
+
+    kind: ClassVar[str]
+    registry: ClassVar[dict[str, type["Scorer"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Scorer.registry[cls.kind] = cls
+
+    @abstractmethod
+    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+        """Float32 scores for every item. `customer` is the customer's row in the model, or None
+        for a customer the model does not know; `history` holds item positions that describe them
+        (their items, or the items in the current conversation)."""
+
+    @abstractmethod
+    def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        """Dense (len(customers) x items) scores; row j of `history` belongs to customers[j]."""
+
+    @abstractmethod
+    def similar(self, item: int) -> np.ndarray:
+        """Similarity of every item to `item`."""
+
+    @abstractmethod
+    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
+        """How much each history item speaks for recommending `item` (same order as history)."""
+
+    @abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        ...
+
+    @property
+    def personal(self) -> bool:
+        """False for scorers that rank every customer alike (popularity)."""
+        return True
+
+    def params(self) -> dict:
+        return {}
+
+    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+        """Raise ArtifactError when the arrays do not fit the bundle's id maps."""
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, array in self.arrays().items():
+            np.save(directory / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+        (directory / SCORER_FILE).write_text(json.dumps({"kind": self.kind, "params": self.params()}), encoding="utf-8")
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict) -> "Scorer":
+        return cls(**arrays, **params)
+
+
+def load_scorer(directory: Path, *, mmap: bool = True) -> Scorer:
+    try:
+        spec = json.loads((directory / SCORER_FILE).read_text(encoding="utf-8"))
+        cls = Scorer.registry[spec["kind"]]
+        arrays = {
+            p.stem: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in sorted(directory.glob("*.npy"))
+        }
+        return cls.from_arrays(arrays, spec.get("params", {}))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"cannot load strategy arrays in {directory.name}: {exc}") from exc
+
+
+class FactorScorer(Scorer):
+    """Latent factors. Unknown customers are folded in from their history by one ALS least-squares step."""
+
+    kind = "factors"
+
+    def __init__(self, user_factors: np.ndarray, item_factors: np.ndarray, item_norms: np.ndarray | None = None,
+                 regularization: float = 0.01):
+        self.user_factors = user_factors
+        self.item_factors = item_factors
+        self.item_norms = item_norms if item_norms is not None else _row_norms(item_factors)
+        self.regularization = float(regularization)
+        # Small (factors x factors), cheap to compute per process.
+        self._gram = (item_factors.T @ item_factors).astype(np.float64)
+
+    def params(self) -> dict:
+        return {"regularization": self.regularization}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"user_factors": self.user_factors, "item_factors": self.item_factors, "item_norms": self.item_norms}
+
+    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+        if self.user_factors.shape[0] != n_customers or self.item_factors.shape[0] != n_items:
+            raise ArtifactError(f"{name}: factor shapes {self.user_factors.shape}/{self.item_factors.shape} "
+                                f"do not match {n_customers} customers x {n_items} items")
+        if self.user_factors.shape[1] != self.item_factors.shape[1]:
+            raise ArtifactError(f"{name}: customer and item factors differ in width")
+
+    def fold_in(self, history: np.ndarray) -> np.ndarray:
+        """A customer vector for a history of items (implicit-feedback ALS step, confidence 1 + 1)."""
+        factors = self.item_factors.shape[1]
+        if len(history) == 0:
+            return np.zeros(factors, dtype=np.float32)
+        y = np.asarray(self.item_factors[history], dtype=np.float64)
+        a = self._gram + y.T @ y + self.regularization * np.eye(factors)
+        b = 2.0 * y.sum(axis=0)
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+        vector = self.user_factors[customer] if customer is not None else self.fold_in(history)
+        return self.item_factors @ vector
+
+    def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        return np.asarray(self.user_factors[customers] @ self.item_factors.T)
+
+    def similar(self, item: int) -> np.ndarray:
+        norms = np.where(self.item_norms > 0, self.item_norms, 1.0)
+        return (self.item_factors @ self.item_factors[item]) / (norms * norms[item])
+
+    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
+        return self.similar(item)[history] if len(history) else np.empty(0, dtype=np.float32)
+
+
+def _row_norms(matrix: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(matrix, axis=1).astype(np.float32)
+
+
+class ItemSimilarityScorer(Scorer):
+    """An item x item weight matrix, dense (EASE) or sparse (item-KNN): score = history . S."""
+
+    kind = "item_similarity"
+
+    def __init__(self, matrix: np.ndarray | sp.csr_matrix):
+        self.matrix = matrix
+
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.matrix, np.ndarray)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict) -> "Scorer":
+        if "dense" in arrays:
+            return cls(arrays["dense"])
+        shape = tuple(int(n) for n in arrays["shape"])
+        return cls(sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape, copy=False))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.dense:
+            return {"dense": self.matrix.astype(np.float32, copy=False)}
+        m = self.matrix.tocsr()
+        return {"data": m.data.astype(np.float32), "indices": m.indices.astype(np.int32),
+                "indptr": m.indptr.astype(np.int64), "shape": np.asarray(m.shape, dtype=np.int64)}
+
+    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+        if self.matrix.shape != (n_items, n_items):
+            raise ArtifactError(f"{name}: similarity shape {self.matrix.shape} does not match {n_items} items")
+
+    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+        if len(history) == 0:
+            return np.zeros(self.matrix.shape[1], dtype=np.float32)
+        rows = self.matrix[history]
+        return np.asarray(rows.sum(axis=0), dtype=np.float32).ravel()
+
+    def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        indicator = history.copy()
+        indicator.data = np.ones_like(indicator.data, dtype=np.float32)
+        product = indicator @ self.matrix
+        return product.toarray() if sp.issparse(product) else np.asarray(product)
+
+    def similar(self, item: int) -> np.ndarray:
+        row = self.matrix[item]
+        return row.toarray().ravel() if sp.issparse(row) else np.array(row, dtype=np.float32)
+
+    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
+        if len(history) == 0:
+            return np.empty(0, dtype=np.float32)
+        column = self.matrix[history, item]
+        return np.asarray(column.toarray() if sp.issparse(column) else column, dtype=np.float32).ravel()
+
+
+class PopularityScorer(Scorer):
+    """The same ranking for everyone: weighted interaction counts (or recent ones, for trending)."""
+
+    kind = "popularity"
+
+    def __init__(self, popularity: np.ndarray, window_days: float | None = None):
+        self.popularity = popularity
+        self.window_days = window_days
+
+    @property
+    def personal(self) -> bool:
+        return False
+
+    def params(self) -> dict:
+        return {"window_days": self.window_days}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"popularity": self.popularity.astype(np.float32, copy=False)}
+
+    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+        if len(self.popularity) != n_items:
+            raise ArtifactError(f"{name}: popularity has {len(self.popularity)} entries for {n_items} items")
+
+    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+        return np.array(self.popularity, dtype=np.float32)
+
+    def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.popularity, dtype=np.float32), (len(customers), len(self.popularity))).copy()
+
+    def similar(self, item: int) -> np.ndarray:
+        return np.array(self.popularity, dtype=np.float32)
+
+    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
+        return np.zeros(len(history), dtype=np.float32)

@@ -1,0 +1,26 @@
+"""Alternating least squares for implicit feedback (implicit.als), served as latent factors."""
+
+from __future__ import annotations
+
+import numpy as np
+from implicit.als import AlternatingLeastSquares
+
+from recsvc.scoring import FactorScorer
+from training.strategies.base import Strategy, TrainingData
+
+
+class ALSStrategy(Strategy):
+    name = "als"
+    defaults = {"factors": 32, "regularization": 1.0, "alpha": 1.0, "iterations": 15, "seed": 42}
+
+    def fit(self, data: TrainingData) -> FactorScorer:
+        p = self.params
+        model = AlternatingLeastSquares(factors=int(p["factors"]), regularization=float(p["regularization"]),
+                                        alpha=float(p["alpha"]), iterations=int(p["iterations"]),
+                                        random_state=int(p["seed"]), calculate_training_loss=False)
+        model.fit(data.matrix, show_progress=False)
+        model = model.to_cpu() if hasattr(model, "to_cpu") else model
+        user_factors = np.ascontiguousarray(model.user_factors, dtype=np.float32)
+        item_factors = np.ascontiguousarray(model.item_factors, dtype=np.float32)
+        self.scorer = FactorScorer(user_factors, item_factors, regularization=float(p["regularization"]))
+        return self.scorer

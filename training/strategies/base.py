@@ -1,0 +1,75 @@
+"""The one interface every strategy honours: fit, recommend, similar, explain, save, load."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsvc.scoring import Scorer, load_scorer, top_k
+
+
+@dataclass
+class TrainingData:
+    """What a strategy learns from: customers x items strengths, plus per-row times when known."""
+
+    matrix: sp.csr_matrix
+    timestamps: np.ndarray | None = None  # float64 Unix seconds aligned with `interactions` rows
+    interactions: tuple[np.ndarray, np.ndarray] | None = None  # (customer, item) per raw row, for time-aware strategies
+
+
+class Strategy(ABC):
+    """A named way to turn training data into a Scorer.
+
+    `fit` is the only method that learns; the rest use the fitted scorer, exactly
+    as the server will after `save` and `load`.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict] = {}
+
+    def __init__(self, **params):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(self.defaults)) or 'none'}")
+        self.params = {**self.defaults, **params}
+        self.scorer: Scorer | None = None
+
+    @abstractmethod
+    def fit(self, data: TrainingData) -> Scorer:
+        """Learn from data; sets and returns self.scorer."""
+
+    def _fitted(self) -> Scorer:
+        if self.scorer is None:
+            raise RuntimeError(f"{self.name} is not fitted")
+        return self.scorer
+
+    def recommend(self, customer: int | None, history: np.ndarray, n: int = 10,
+                  filter_history: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n (item positions, scores) for a customer; their history is left out unless asked for."""
+        scores = self._fitted().scores(customer, history)
+        return top_k(scores, n, history if filter_history else None)
+
+    def similar(self, item: int, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n items like `item`, itself excluded."""
+        return top_k(self._fitted().similar(item).astype(np.float32, copy=True), n, np.array([item]))
+
+    def explain(self, item: int, history: np.ndarray, n: int = 2) -> np.ndarray:
+        """Up to n history items that speak most for `item`, strongest first (only positive ones)."""
+        weights = self._fitted().contributions(item, history)
+        order = np.argsort(-weights, kind="stable")[:n]
+        return history[order[weights[order] > 0]]
+
+    def save(self, directory: Path) -> None:
+        self._fitted().save(Path(directory))
+
+    @classmethod
+    def load(cls, directory: Path, **params) -> "Strategy":
+        strategy = cls(**params)
+        strategy.scorer = load_scorer(Path(directory))
+        return strategy
