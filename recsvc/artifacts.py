@@ -53,8 +53,10 @@ def load_array(path: Path, *, mmap: bool = True) -> np.ndarray:
 
 def save_csr(directory: Path, prefix: str, matrix: sp.csr_matrix) -> None:
     matrix = matrix.tocsr()
-    save_array(directory / f"{prefix}.indptr.npy", matrix.indptr.astype(np.int64))
-    save_array(directory / f"{prefix}.indices.npy", matrix.indices.astype(np.int32))
+    # One index dtype for both arrays: scipy would otherwise copy them on load, losing the memory map.
+    index_dtype = np.int32 if max(matrix.nnz, *matrix.shape) < 2**31 else np.int64
+    save_array(directory / f"{prefix}.indptr.npy", matrix.indptr.astype(index_dtype))
+    save_array(directory / f"{prefix}.indices.npy", matrix.indices.astype(index_dtype))
     save_array(directory / f"{prefix}.data.npy", matrix.data.astype(np.float32))
     save_array(directory / f"{prefix}.shape.npy", np.asarray(matrix.shape, dtype=np.int64))
 

@@ -194,8 +194,9 @@ class ItemSimilarityScorer(Scorer):
         if self.dense:
             return {"dense": self.matrix.astype(np.float32, copy=False)}
         m = self.matrix.tocsr()
-        return {"data": m.data.astype(np.float32), "indices": m.indices.astype(np.int32),
-                "indptr": m.indptr.astype(np.int64), "shape": np.asarray(m.shape, dtype=np.int64)}
+        index_dtype = np.int32 if max(m.nnz, *m.shape) < 2**31 else np.int64  # equal dtypes: scipy keeps the mmap
+        return {"data": m.data.astype(np.float32), "indices": m.indices.astype(index_dtype),
+                "indptr": m.indptr.astype(index_dtype), "shape": np.asarray(m.shape, dtype=np.int64)}
 
     def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
         if self.matrix.shape != (n_items, n_items):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from implicit.als import AlternatingLeastSquares
+from threadpoolctl import threadpool_limits
 
 from recsvc.scoring import FactorScorer
 from training.strategies.base import Strategy, TrainingData
@@ -15,11 +16,13 @@ class ALSStrategy(Strategy):
 
     def fit(self, data: TrainingData) -> FactorScorer:
         p = self.params
-        model = AlternatingLeastSquares(factors=int(p["factors"]), regularization=float(p["regularization"]),
-                                        alpha=float(p["alpha"]), iterations=int(p["iterations"]),
-                                        random_state=int(p["seed"]), calculate_training_loss=False)
-        model.fit(data.matrix, show_progress=False)
-        model = model.to_cpu() if hasattr(model, "to_cpu") else model
+        # implicit runs its own threads; BLAS threads underneath would fight them (implicit checks this
+        # when the model is built, so both steps sit inside the limit).
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(factors=int(p["factors"]), regularization=float(p["regularization"]),
+                                            alpha=float(p["alpha"]), iterations=int(p["iterations"]),
+                                            random_state=int(p["seed"]), calculate_training_loss=False)
+            model.fit(data.matrix, show_progress=False)
         user_factors = np.ascontiguousarray(model.user_factors, dtype=np.float32)
         item_factors = np.ascontiguousarray(model.item_factors, dtype=np.float32)
         self.scorer = FactorScorer(user_factors, item_factors, regularization=float(p["regularization"]))

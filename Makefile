@@ -1,0 +1,57 @@
+# recsvc: `make run` and `make test` do all set-up from a fresh clone (Debian/Ubuntu, python3 >= 3.11).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DEMO := var/demo
+REGISTRY := var/registry
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DEV_KEY ?= local-dev-key
+
+# implicit parallelises itself; threaded BLAS underneath it is much slower.
+export OPENBLAS_NUM_THREADS := 1
+
+.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train
+
+# python3-venv is a separate Debian package; install it (and redis-server for the tests) when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "recsvc needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+
+redis-server:
+	@[ -n "$$REDIS_URL" ] || command -v redis-server >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+test: install redis-server
+	$(BIN)/pytest
+
+$(DEMO)/interactions.csv: | $(STAMP)
+	$(BIN)/recsvc-train demo-data --out $(DEMO)
+
+$(REGISTRY)/CURRENT: $(DEMO)/interactions.csv
+	$(BIN)/recsvc-train fit --interactions $(DEMO)/interactions.csv --catalog $(DEMO)/catalog.csv --registry $(REGISTRY)
+
+demo: $(DEMO)/interactions.csv
+fit: $(REGISTRY)/CURRENT
+
+run: install $(REGISTRY)/CURRENT
+	@customer=$$(sed -n 2p $(DEMO)/interactions.csv | cut -d, -f1 | tr -d '"'); \
+	echo; echo "recsvc is starting on http://$(HOST):$(PORT) (embedded cache, API key '$(DEV_KEY)'). Try:"; \
+	echo "  curl -s -H 'Authorization: Bearer $(DEV_KEY)' 'http://$(HOST):$(PORT)/v1/customers/$$customer/recommendations?limit=5'"; echo
+	RECSVC_REGISTRY=$(REGISTRY) RECSVC_API_KEYS=$(DEV_KEY) $(BIN)/recsvc serve --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,41 @@
+"""recsvc: the server's command line. Exit codes: 0 clean stop, 2 bad configuration."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from recsvc.config import Settings
+from recsvc.errors import ConfigError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Serve recsvc recommendations."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), help="gunicorn workers (default: cores, at most 4)")
+@click.option("--threads", type=click.IntRange(1, 64), help="threads per worker (default 4)")
+def serve(host: str, port: int, workers: int | None, threads: int | None) -> None:
+    """Run the API under gunicorn with recsvc/gunicorn_conf.py."""
+    try:
+        Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
+    except ConfigError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
+    argv = ["gunicorn", "-c", "python:recsvc.gunicorn_conf", "--bind", f"{host}:{port}"]
+    if workers:
+        argv += ["--workers", str(workers)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.execvp(sys.executable, [sys.executable, "-m", *argv, "recsvc.wsgi:app"])
+
+
+if __name__ == "__main__":
+    main()
