@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# recsvc API image: gunicorn serving a registry mounted at /registry.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # implicit parallelises itself; threaded BLAS underneath it is much slower.
+    OPENBLAS_NUM_THREADS=1
+
+# implicit's compiled extensions link the system OpenMP runtime (libgomp), which slim images lack.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin recsvc
+
+WORKDIR /app
+
+# Dependency layer: rebuilt only when pyproject.toml changes, not on every code change.
+COPY pyproject.toml README.md ./
+RUN mkdir -p recsvc training \
+    && touch recsvc/__init__.py training/__init__.py \
+    && pip install . \
+    && pip uninstall -y recsvc
+
+COPY recsvc ./recsvc
+COPY training ./training
+RUN pip install --no-deps . && mkdir -p /registry && chown recsvc /registry
+
+USER recsvc
+ENV RECSVC_REGISTRY=/registry \
+    RECSVC_BIND=0.0.0.0:8000
+EXPOSE 8000
+VOLUME ["/registry"]
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+
+CMD ["gunicorn", "-c", "python:recsvc.gunicorn_conf", "recsvc.wsgi:app"]
