@@ -13,7 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin recsvc
+    && groupadd --gid 10001 recsvc \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin recsvc
 
 WORKDIR /app
 
@@ -26,9 +27,9 @@ RUN mkdir -p recsvc training \
 
 COPY recsvc ./recsvc
 COPY training ./training
-RUN pip install --no-deps . && mkdir -p /registry && chown recsvc /registry
+RUN pip install --no-deps . && mkdir -p /registry && chown 10001:10001 /registry
 
-USER recsvc
+USER 10001:10001
 ENV RECSVC_REGISTRY=/registry \
     RECSVC_BIND=0.0.0.0:8000
 EXPOSE 8000
