@@ -77,7 +77,10 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
     for name in names:
         strategy = STRATEGIES[name](**config.params.get(name, {}))
         t0 = time.perf_counter()
-        scorers[name] = strategy.fit(TrainingData(train))
+        # Raw rows with their times let time-aware strategies (trending) rank recent interest;
+        # they keep only rows whose pair is in `train`, so held-out rows never leak.
+        scorers[name] = strategy.fit(TrainingData(train, timestamps=interactions.timestamp,
+                                                  interactions=(interactions.customer, interactions.item)))
         timings[f"fit.{name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         metrics[name] = evaluate(scorers[name], train, test, k=config.k, exclude_items=inactive)

@@ -13,6 +13,12 @@ from training.strategies.base import Strategy, TrainingData
 class ALSStrategy(Strategy):
     name = "als"
     defaults = {"factors": 32, "regularization": 1.0, "alpha": 1.0, "iterations": 15, "seed": 42}
+    search_space = {
+        "factors": [32, 64, 128],
+        "regularization": [0.1, 1.0, 10.0, 30.0, 50.0, 100.0],
+        "alpha": [1.0, 2.0, 5.0, 10.0, 20.0],
+        "iterations": [15, 30],
+    }
 
     def fit(self, data: TrainingData) -> FactorScorer:
         p = self.params

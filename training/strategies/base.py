@@ -10,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from recsvc.errors import InvalidInput
 from recsvc.scoring import Scorer, load_scorer, top_k
 
 
@@ -31,12 +32,13 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     defaults: ClassVar[dict] = {}
+    search_space: ClassVar[dict[str, list]] = {}  # candidate values per parameter, for `recsvc-train tune`
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(self.defaults)) or 'none'}")
+            raise InvalidInput(f"{self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                               f"known: {', '.join(sorted(self.defaults)) or 'none'}")
         self.params = {**self.defaults, **params}
         self.scorer: Scorer | None = None
 

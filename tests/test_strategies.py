@@ -1,0 +1,238 @@
+"""The strategy contract, run against every strategy in STRATEGIES on a small block matrix with exact answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from recsvc.artifacts import ModelBundle
+from recsvc.errors import InvalidInput
+from recsvc.scoring import ItemSimilarityScorer, Scorer
+from training.strategies import STRATEGIES, TrainingData
+
+# Two tastes: customers 0-11 like items 0-5 (block A), customers 12-15 like items 6-9 (block B).
+# Each customer lacks exactly one item of their block, so the one right suggestion is known, and
+# block A is more popular, so even the popularity baseline gets block-A customers right.
+BLOCK_A, BLOCK_B = np.arange(0, 6), np.arange(6, 10)
+N_CUSTOMERS, N_ITEMS = 16, 10
+
+# Parameters sized for a 16 x 10 matrix (the defaults are sized for real catalogues).
+SMALL_PARAMS = {
+    "als": {"factors": 4, "regularization": 0.01, "iterations": 30, "threads": None},
+    "bpr": {"factors": 4, "learning_rate": 0.05, "regularization": 0.001, "iterations": 300, "threads": 1},
+    "item_knn": {"neighbours": 20, "threads": 1},  # implicit counts the item itself among its neighbours
+    "ease": {"l2": 1.0},
+}
+
+
+def block_of(customer: int) -> np.ndarray:
+    return BLOCK_A if customer < 12 else BLOCK_B
+
+
+def missing_item(customer: int) -> int:
+    block = block_of(customer)
+    return int(block[customer % len(block)])
+
+
+def block_matrix() -> sp.csr_matrix:
+    rows, cols = [], []
+    for customer in range(N_CUSTOMERS):
+        for item in block_of(customer):
+            if item != missing_item(customer):
+                rows.append(customer)
+                cols.append(item)
+    return sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(N_CUSTOMERS, N_ITEMS))
+
+
+def history(matrix: sp.csr_matrix, customer: int) -> np.ndarray:
+    return matrix.indices[matrix.indptr[customer] : matrix.indptr[customer + 1]]
+
+
+def make(name: str):
+    params = {k: v for k, v in SMALL_PARAMS.get(name, {}).items() if k in STRATEGIES[name].defaults and v is not None}
+    return STRATEGIES[name](**params)
+
+
+@pytest.fixture(scope="module")
+def matrix() -> sp.csr_matrix:
+    return block_matrix()
+
+
+@pytest.fixture(scope="module", params=sorted(STRATEGIES))
+def fitted(request, matrix):
+    strategy = make(request.param)
+    scorer = strategy.fit(TrainingData(matrix))
+    return strategy, scorer
+
+
+class TestContract:
+    """What every strategy promises, whatever its arithmetic."""
+
+    def test_fit_returns_a_scorer_that_fits_the_matrix(self, fitted, matrix):
+        strategy, scorer = fitted
+        assert isinstance(scorer, Scorer) and strategy.scorer is scorer
+        scorer.check_shape(N_CUSTOMERS, N_ITEMS, strategy.name)  # raises ArtifactError when wrong
+        assert scorer.scores(0, history(matrix, 0)).shape == (N_ITEMS,)
+
+    def test_recommend_excludes_history_and_finds_the_missing_item(self, fitted, matrix):
+        strategy, scorer = fitted
+        for customer in range(N_CUSTOMERS):
+            owned = history(matrix, customer)
+            items, scores = strategy.recommend(customer, owned, n=3)
+            assert len(items) == 3 and not set(items.tolist()) & set(owned.tolist())
+            assert np.all(np.diff(scores) <= 0), "best first"
+            if customer < 12 or scorer.personal:
+                assert items[0] == missing_item(customer), f"{strategy.name}: customer {customer} got {items}"
+                assert scores[0] > scores[1], "the right item wins outright, not by a tie"
+
+    def test_recommend_can_keep_history_when_asked(self, fitted, matrix):
+        strategy, _ = fitted
+        items, _ = strategy.recommend(0, history(matrix, 0), n=N_ITEMS, filter_history=False)
+        assert set(history(matrix, 0).tolist()) <= set(items.tolist())
+
+    def test_a_new_customer_is_scored_from_their_items(self, fitted, matrix):
+        strategy, scorer = fitted
+        # Popularity ranks every customer alike: only block-A customers get their missing item from it.
+        for customer in (0, 13) if scorer.personal else (0,):
+            items, _ = strategy.recommend(None, history(matrix, customer), n=1)
+            assert items[0] == missing_item(customer), f"{strategy.name}: folded-in customer {customer} got {items}"
+
+    def test_similar_excludes_the_item_and_stays_in_its_block(self, fitted):
+        strategy, scorer = fitted
+        for item in (0, 7):
+            items, _ = strategy.similar(item, n=3)
+            assert len(items) == 3 and item not in items.tolist()
+            if scorer.personal:
+                block = BLOCK_A if item < 6 else BLOCK_B
+                assert set(items.tolist()) <= set(block.tolist()), f"{strategy.name}: similar({item}) = {items}"
+
+    def test_explain_names_history_items(self, fitted, matrix):
+        strategy, scorer = fitted
+        for customer in (1, 14):
+            owned = history(matrix, customer)
+            reasons = strategy.explain(missing_item(customer), owned, n=2)
+            assert set(reasons.tolist()) <= set(owned.tolist())
+            assert len(reasons) == (2 if scorer.personal else 0), f"{strategy.name}: {reasons}"
+
+    def test_save_load_round_trip_gives_identical_scores(self, fitted, matrix, tmp_path):
+        strategy, scorer = fitted
+        strategy.save(tmp_path / strategy.name)
+        loaded = type(strategy).load(tmp_path / strategy.name, **strategy.params)
+        assert loaded.scorer.kind == scorer.kind
+        for customer in range(N_CUSTOMERS):
+            owned = history(matrix, customer)
+            np.testing.assert_array_equal(loaded.scorer.scores(customer, owned), scorer.scores(customer, owned))
+            np.testing.assert_array_equal(loaded.recommend(customer, owned, n=5)[0], strategy.recommend(customer, owned, n=5)[0])
+        np.testing.assert_array_equal(loaded.scorer.similar(3), scorer.similar(3))
+
+    def test_scores_batch_agrees_with_scores(self, fitted, matrix):
+        _, scorer = fitted
+        customers = np.arange(N_CUSTOMERS)
+        batch = scorer.scores_batch(customers, matrix[customers])
+        assert batch.shape == (N_CUSTOMERS, N_ITEMS)
+        for customer in customers:
+            np.testing.assert_allclose(batch[customer], scorer.scores(customer, history(matrix, customer)),
+                                       rtol=1e-5, atol=1e-6)
+
+    def test_unknown_parameters_are_refused(self, fitted):
+        strategy, _ = fitted
+        with pytest.raises(InvalidInput, match="unknown parameter"):
+            type(strategy)(no_such_parameter=1)
+
+
+def test_every_strategy_has_a_search_space_of_known_parameters():
+    for name, cls in STRATEGIES.items():
+        assert set(cls.search_space) <= set(cls.defaults), name
+        assert all(len(values) >= 1 for values in cls.search_space.values()), name
+
+
+@pytest.mark.parametrize("similarity", ["bm25", "cosine", "tfidf"])
+def test_item_knn_similarities_are_sparse_and_find_the_missing_item(similarity, matrix):
+    strategy = STRATEGIES["item_knn"](similarity=similarity, neighbours=20, threads=1)
+    scorer = strategy.fit(TrainingData(matrix))
+    assert isinstance(scorer, ItemSimilarityScorer) and not scorer.dense
+    assert scorer.matrix.diagonal().sum() == 0
+    for customer in range(N_CUSTOMERS):
+        items, scores = strategy.recommend(customer, history(matrix, customer), n=2)
+        assert items[0] == missing_item(customer) and scores[0] > scores[1]
+
+
+def test_item_knn_refuses_an_unknown_similarity():
+    with pytest.raises(InvalidInput, match="similarity must be one of bm25, cosine, tfidf"):
+        STRATEGIES["item_knn"](similarity="jaccard")
+
+
+def test_ease_is_dense_with_a_zero_diagonal(matrix):
+    scorer = STRATEGIES["ease"](l2=1.0).fit(TrainingData(matrix))
+    assert scorer.dense and scorer.matrix.dtype == np.float32
+    assert np.all(np.diag(scorer.matrix) == 0)
+    assert np.all(scorer.matrix[np.ix_(BLOCK_A, BLOCK_B)] == 0), "no weight between tastes nobody mixed"
+
+
+def test_ease_refuses_above_its_item_limit_with_a_clear_message(matrix):
+    with pytest.raises(InvalidInput, match=r"ease: 10 items .* limit of 8 items .*over_limit = \"top_items\""):
+        STRATEGIES["ease"](max_items=8).fit(TrainingData(matrix))
+
+
+def test_ease_refuses_above_its_memory_budget(matrix):
+    # 1e-4 MiB allows sqrt(104.8 / 20) = 2 items.
+    with pytest.raises(InvalidInput, match="limit of 2 items"):
+        STRATEGIES["ease"](max_memory_mb=1e-4).fit(TrainingData(matrix))
+
+
+def test_ease_restricted_to_the_most_interacted_items(matrix):
+    # Block A items are held by 10 customers each, block B items by 3: the six A items are kept.
+    strategy = STRATEGIES["ease"](l2=1.0, max_items=6, over_limit="top_items")
+    scorer = strategy.fit(TrainingData(matrix))
+    assert isinstance(scorer, ItemSimilarityScorer) and scorer.matrix.shape == (N_ITEMS, N_ITEMS)
+    assert sp.issparse(scorer.matrix) and set(np.unique(scorer.matrix.nonzero()).tolist()) <= set(BLOCK_A.tolist())
+    full = STRATEGIES["ease"](l2=1.0).fit(TrainingData(matrix)).matrix
+    np.testing.assert_allclose(scorer.matrix.toarray()[np.ix_(BLOCK_A, BLOCK_A)], full[np.ix_(BLOCK_A, BLOCK_A)],
+                               rtol=1e-5, atol=1e-6)
+    assert strategy.recommend(2, history(matrix, 2), n=1)[0][0] == missing_item(2)
+
+
+def test_ease_refuses_bad_options():
+    with pytest.raises(InvalidInput, match="over_limit must be one of refuse, top_items"):
+        STRATEGIES["ease"](over_limit="shrink")
+    with pytest.raises(InvalidInput, match="l2 must be a positive number"):
+        STRATEGIES["ease"](l2=0)
+
+
+def test_trending_ranks_recent_items_first_and_ignores_held_out_rows():
+    day = 86_400.0
+    # Item 0: three customers long ago. Item 1: one customer yesterday. Item 2: two customers
+    # yesterday, but one of those rows is held out (not in the training matrix), so it counts once.
+    customer = np.array([0, 1, 2, 3, 4, 5])
+    item = np.array([0, 0, 0, 1, 2, 2])
+    timestamps = np.array([0, 0, 0, 99, 99, 100], dtype=np.float64) * day
+    train = sp.csr_matrix((np.ones(5, dtype=np.float32), (customer[:5], item[:5])), shape=(6, 3))
+    data = TrainingData(train, timestamps=timestamps, interactions=(customer, item))
+    scorer = STRATEGIES["trending"](window_days=7).fit(data)
+    assert scorer.window_days == 7
+    ranking = np.argsort(-scorer.scores(None, np.empty(0, dtype=np.int64)), kind="stable")
+    assert ranking.tolist() == [1, 2, 0] or ranking.tolist() == [2, 1, 0]
+    popularity = scorer.popularity
+    assert popularity[1] == pytest.approx(popularity[2], abs=1.0), "the held-out row must not count"
+    assert min(popularity[1], popularity[2]) >= 1 > popularity[0]
+    assert popularity[1] < popularity[2] + 1 and popularity[2] - popularity[1] < 1
+
+
+def test_trending_without_timestamps_is_popularity(matrix):
+    trending = STRATEGIES["trending"]().fit(TrainingData(matrix))
+    popular = STRATEGIES["popular"]().fit(TrainingData(matrix))
+    assert trending.window_days is None
+    np.testing.assert_array_equal(trending.popularity, popular.popularity)
+
+
+def test_fitted_strategies_can_be_bundled_together(matrix):
+    """Every scorer kind passes the bundle's cross-check, as the server will run it."""
+    from recsvc.artifacts import Catalog, IdIndex, encode_ids
+
+    scorers = {name: make(name).fit(TrainingData(matrix)) for name in STRATEGIES}
+    bundle = ModelBundle(manifest={"version": "v1", "default_strategy": "ease"},
+                         customers=IdIndex(encode_ids(f"c{i:02d}" for i in range(N_CUSTOMERS))),
+                         items=IdIndex(encode_ids(f"i{i:02d}" for i in range(N_ITEMS))),
+                         owned=matrix, catalog=Catalog.empty(N_ITEMS), scorers=scorers)
+    bundle.validate()
