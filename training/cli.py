@@ -96,5 +96,35 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
                f"in {result.timings['total']:.1f}s -> {result.path}")
 
 
+@main.command()
+@click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
+              help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
+@click.option("--strategy", required=True, help="The strategy to tune, e.g. als or ease.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Parameter sets to try, besides the config's current one.")
+@click.option("--metric", default="ndcg@10", show_default=True, help="What to maximise: ndcg, precision, recall, "
+              "map or hit_rate, at K.")
+@click.option("--search", type=click.Choice(["random", "grid"]), default="random", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the random search.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Trainer config (TOML or JSON) to read, and to write the best parameters into (created if missing).")
+@user_errors
+def tune(interactions_path: Path, strategy: str, trials: int, metric: str, search: str, seed: int,
+         config_path: Path | None) -> None:
+    """Search a strategy's parameters on a validation split carved from the training part (never the test split)."""
+    from training.config import TrainConfig
+    from training.tune import format_leaderboard, run, write_best
+
+    config = TrainConfig.from_file(config_path if config_path is not None and config_path.exists() else None)
+    result = run(interactions_path, strategy, config, trials, metric, search, seed,
+                 log=lambda line: click.echo(line, err=True))
+    click.echo(format_leaderboard(result))
+    if config_path is None:
+        click.echo("not saved: pass --config FILE to write the best parameters into a config")
+        return
+    write_best(config_path, result)
+    click.echo(f"wrote the best {strategy} parameters to {config_path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,138 @@
+"""recsvc-train tune: search on a validation split from the training part, leaderboard, best parameters saved."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from training.cli import main
+from training.config import TrainConfig
+from training.evaluate import Holdout, split
+from training.ingest import load_interactions
+from training.tune import candidates, parse_metric, tune, tuning_splits
+
+CONFIG = """# nightly settings, kept by tune
+[strategies]
+enabled = ["als", "ease"]  # the order matters to us
+
+[strategies.als]
+factors = 16
+
+[evaluation.holdout]
+fraction = 0.2
+seed = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_matrix(demo_paths):
+    return load_interactions(demo_paths["interactions"]).matrix()
+
+
+def pairs(matrix) -> set[tuple[int, int]]:
+    rows, cols = matrix.nonzero()
+    return set(zip(rows.tolist(), cols.tolist()))
+
+
+def test_validation_is_carved_from_the_training_part_only(demo_matrix):
+    holdout = Holdout(fraction=0.25, seed=42, max_customers=None)
+    fit_part, validation, test = tuning_splits(demo_matrix, holdout)
+    train, expected_test = split(demo_matrix, holdout)
+    assert pairs(test) == pairs(expected_test), "the test split is exactly the one `fit` evaluates on"
+    assert pairs(fit_part) | pairs(validation) == pairs(train)
+    assert not pairs(fit_part) & pairs(validation)
+    assert not (pairs(fit_part) | pairs(validation)) & pairs(test), "tuning never sees a test pair"
+    assert validation.nnz > 0.15 * train.nnz
+
+
+def test_candidates_are_distinct_and_seeded():
+    space = {"a": [1, 2, 3], "b": [10, 20]}
+    picked = candidates(space, 4, "random", seed=1)
+    assert len(picked) == 4 and len({tuple(sorted(p.items())) for p in picked}) == 4
+    assert picked == candidates(space, 4, "random", seed=1)
+    assert candidates(space, 100, "random", seed=1) == candidates(space, 100, "grid", seed=1)
+    assert len(candidates(space, 100, "grid", seed=1)) == 6 and candidates(space, 2, "grid", 1) == [
+        {"a": 1, "b": 10}, {"a": 1, "b": 20}]
+
+
+def test_tune_ranks_trials_best_first_and_includes_the_current_parameters(demo_matrix):
+    config = TrainConfig(params={"ease": {"l2": 50.0}})
+    result = tune(demo_matrix, "ease", config, trials=3, metric="recall@5", log=lambda _line: None)
+    values = [t.metrics["recall@5"] for t in result.trials]
+    assert values == sorted(values, reverse=True) and result.best.metrics["recall@5"] == max(values)
+    assert [t.params for t in result.trials if t.current] == [{"l2": 50.0}]
+    assert len({t.params["l2"] for t in result.trials}) == len(result.trials) >= 3
+    assert len({round(v, 6) for v in values}) > 1, "different parameters give different validation scores"
+
+
+def test_cli_prints_a_leaderboard_and_writes_the_best_into_the_toml_keeping_the_rest(demo_paths, tmp_path):
+    config_path = tmp_path / "recsvc.toml"
+    config_path.write_text(CONFIG, encoding="utf-8")
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "ease",
+                                       "--trials", "3", "--metric", "ndcg@10", "--config", str(config_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "ranked by ndcg@10 on the validation split" in lines[0]
+    board = [line.split() for line in lines[3:] if line.strip() and line.split()[0].isdigit()]
+    assert len(board) >= 3 and [row[0] for row in board] == [str(i) for i in range(1, len(board) + 1)]
+    scores = [float(row[1]) for row in board]
+    assert scores == sorted(scores, reverse=True)
+    best_l2 = float(board[0][6].split("=")[1])
+    written = config_path.read_text(encoding="utf-8")
+    original = [line for line in CONFIG.splitlines() if line]
+    kept = [line for line in written.splitlines() if line in original]
+    assert kept == original, "comments, order and other tables are kept as they were"
+    assert "[strategies.ease]\nl2 = " in written
+    config = TrainConfig.from_file(config_path)
+    assert config.params["ease"]["l2"] == best_l2 and config.params["als"] == {"factors": 16}
+    assert config.strategies == ["als", "ease"] and config.holdout.seed == 5
+
+
+def test_cli_updates_a_json_config(demo_paths, tmp_path):
+    config_path = tmp_path / "recsvc.json"
+    config_path.write_text(json.dumps({"strategies": {"enabled": ["ease"], "ease": {"max_items": 5000}}, "k": 10}))
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "ease",
+                                       "--trials", "2", "--config", str(config_path)])
+    assert result.exit_code == 0, result.output
+    raw = json.loads(config_path.read_text())
+    assert raw["k"] == 10 and raw["strategies"]["enabled"] == ["ease"]
+    assert raw["strategies"]["ease"]["max_items"] == 5000 and raw["strategies"]["ease"]["l2"] > 0
+
+
+def test_cli_without_config_only_prints(demo_paths, tmp_path):
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "ease",
+                                       "--trials", "1"])
+    assert result.exit_code == 0, result.output
+    assert "not saved: pass --config FILE" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "ease", "--metric", "ndcg"], "metric 'ndcg' is not one of"),
+    (["--strategy", "ease", "--metric", "coverage@10"], "is not one of"),
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--strategy", "popular"], "popular has no parameters to tune"),
+])
+def test_cli_refuses_bad_input_with_exit_2_and_a_message(demo_paths, args, message):
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), *args])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_cli_refuses_a_missing_interactions_file(tmp_path):
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(tmp_path / "none.csv"), "--strategy", "ease"])
+    assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_cli_refuses_a_broken_config(demo_paths, tmp_path):
+    config_path = tmp_path / "broken.toml"
+    config_path.write_text("[strategies\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "ease",
+                                       "--trials", "1", "--config", str(config_path)])
+    assert result.exit_code == 2 and "cannot parse configuration" in result.stderr
+
+
+def test_parse_metric():
+    assert parse_metric("map@20") == ("map", 20)
+    assert np.all([parse_metric(f"{m}@10")[1] == 10 for m in ("precision", "recall", "ndcg", "hit_rate")])

@@ -1,0 +1,158 @@
+"""Hyper-parameter search for one strategy on a validation split carved from the training part only."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+
+from recsvc.errors import InvalidInput
+from training.config import TrainConfig
+from training.evaluate import METRICS, Holdout, evaluate, split
+from training.ingest import load_interactions
+from training.strategies import STRATEGIES, TrainingData
+
+SEARCHES = ("random", "grid")
+LEADERBOARD_METRICS = ("ndcg", "precision", "recall", "map")
+
+
+@dataclass
+class Trial:
+    params: dict  # only the searched parameters
+    metrics: dict[str, float]
+    seconds: float
+    current: bool = False  # the parameters the config already had
+
+
+@dataclass
+class TuneResult:
+    strategy: str
+    metric: str
+    trials: list[Trial]  # best first
+
+    @property
+    def best(self) -> Trial:
+        return self.trials[0]
+
+
+def parse_metric(metric: str) -> tuple[str, int]:
+    """("ndcg", 10) from "ndcg@10"; InvalidInput for anything else."""
+    name, _, k = metric.partition("@")
+    choices = [m for m in METRICS if m != "coverage"]
+    if name not in choices or not k.isdigit() or int(k) < 1:
+        raise InvalidInput(f"metric {metric!r} is not one of {', '.join(f'{m}@K' for m in choices)} (K a positive number)")
+    return name, int(k)
+
+
+def tuning_splits(matrix: sp.csr_matrix, holdout: Holdout) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+    """(fit part, validation, test). The test split is the one `fit` evaluates on and is never used
+    here: validation is carved from the training part with the same holdout rule and another seed."""
+    train, test = split(matrix, holdout)
+    fit_part, validation = split(train, replace(holdout, seed=holdout.seed + 1))
+    return fit_part, validation, test
+
+
+def candidates(space: dict[str, list], trials: int, search: str, seed: int) -> list[dict]:
+    """Up to `trials` distinct parameter sets: the grid in order, or a seeded random sample of it."""
+    names = sorted(space)
+    grid = [dict(zip(names, values)) for values in itertools.product(*(space[n] for n in names))]
+    if search == "grid" or trials >= len(grid):
+        return grid[:trials]
+    picks = np.random.default_rng(seed).choice(len(grid), size=trials, replace=False)
+    return [grid[int(i)] for i in picks]
+
+
+def tune(matrix: sp.csr_matrix, strategy: str, config: TrainConfig, trials: int, metric: str = "ndcg@10",
+         search: str = "random", seed: int = 42, data: TrainingData | None = None,
+         log: Callable[[str], None] = print) -> TuneResult:
+    """Fit `strategy` once per candidate (plus the config's current parameters) on the fit part,
+    score each on the validation split, and rank them by `metric`, best first."""
+    cls = _strategy_class(strategy)
+    if search not in SEARCHES:
+        raise InvalidInput(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
+    name, k = parse_metric(metric)
+    fit_part, validation, _test = tuning_splits(matrix, config.holdout)
+    base = {**cls.defaults, **config.params.get(strategy, {})}
+    current = {p: base[p] for p in cls.search_space}
+    runs = [current, *(c for c in candidates(cls.search_space, trials, search, seed) if c != current)]
+    results = []
+    for number, params in enumerate(runs):
+        started = time.perf_counter()
+        scorer = cls(**{**base, **params}).fit(replace(data or TrainingData(matrix), matrix=fit_part))
+        scores = evaluate(scorer, fit_part, validation, k=k)
+        results.append(Trial(params, scores, time.perf_counter() - started, current=number == 0))
+        log(f"trial {number + 1}/{len(runs)}: {_describe(params)} -> {metric} {scores[metric]:.4f}")
+    results.sort(key=lambda t: -t.metrics[metric])
+    return TuneResult(strategy, metric, results)
+
+
+def _strategy_class(strategy: str):
+    if strategy not in STRATEGIES:
+        raise InvalidInput(f"unknown strategy {strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
+    cls = STRATEGIES[strategy]
+    if not cls.search_space:
+        raise InvalidInput(f"{strategy} has no parameters to tune")
+    return cls
+
+
+def _describe(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def run(interactions_path: Path, strategy: str, config: TrainConfig, trials: int, metric: str,
+        search: str = "random", seed: int = 42, log: Callable[[str], None] = print) -> TuneResult:
+    """Read the interactions as `fit` does and tune on them."""
+    interactions = load_interactions(interactions_path, config.ingest)
+    data = TrainingData(interactions.matrix(), timestamps=interactions.timestamp,
+                        interactions=(interactions.customer, interactions.item))
+    return tune(data.matrix, strategy, config, trials, metric, search, seed, data=data, log=log)
+
+
+def format_leaderboard(result: TuneResult) -> str:
+    """Rank, metrics on the validation split, seconds and parameters; the config's current set is marked."""
+    k = parse_metric(result.metric)[1]
+    columns = [f"{m}@{k}" for m in LEADERBOARD_METRICS]
+    header = ["rank", *columns, "seconds", "parameters"]
+    rows = [[str(rank), *(f"{t.metrics[c]:.4f}" for c in columns), f"{t.seconds:.1f}",
+             _describe(t.params) + ("  (current)" if t.current else "")]
+            for rank, t in enumerate(result.trials, start=1)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == len(header) - 1 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([f"{result.strategy}: {len(result.trials)} trials ranked by {result.metric} on the validation split",
+                      *lines])
+
+
+def write_best(path: Path, result: TuneResult) -> None:
+    """Put the best parameters under [strategies.<name>] of a TOML (or .json) config, keeping the
+    rest of the file (TOML comments and layout included); creates the file when missing."""
+    path = Path(path)
+    best = {k: v.item() if isinstance(v, np.generic) else v for k, v in result.best.params.items()}
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        if path.suffix == ".json":
+            raw = json.loads(text or "{}")
+            raw.setdefault("strategies", {}).setdefault(result.strategy, {}).update(best)
+            updated = json.dumps(raw, indent=2) + "\n"
+        else:
+            document = tomlkit.parse(text)
+            strategies = document.setdefault("strategies", tomlkit.table(is_super_table=True))
+            if result.strategy in strategies:
+                strategies[result.strategy].update(best)
+            else:
+                table = tomlkit.table()
+                table.update(best)
+                strategies[result.strategy] = table.add(tomlkit.nl())  # a blank line before the next table
+            updated = tomlkit.dumps(document)
+        path.write_text(updated, encoding="utf-8")
+    except (OSError, ValueError, AttributeError, TypeError, TOMLKitError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidInput(f"{path}: cannot update the configuration: {exc}") from exc
