@@ -1,11 +1,27 @@
 """gunicorn settings for recsvc; every value can be overridden by the environment or the command line.
 
 The app is preloaded so the model arrays are memory-mapped once, before the
-workers fork, and shared by all of them through the page cache.
+workers fork, and shared by all of them through the page cache. Prometheus
+runs in multiprocess mode: each worker writes its metrics to files in one
+directory, which /metrics merges.
 """
 
 import multiprocessing
 import os
+import shutil
+import tempfile
+
+# Must be set before prometheus_client is imported (by the preloaded app): it picks its storage at import.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recsvc-metrics-")
+_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+os.makedirs(_metrics_dir, exist_ok=True)
+# Files of an earlier run would be merged into this one's counts.
+for _name in os.listdir(_metrics_dir):
+    if _name.endswith(".db"):
+        os.unlink(os.path.join(_metrics_dir, _name))
+
+from recsvc.logs import gunicorn_logconfig  # noqa: E402
 
 bind = os.environ.get("RECSVC_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("RECSVC_WORKERS", min(4, multiprocessing.cpu_count())))
@@ -15,8 +31,30 @@ preload_app = True
 timeout = 30
 graceful_timeout = 20
 keepalive = 5
-accesslog = "-"
+# The app writes its own JSON access line with the request id (recsvc.access); gunicorn's would duplicate it.
+accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("RECSVC_LOG_LEVEL", "info")
+logconfig_dict = gunicorn_logconfig(loglevel)
 raw_env = ["OPENBLAS_NUM_THREADS=1"]
+# gunicorn >= 24 opens a control socket at one fixed path per user; several servers on one host would clash.
+control_socket_disable = True
 wsgi_app = "recsvc.wsgi:app"
+
+
+def when_ready(server):
+    # The master loaded the model while preloading; its gauges would be read as a live worker's forever.
+    from recsvc import metrics
+
+    metrics.worker_exited(os.getpid())
+
+
+def child_exit(server, worker):
+    from recsvc import metrics
+
+    metrics.worker_exited(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir.startswith(tempfile.gettempdir()) and os.path.basename(_metrics_dir).startswith("recsvc-metrics-"):
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

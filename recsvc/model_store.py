@@ -8,18 +8,28 @@ or validate is refused and the old one keeps serving.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsvc import artifacts
+from recsvc import artifacts, metrics
 from recsvc.artifacts import ModelBundle
 from recsvc.errors import ArtifactError
 
 log = logging.getLogger(__name__)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
+
+
+def _without_paths(reason: str) -> str:
+    """The reason without directory names: it is shown on /readyz, which needs no key."""
+    return _ABSOLUTE_PATH.sub(r"\1", reason)
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,11 @@ class ModelStore:
             self._start_watcher()
         return self.bundle
 
-    def refresh(self) -> bool:
-        """Load the version CURRENT names if it is not the one loaded; True when a new one was swapped in."""
+    def refresh(self, *, retry_refused: bool = False) -> bool:
+        """Load the version CURRENT names if it is not the one loaded; True when a new one was swapped in.
+
+        A version refused once is not tried again until the pointer moves, unless `retry_refused`
+        (the admin reload endpoint) asks for it."""
         with self._lock:
             try:
                 version = artifacts.current_version(self.registry)
@@ -57,7 +70,7 @@ class ModelStore:
                 return False
             if version is None or (self.bundle is not None and self.bundle.version == version):
                 return False
-            if self.last_failure is not None and self.last_failure.version == version:
+            if not retry_refused and self.last_failure is not None and self.last_failure.version == version:
                 return False  # already refused; wait for the pointer to move on
             try:
                 bundle = artifacts.load_version(self.registry, version)
@@ -66,13 +79,25 @@ class ModelStore:
                 return False
             previous = self.bundle.version if self.bundle else None
             self.bundle, self.loaded_at, self.last_failure = bundle, time.time(), None
-            log.info("model version %s loaded (was %s)", version, previous)
+            metrics.model_swapped(previous, version, self.created_at)
+            log.info("model version %s loaded (was %s)", version, previous,
+                     extra={"model_version": version, "previous_version": previous})
             return True
 
+    @property
+    def created_at(self) -> float | None:
+        """When the served version was trained (Unix seconds), from its manifest; None when unknown."""
+        bundle = self.bundle
+        try:
+            return dt.datetime.fromisoformat(bundle.manifest["created_at"]).timestamp() if bundle else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def _refuse(self, version: str | None, reason: str) -> None:
-        self.last_failure = LoadFailure(version, reason, time.time())
+        self.last_failure = LoadFailure(version, _without_paths(reason), time.time())
+        metrics.model_refused()
         log.error("model version %s refused, keeping %s: %s", version, self.bundle.version if self.bundle else None,
-                  reason)
+                  reason, extra={"refused_version": version})
 
     def _start_watcher(self) -> None:
         with self._lock:
@@ -86,6 +111,7 @@ class ModelStore:
         while not self._stop.wait(self.reload_interval):
             try:
                 self.refresh()
+                metrics.model_tick(self.created_at)
             except Exception:  # the watcher must survive anything a broken registry throws at it
                 log.exception("model refresh failed")
 

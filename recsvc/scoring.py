@@ -164,7 +164,12 @@ class FactorScorer(Scorer):
         return (self.item_factors @ self.item_factors[item]) / (norms * norms[item])
 
     def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        return self.similar(item)[history] if len(history) else np.empty(0, dtype=np.float32)
+        if not len(history):
+            return np.empty(0, dtype=np.float32)
+        # Only the history's rows: similar(item) would cost a pass over every item per reason.
+        norms = np.where(self.item_norms[history] > 0, self.item_norms[history], 1.0)
+        item_norm = self.item_norms[item] if self.item_norms[item] > 0 else 1.0
+        return (self.item_factors[history] @ self.item_factors[item]) / (norms * item_norm)
 
 
 def _row_norms(matrix: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from recsvc.api import health, recommendations
+from recsvc.api import experiments, feedback, health, items, models, ops, recommendations
 from recsvc.api.errors import RecsvcApi
 
 
@@ -12,4 +12,9 @@ def init_app(app: Flask) -> RecsvcApi:
     api = RecsvcApi(app)
     api.register_blueprint(health.blp)
     api.register_blueprint(recommendations.blp)
+    api.register_blueprint(items.blp)
+    api.register_blueprint(models.blp)
+    api.register_blueprint(feedback.blp)
+    api.register_blueprint(experiments.blp)
+    ops.init_app(app)
     return api

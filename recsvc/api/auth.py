@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
+import threading
+import time
 
 from flask import Flask, current_app, request
 
@@ -46,8 +50,39 @@ def check_request():
         return error_response(401, "unauthorized", "the API key is not valid", headers=challenge)
     if request.path.startswith(ADMIN_PREFIX) and not is_admin:
         return error_response(403, "forbidden", "this operation needs an admin key")
+    limiter: RateLimiter | None = current_app.extensions.get("recsvc.rate_limiter")
+    wait = limiter.wait_for(token) if limiter else 0.0
+    if wait > 0:
+        seconds = max(1, math.ceil(wait))
+        return error_response(429, "rate_limited", "too many requests with this API key; retry later",
+                              {"retry_after_seconds": seconds}, headers={"Retry-After": str(seconds)})
     return None
 
 
+class RateLimiter:
+    """A token bucket per API key, in this worker: `rate` requests per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[bytes, tuple[float, float]] = {}  # key digest -> (tokens, last refill)
+        self._lock = threading.Lock()
+
+    def wait_for(self, api_key: str) -> float:
+        """0 when the request may go on (a token is taken), else the seconds until a token is free."""
+        bucket = hashlib.blake2b(api_key.encode(), digest_size=16).digest()  # the key itself is not kept
+        with self._lock:
+            now = self.clock()
+            tokens, last = self._buckets.get(bucket, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[bucket] = (tokens, now)
+                return (1.0 - tokens) / self.rate
+            self._buckets[bucket] = (tokens - 1.0, now)
+            return 0.0
+
+
 def init_app(app: Flask) -> None:
+    settings: Settings = app.extensions["recsvc"].settings
+    if settings.rate_limit > 0:
+        app.extensions["recsvc.rate_limiter"] = RateLimiter(settings.rate_limit, settings.rate_burst)
     app.before_request(check_request)

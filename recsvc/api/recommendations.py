@@ -1,22 +1,42 @@
-"""Recommendations for the customer on the line."""
+"""Recommendations for the customer on the line, one at a time or several in one call."""
 
 from __future__ import annotations
 
-from flask import Response, current_app, g
+from flask import Response, abort, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from recsvc.api.schemas import MAX_ID, RecommendationArgsSchema, RecommendationsSchema
+from recsvc.api.schemas import (MAX_ID, BatchRequestSchema, BatchResponseSchema, RecommendationArgsSchema,
+                                RecommendationBodySchema, RecommendationsSchema)
 from recsvc.errors import InvalidInput
 from recsvc.recommend import RecommendationQuery
 
 blp = Blueprint("recommendations", __name__, url_prefix="/v1", description="Suggestions for a customer")
 
 
+@blp.before_request
+def _json_bodies_only():
+    # webargs would read a form or text body as "no body" and answer with defaults: say so instead.
+    if request.method == "POST" and request.content_length and not request.is_json:
+        abort(415, "send the body as JSON with 'Content-Type: application/json'")
+
+
 def _customer_id(customer_id: str) -> str:
     if not 0 < len(customer_id) <= MAX_ID:
         raise InvalidInput(f"customer_id must have 1 to {MAX_ID} characters")
     return customer_id
+
+
+def _query(customer_id: str, args: dict) -> RecommendationQuery:
+    return RecommendationQuery(customer_id=customer_id, limit=args["limit"], strategy=args.get("strategy"),
+                               exclude=tuple(args["exclude"]), category=args.get("category"),
+                               context_items=tuple(args.get("context_items", ())),
+                               include_owned=args["include_owned"])
+
+
+def _json(body: bytes) -> Response:
+    # The Recommender hands over finished JSON bytes (cached ones untouched): no re-serialisation here.
+    return Response(body, mimetype="application/json")
 
 
 @blp.route("/customers/<customer_id>/recommendations")
@@ -26,8 +46,25 @@ class CustomerRecommendations(MethodView):
     def get(self, args: dict, customer_id: str):
         """Suggestions for one customer: personal, else from context, else popular; never an empty list
         while the catalog has anything left to suggest."""
-        query = RecommendationQuery(customer_id=_customer_id(customer_id), limit=args["limit"],
-                                    strategy=args.get("strategy"), exclude=tuple(args["exclude"]),
-                                    category=args.get("category"), include_owned=args["include_owned"])
-        body, _hit = current_app.extensions["recsvc"].recommender.recommend(query, g.request_id)
-        return Response(body, mimetype="application/json")
+        body, _hit = current_app.extensions["recsvc"].recommender.recommend(
+            _query(_customer_id(customer_id), args), g.request_id)
+        return _json(body)
+
+    @blp.arguments(RecommendationBodySchema)
+    @blp.response(200, RecommendationsSchema)
+    def post(self, args: dict, customer_id: str):
+        """The same with a JSON body, which can also carry `context_items`: what the customer is looking at
+        now. A customer the model does not know gets suggestions from those items (`source: context`)."""
+        body, _hit = current_app.extensions["recsvc"].recommender.recommend(
+            _query(_customer_id(customer_id), args), g.request_id)
+        return _json(body)
+
+
+@blp.route("/recommendations/batch")
+class BatchRecommendations(MethodView):
+    @blp.arguments(BatchRequestSchema)
+    @blp.response(200, BatchResponseSchema)
+    def post(self, args: dict):
+        """Suggestions for several customers in one call (at most 50), answered in the order asked."""
+        queries = [_query(entry["customer_id"], entry) for entry in args["requests"]]
+        return _json(current_app.extensions["recsvc"].recommender.recommend_batch(queries, g.request_id))

@@ -27,6 +27,52 @@ class RecommendationArgsSchema(ma.Schema):
                                       metadata={"description": "Also suggest items the customer already has"})
 
 
+MAX_BATCH = 50  # customers in one batch call: bounds the time one request can hold a worker
+
+_LIMIT = dict(load_default=10, validate=validate.Range(min=1, max=100),
+              metadata={"description": "How many items to return (1-100)"})
+_STRATEGY = dict(validate=validate.Length(min=1, max=64),
+                 metadata={"description": "A strategy of the current model; default: the model's best"})
+_CATEGORY = dict(validate=validate.Length(min=1, max=MAX_ID),
+                 metadata={"description": "Only items of this catalog category"})
+
+
+class RecommendationBodySchema(ma.Schema):
+    """Body of POST /v1/customers/{customer_id}/recommendations."""
+
+    limit = ma.fields.Integer(**_LIMIT)
+    strategy = ma.fields.String(**_STRATEGY)
+    exclude = ma.fields.List(Id(), load_default=list, validate=validate.Length(max=MAX_LIST),
+                             metadata={"description": "Item ids never to suggest"})
+    category = ma.fields.String(**_CATEGORY)
+    context_items = ma.fields.List(Id(), load_default=list, validate=validate.Length(max=MAX_LIST),
+                                   metadata={"description": "Items the customer is looking at or talking about now; "
+                                                            "they steer suggestions for a customer the model "
+                                                            "does not know yet"})
+    include_owned = ma.fields.Boolean(load_default=False,
+                                      metadata={"description": "Also suggest items the customer already has"})
+
+
+class BatchRequestItemSchema(RecommendationBodySchema):
+    customer_id = Id(required=True)
+
+
+class BatchRequestSchema(ma.Schema):
+    """Body of POST /v1/recommendations/batch."""
+
+    requests = ma.fields.List(ma.fields.Nested(BatchRequestItemSchema), required=True,
+                              validate=validate.Length(min=1, max=MAX_BATCH),
+                              metadata={"description": f"One entry per customer (at most {MAX_BATCH})"})
+
+
+class SimilarArgsSchema(ma.Schema):
+    """Query string of GET /v1/items/{item_id}/similar."""
+
+    limit = ma.fields.Integer(**_LIMIT)
+    strategy = ma.fields.String(**_STRATEGY)
+    category = ma.fields.String(**_CATEGORY)
+
+
 class ExperimentRefSchema(ma.Schema):
     name = ma.fields.String(required=True)
     variant = ma.fields.String(required=True)
@@ -59,5 +105,39 @@ class HealthSchema(ma.Schema):
 class ReadinessSchema(ma.Schema):
     status = ma.fields.String(required=True)
     model_version = ma.fields.String(allow_none=True, required=True)
+    model_loaded_at = ma.fields.String(allow_none=True, metadata={"description": "When this worker loaded it"})
+    model_age_seconds = ma.fields.Float(allow_none=True, metadata={"description": "Seconds since it was trained"})
     cache = ma.fields.Dict(required=True)
-    last_load_failure = ma.fields.Dict(allow_none=True)
+    last_load_failure = ma.fields.Dict(allow_none=True, metadata={
+        "description": "The last version refused (failed to load or validate) while the served one kept serving"})
+
+
+class BatchResponseSchema(ma.Schema):
+    request_id = ma.fields.String(required=True)
+    results = ma.fields.List(ma.fields.Nested(RecommendationsSchema), required=True,
+                             metadata={"description": "One answer per request entry, in the same order"})
+
+
+class SimilarItemsSchema(ma.Schema):
+    item_id = ma.fields.String(required=True)
+    request_id = ma.fields.String(required=True)
+    model_version = ma.fields.String(required=True)
+    strategy = ma.fields.String(required=True)
+    items = ma.fields.List(ma.fields.Nested(RecommendedItemSchema), required=True)
+
+
+class ModelSchema(ma.Schema):
+    model_version = ma.fields.String(required=True)
+    created_at = ma.fields.String(allow_none=True, required=True)
+    loaded_at = ma.fields.String(allow_none=True, required=True, metadata={"description": "When this server loaded it"})
+    default_strategy = ma.fields.String(required=True)
+    strategies = ma.fields.Dict(required=True, metadata={"description": "Per strategy: parameters and offline metrics"})
+    evaluation = ma.fields.Dict(allow_none=True, metadata={"description": "How the offline metrics were measured"})
+    data = ma.fields.Dict(allow_none=True, metadata={"description": "Counts of the training data"})
+
+
+class ReloadSchema(ma.Schema):
+    changed = ma.fields.Boolean(required=True, metadata={"description": "A new version was swapped in"})
+    model_version = ma.fields.String(allow_none=True, required=True)
+    previous_version = ma.fields.String(allow_none=True, required=True)
+    last_load_failure = ma.fields.Dict(allow_none=True, required=True)

@@ -1,0 +1,25 @@
+"""Items like a given one, for "customers who chose this also chose" on the agent's screen."""
+
+from __future__ import annotations
+
+from flask import current_app, g
+from flask_smorest import Blueprint
+
+from recsvc.api.schemas import MAX_ID, SimilarArgsSchema, SimilarItemsSchema
+from recsvc.errors import InvalidInput
+
+blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items")
+
+
+@blp.route("/items/<item_id>/similar")
+@blp.arguments(SimilarArgsSchema, location="query")
+@blp.response(200, SimilarItemsSchema)
+@blp.alt_response(404, description="The item is not in the current model")
+def similar(args: dict, item_id: str):
+    """Active items most like this one, by the strategy's item similarity (best first); the item itself
+    and inactive items are never listed."""
+    if not 0 < len(item_id) <= MAX_ID:
+        raise InvalidInput(f"item_id must have 1 to {MAX_ID} characters")
+    body = current_app.extensions["recsvc"].recommender.similar(item_id, args["limit"], args.get("strategy"),
+                                                                 args.get("category"))
+    return {"request_id": g.request_id, **body}

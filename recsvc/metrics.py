@@ -1,0 +1,120 @@
+"""Prometheus metrics of the server: the one place they are defined, exported at /metrics.
+
+Under gunicorn each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR
+(set up by recsvc/gunicorn_conf.py) and /metrics merges every worker's files, so
+a scrape sees the whole server whichever worker answers it. Without that
+variable (tests, a single process) the default in-process registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Buckets in seconds around the agents' budget: most answers well under 50 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUEST_SECONDS = Histogram("recsvc_request_seconds", "Time to answer a request, by endpoint",
+                            ["endpoint", "method"], buckets=LATENCY_BUCKETS)
+RESPONSES = Counter("recsvc_responses_total", "Responses by endpoint and HTTP status", ["endpoint", "status"])
+CACHE_LOOKUPS = Counter("recsvc_cache_lookups_total", "Recommendation cache lookups", ["result"])
+# Redis cache health (recsvc/cache.py): breaker 0 closed, 1 half-open, 2 open; the worst worker wins.
+REDIS_BREAKER = Gauge("recsvc_redis_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
+                      multiprocess_mode="max")
+REDIS_ERRORS = Counter("recsvc_redis_errors_total", "Redis commands that failed or timed out", ["operation"])
+CACHE_COALESCED = Counter("recsvc_cache_coalesced_total",
+                          "Requests that waited for another request's computation of the same list")
+CACHE_OVERSIZE = Counter("recsvc_cache_oversize_total", "Lists not cached because they passed the entry size bound")
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+FALLBACK_SOURCES = Counter("recsvc_recommendation_source_total",
+                           "Computed recommendation lists by the step of the fallback chain that answered first",
+                           ["source"])
+MODEL_INFO = Gauge("recsvc_model_info", "1 for the model version a worker serves", ["version"],
+                   multiprocess_mode="liveall")
+MODEL_CREATED = Gauge("recsvc_model_created_timestamp_seconds", "When the served model version was trained",
+                      multiprocess_mode="livemax")
+MODEL_AGE = Gauge("recsvc_model_age_seconds", "Age of the served model version, updated every reload check",
+                  multiprocess_mode="livemax")
+MODEL_LOADS = Counter("recsvc_model_loads_total", "Model versions loaded and swapped in")
+MODEL_LOAD_FAILURES = Counter("recsvc_model_load_failures_total",
+                              "Model versions refused because they failed to load or validate")
+
+UNMATCHED_ENDPOINT = "unmatched"  # 404s and the like: one label, so random paths cannot blow up cardinality
+
+
+def observe_request(endpoint: str | None, method: str, status: int, seconds: float) -> None:
+    """Record one answered request; `endpoint` is the route template (None when no route matched)."""
+    endpoint = endpoint or UNMATCHED_ENDPOINT
+    REQUEST_SECONDS.labels(endpoint, method).observe(seconds)
+    RESPONSES.labels(endpoint, str(status)).inc()
+
+
+def observe_cache(hit: bool) -> None:
+    CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
+
+
+def redis_breaker(state: str) -> None:
+    REDIS_BREAKER.set(BREAKER_STATES[state])
+
+
+def redis_error(operation: str) -> None:
+    REDIS_ERRORS.labels(operation).inc()
+
+
+def cache_coalesced() -> None:
+    CACHE_COALESCED.inc()
+
+
+def cache_oversize() -> None:
+    CACHE_OVERSIZE.inc()
+
+
+def observe_source(source: str) -> None:
+    FALLBACK_SOURCES.labels(source).inc()
+
+
+def model_swapped(previous: str | None, version: str, created_at: float | None) -> None:
+    """A new version serves in this process from now on."""
+    if previous is not None and previous != version:
+        MODEL_INFO.labels(previous).set(0)
+    MODEL_INFO.labels(version).set(1)
+    MODEL_LOADS.inc()
+    if created_at is not None:
+        MODEL_CREATED.set(created_at)
+        MODEL_AGE.set(max(0.0, time.time() - created_at))
+
+
+def model_refused() -> None:
+    MODEL_LOAD_FAILURES.inc()
+
+
+def model_tick(created_at: float | None) -> None:
+    """Keep the age current; called by the reload watcher and before each scrape."""
+    if created_at is not None:
+        MODEL_AGE.set(max(0.0, time.time() - created_at))
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def exposition() -> tuple[bytes, str]:
+    """(body, content type) of a scrape: every worker's values when running under gunicorn."""
+    if multiprocess_mode():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn child_exit hook: drop the live gauges of a worker that is gone."""
+    if multiprocess_mode():
+        multiprocess.mark_process_dead(pid)
