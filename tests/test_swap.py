@@ -1,0 +1,136 @@
+"""Hot model swap through a real gunicorn (2 workers, preloaded) with requests in flight, and its metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+from recsvc import artifacts
+from tests.conftest import API_KEY, free_port
+from tests.test_api_fallback import publish, tiny_bundle
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def registry(tmp_path):
+    root = tmp_path / "registry"
+    publish(root, tiny_bundle("v1"))
+    return root
+
+
+@pytest.fixture
+def server(registry, tmp_path):
+    port = free_port()
+    env = {**os.environ, "RECSVC_REGISTRY": str(registry), "RECSVC_API_KEYS": API_KEY,
+           "RECSVC_RELOAD_INTERVAL": "0.2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:recsvc.gunicorn_conf",
+                                    "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, process, log)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_ready(base: str, process: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"gunicorn did not become ready:\n{log.read_text()}")
+
+
+class Traffic:
+    """Threads asking for recommendations until stopped; records every outcome with its model version."""
+
+    def __init__(self, base: str, threads: int = 4):
+        self.base, self.outcomes, self._stop = base, [], threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(threads)]
+
+    def _run(self, n: int) -> None:
+        session = requests.Session()  # keep-alive: each thread's connection stays with one worker
+        while not self._stop.is_set():
+            try:
+                response = session.get(f"{self.base}/v1/customers/c{n % 2}/recommendations?limit=2",
+                                       headers=HEADERS, timeout=5)
+                outcome = (response.status_code, response.json().get("model_version"))
+            except (requests.RequestException, ValueError) as exc:
+                outcome = (type(exc).__name__, None)
+            with self._lock:
+                self.outcomes.append((time.monotonic(), *outcome))
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+
+def _metric(text: str, name: str, **labels) -> list[float]:
+    pattern = re.compile(rf"^{name}(\{{[^}}]*\}})? (\S+)$")
+    found = []
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            found.append(float(match.group(2)))
+    return found
+
+
+def test_swap_under_load_fails_no_request_and_serves_both_versions(server, registry):
+    with Traffic(server) as traffic:
+        time.sleep(1.0)
+        publish(registry, tiny_bundle("v2"))
+        swapped_at = time.monotonic()
+        time.sleep(2.0)
+    outcomes = traffic.outcomes
+    assert len(outcomes) > 50
+    failures = [o for o in outcomes if o[1] != 200]
+    assert failures == []
+    versions = Counter(version for _t, _status, version in outcomes)
+    assert versions["v1"] > 0 and versions["v2"] > 0 and set(versions) == {"v1", "v2"}
+    # Every worker checks every 0.2 s: a second after the swap nobody answers with the old version.
+    assert {v for t, _s, v in outcomes if t > swapped_at + 1.0} == {"v2"}
+
+    metrics = requests.get(f"{server}/metrics", timeout=5).text
+    endpoint = "/v1/customers/<customer_id>/recommendations"
+    assert sum(_metric(metrics, "recsvc_responses_total", endpoint=endpoint, status="200")) == len(outcomes)
+    assert sum(_metric(metrics, "recsvc_request_seconds_count", endpoint=endpoint)) == len(outcomes)
+    assert _metric(metrics, "recsvc_model_info", version="v2") == [1.0, 1.0]  # one line per live worker
+    assert sum(_metric(metrics, "recsvc_model_info", version="v1")) == 0
+
+
+def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(server, registry):
+    publish(registry, tiny_bundle("v2"))
+    (registry / "versions" / "v2" / "owned.indices.npy").unlink()
+    with Traffic(server, threads=2) as traffic:
+        time.sleep(1.5)
+    assert traffic.outcomes and {(status, version) for _t, status, version in traffic.outcomes} == {(200, "v1")}
+    ready = requests.get(f"{server}/readyz", timeout=5).json()
+    assert ready["model_version"] == "v1" and ready["last_load_failure"]["version"] == "v2"
+    metrics = requests.get(f"{server}/metrics", timeout=5).text
+    assert sum(_metric(metrics, "recsvc_model_load_failures_total")) >= 2  # each worker refused it once
+    artifacts.set_current(registry, "v1")  # leave the registry consistent for the fixture's shutdown
