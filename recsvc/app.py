@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from flask import Flask, g, request
 
-from recsvc import __version__
+from recsvc import __version__, logs, metrics
 from recsvc.cache import Cache, make_cache
 from recsvc.config import Settings
+from recsvc.event_log import EventLog, RecentItems
+from recsvc.event_log import from_settings as event_log_from_settings
+from recsvc.experiments import ExperimentRouter
+from recsvc.experiments import from_settings as experiments_from_settings
 from recsvc.model_store import ModelStore
 from recsvc.recommend import Recommender, new_request_id
 
 REQUEST_ID_HEADER = "X-Request-ID"
+access_log = logging.getLogger("recsvc.access")
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
 
@@ -26,12 +33,16 @@ class Service:
     store: ModelStore
     cache: Cache
     recommender: Recommender
+    experiments: ExperimentRouter | None = None
+    event_log: EventLog | None = None
+    recent_items: RecentItems | None = None
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app. Settings come from RECSVC_* variables unless given (tests give them)."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     settings = settings or Settings.from_env()
+    logs.configure(os.environ.get("RECSVC_LOG_LEVEL", "info"))
     app = Flask(__name__)
     app.config.update(
         API_TITLE="recsvc",
@@ -43,11 +54,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     store = ModelStore(settings.registry, settings.reload_interval)
     store.refresh()  # load before serving; under gunicorn --preload workers inherit the mapped arrays
-    cache = make_cache(settings.redis_url, settings.redis_timeout, settings.local_cache_entries)
-    app.extensions["recsvc"] = Service(settings, store, cache, Recommender(store, cache, settings.cache_ttl))
+    cache = make_cache(settings)
+    event_log, recent_items = event_log_from_settings(settings)
+    router = experiments_from_settings(settings, event_log)  # a bad definitions file stops start-up here
+    recommender = Recommender(store, cache, settings.cache_ttl, experiments=router, recent_items=recent_items)
+    app.extensions["recsvc"] = Service(settings, store, cache, recommender, router, event_log, recent_items)
 
     app.before_request(_assign_request_id)
     app.after_request(_echo_request_id)
+    app.after_request(_record_request)
     from recsvc.api import auth, init_app
 
     auth.init_app(app)
@@ -56,8 +71,21 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def _assign_request_id() -> None:
+    g.started = time.perf_counter()
     supplied = request.headers.get(REQUEST_ID_HEADER, "")
     g.request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else new_request_id()
+
+
+def _record_request(response):
+    """Latency and status into the metrics, and one JSON access line with the request id."""
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    endpoint = request.url_rule.rule if request.url_rule is not None else None
+    metrics.observe_request(endpoint, request.method, response.status_code, seconds)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s %s %s", request.method, request.path, response.status_code,
+                        extra={"status": response.status_code, "duration_ms": round(seconds * 1000, 3),
+                               "endpoint": endpoint})
+    return response
 
 
 def _echo_request_id(response):

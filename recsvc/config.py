@@ -42,6 +42,13 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} must be one of {', '.join(TRUE + FALSE)}")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (_text(env, name, default) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
 def _keys(env: Mapping[str, str], name: str) -> frozenset[str]:
     keys = frozenset(k.strip() for k in (env.get(name) or "").split(",") if k.strip())
     short = [k for k in keys if len(k) < 8]
@@ -61,15 +68,27 @@ class Settings:
     cache_ttl: float = 300.0  # seconds a cached recommendation list lives
     redis_timeout: float = 0.05  # seconds, for connecting and for each command
     local_cache_entries: int = 10_000
+    cache_max_entry_bytes: int = 64 * 1024  # a larger list is served but not cached
+    cache_lock_wait: float = 0.05  # seconds a miss waits for another request computing the same list
+    redis_breaker_failures: int = 3  # consecutive Redis failures that open the circuit breaker
+    redis_breaker_cooldown: float = 1.0  # seconds the breaker stays open before one probe
 
     # Security: secure by default; auth can only be switched off explicitly.
     api_keys: frozenset[str] = field(default_factory=frozenset)
     admin_keys: frozenset[str] = field(default_factory=frozenset)
     auth_disabled: bool = False
     max_body_bytes: int = 64 * 1024
+    rate_limit: float = 0.0  # requests per second per API key in each worker; 0: no limit
+    rate_burst: int = 50  # requests a key may send at once above the rate
 
     # Experiments file (JSON or TOML); none by default.
     experiments_path: Path | None = None
+
+    # Event log (recsvc/event_log.py): Redis Streams, spooled here while Redis is down (the log without Redis).
+    spool_dir: Path = Path("var/spool")
+    spool_fsync: str = "always"  # always: fsync before answering; everysec: at most ~1 s lost on power failure
+    event_dedupe_ttl: float = 7 * 86400  # seconds a record's key blocks a duplicate (retry, replay)
+    recent_items_ttl: float = 86400.0  # seconds items from POST /v1/events count as the customer's own
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -88,10 +107,26 @@ class Settings:
                                   maximum=10_000) / 1000,
             local_cache_entries=int(_number(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries,
                                             minimum=0, maximum=10_000_000)),
+            cache_max_entry_bytes=int(_number(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
+                                              minimum=1024, maximum=16 * 1024 * 1024)),
+            cache_lock_wait=_number(env, "RECSVC_CACHE_LOCK_WAIT_MS", cls.cache_lock_wait * 1000, minimum=0,
+                                    maximum=10_000) / 1000,
+            redis_breaker_failures=int(_number(env, "RECSVC_REDIS_BREAKER_FAILURES", cls.redis_breaker_failures,
+                                               minimum=1, maximum=1000)),
+            redis_breaker_cooldown=_number(env, "RECSVC_REDIS_BREAKER_COOLDOWN_MS", cls.redis_breaker_cooldown * 1000,
+                                           minimum=10, maximum=600_000) / 1000,
             api_keys=_keys(env, "RECSVC_API_KEYS"),
             admin_keys=_keys(env, "RECSVC_ADMIN_KEYS"),
             auth_disabled=auth == "off",
+            rate_limit=_number(env, "RECSVC_RATE_LIMIT", cls.rate_limit, minimum=0, maximum=1_000_000),
+            rate_burst=int(_number(env, "RECSVC_RATE_BURST", cls.rate_burst, minimum=1, maximum=1_000_000)),
             max_body_bytes=int(_number(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
                                        maximum=64 * 1024 * 1024)),
             experiments_path=Path(experiments) if experiments else None,
+            spool_dir=Path(_text(env, "RECSVC_SPOOL_DIR", str(cls.spool_dir))),
+            spool_fsync=_choice(env, "RECSVC_SPOOL_FSYNC", cls.spool_fsync, ("always", "everysec")),
+            event_dedupe_ttl=_number(env, "RECSVC_EVENT_DEDUPE_TTL", cls.event_dedupe_ttl, minimum=60,
+                                     maximum=365 * 86400),
+            recent_items_ttl=_number(env, "RECSVC_RECENT_ITEMS_TTL", cls.recent_items_ttl, minimum=1,
+                                     maximum=365 * 86400),
         )

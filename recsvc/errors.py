@@ -42,3 +42,9 @@ class ConfigError(RecsvcError):
     """A setting has a wrong value; raised at start-up."""
 
     code = "config_error"
+
+
+class EventLogUnavailable(RecsvcError):
+    """Neither Redis nor the local spool could keep an accepted record; the caller should retry."""
+
+    code = "event_log_unavailable"

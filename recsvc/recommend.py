@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from recsvc import metrics
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import Cache, recommendation_key
-from recsvc.errors import InvalidInput, ModelUnavailable
+from recsvc.errors import InvalidInput, ModelUnavailable, NotFound
 from recsvc.model_store import ModelStore
-from recsvc.scoring import top_k
+from recsvc.scoring import PopularityScorer, Scorer, top_k
 
 POPULAR = "popular"
+# The last step of the chain ranks by recent popularity when the model has it ("popular this week").
+FALLBACK_STRATEGIES = ("trending", POPULAR)
 MAX_REASON_ITEMS = 2
 
 
@@ -58,10 +61,12 @@ def new_request_id() -> str:
 class Recommender:
     """Answers recommendation queries for the loaded model version; counts what it computes."""
 
-    def __init__(self, store: ModelStore, cache: Cache, cache_ttl: float):
+    def __init__(self, store: ModelStore, cache: Cache, cache_ttl: float, experiments=None, recent_items=None):
         self.store = store
         self.cache = cache
         self.cache_ttl = cache_ttl
+        self.experiments = experiments  # a recsvc.experiments.ExperimentRouter, or None
+        self.recent_items = recent_items  # a recsvc.event_log.RecentItems, or None
         self.computations = 0  # lists computed from the model (not served from the cache), for tests and metrics
 
     def bundle(self) -> ModelBundle:
@@ -74,40 +79,77 @@ class Recommender:
         """(JSON body, served from cache). The body is assembled around a cached fragment so each
         response carries its own request_id without re-encoding the list."""
         bundle = self.bundle()
-        strategy = query.strategy or bundle.default_strategy
+        assignment = self.experiments.assign(query.customer_id, query.strategy, bundle.scorers) \
+            if self.experiments else None
+        strategy = self._strategy(bundle, assignment.strategy if assignment else query.strategy)
+        key = recommendation_key(bundle.version, strategy, query.customer_id, query.cache_params())
+        # Concurrent misses of one key compute once; hit means this call did not compute.
+        fragment, hit = self.cache.get_or_compute(key, query.customer_id,
+                                                  lambda: orjson.dumps(self.compute(bundle, strategy, query)),
+                                                  self.cache_ttl)
+        metrics.observe_cache(hit)
+        if assignment:  # also on cache hits: every serving counts
+            self.experiments.expose(assignment, query.customer_id, request_id)
+        # The experiment stays outside the cached fragment, so a cached list never carries a stale one.
+        head = orjson.dumps({"request_id": request_id, "experiment": assignment.ref() if assignment else None})
+        return head[:-1] + b"," + fragment[1:], hit
+
+    def recommend_batch(self, queries: list[RecommendationQuery], request_id: str) -> bytes:
+        """One JSON body holding each query's answer, in order, all with the batch's request_id."""
+        bodies = [self.recommend(query, request_id)[0] for query in queries]
+        return b'{"request_id":' + orjson.dumps(request_id) + b',"results":[' + b",".join(bodies) + b"]}"
+
+    def similar(self, item_id: str, limit: int, strategy: str | None, category: str | None) -> dict:
+        """Items like `item_id` by the strategy's item similarity; never the item itself or an inactive one."""
+        bundle = self.bundle()
+        strategy = self._strategy(bundle, strategy)
+        position = bundle.items.position(item_id)
+        if position is None:
+            raise NotFound(f"item {item_id!r} is not in the current model", details={"item_id": item_id})
+        mask = self._filter_mask(bundle, (), category)
+        mask[position] = True
+        scorer = bundle.scorers[strategy]
+        positions, scores = top_k(np.array(scorer.similar(position), dtype=np.float32), limit, np.flatnonzero(mask))
+        if scorer.personal:  # zero or negative similarity is not "like this one"
+            positions, scores = positions[scores > 0], scores[scores > 0]
+        reason = [f"Often chosen together with {_label(bundle, position)}"] if scorer.personal \
+            else [_popular_reason(scorer)]
+        items = [self._item_fields(bundle, int(p), float(s), reason) for p, s in zip(positions, scores)]
+        return {"item_id": item_id, "model_version": bundle.version, "strategy": strategy, "items": items}
+
+    @staticmethod
+    def _strategy(bundle: ModelBundle, strategy: str | None) -> str:
+        strategy = strategy or bundle.default_strategy
         if strategy not in bundle.scorers:
             raise InvalidInput(f"unknown strategy {strategy!r}",
                                details={"strategy": strategy, "available": sorted(bundle.scorers)})
-        key = recommendation_key(bundle.version, strategy, query.customer_id, query.cache_params())
-        fragment = self.cache.get(key)
-        hit = fragment is not None
-        if not hit:
-            fragment = orjson.dumps(self.compute(bundle, strategy, query))
-            self.cache.set(key, fragment, self.cache_ttl)
-        return b'{"request_id":' + orjson.dumps(request_id) + b"," + fragment[1:], hit
+        return strategy
 
     def compute(self, bundle: ModelBundle, strategy: str, query: RecommendationQuery) -> dict:
         """The response body (less request_id) from the model: personal, topped up by context, then popular."""
         self.computations += 1
         customer = bundle.customers.position(query.customer_id)
         owned = bundle.owned_items(customer)
+        if self.recent_items is not None:  # items from POST /v1/events count as owned straight away
+            owned = self.recent_items.merge(bundle, query.customer_id, owned)
         context = np.asarray(bundle.items.positions(query.context_items), dtype=np.int64)
         excluded = self._excluded(bundle, owned, query)
         scorer = bundle.scorers[strategy]
         ranked = Ranked()
         if customer is not None and scorer.personal and len(owned):
-            ranked.extend(*top_k(scorer.scores(customer, owned), query.limit, excluded), "personal", query.limit)
+            ranked.extend(*_evidence(scorer.scores(customer, owned), query.limit, excluded), "personal", query.limit)
         if len(context) and scorer.personal and len(ranked.items) < query.limit:
-            ranked.extend(*top_k(scorer.scores(None, context), query.limit, excluded), "context", query.limit)
+            ranked.extend(*_evidence(scorer.scores(None, context), query.limit, excluded), "context", query.limit)
         if len(ranked.items) < query.limit:
-            popularity = bundle.scorers[POPULAR].scores(None, owned)
+            popularity = fallback_scorer(bundle).scores(None, owned)
             ranked.extend(*top_k(popularity, query.limit, excluded), "popular", query.limit)
+        source = ranked.sources[0] if ranked.sources else "popular"
+        metrics.observe_source(source)
         return {
             "customer_id": query.customer_id,
             "model_version": bundle.version,
             "strategy": strategy,
-            "source": ranked.sources[0] if ranked.sources else "popular",
-            "experiment": None,
+            "source": source,
             "items": [self._item(bundle, scorer, pos, score, source, owned, context)
                       for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)],
         }
@@ -115,18 +157,29 @@ class Recommender:
     @staticmethod
     def _excluded(bundle: ModelBundle, owned: np.ndarray, query: RecommendationQuery) -> np.ndarray:
         """Item positions never to suggest: inactive, asked to exclude, outside the category, owned."""
-        mask = ~np.asarray(bundle.catalog.active, dtype=bool)
-        mask[bundle.items.positions(query.exclude)] = True
-        if query.category is not None:
-            mask |= np.asarray(bundle.catalog.category) != query.category
+        mask = Recommender._filter_mask(bundle, query.exclude, query.category)
         if not query.include_owned:
             mask[owned] = True
+            mask[bundle.items.positions(query.context_items)] = True  # already on the customer's screen
         return np.flatnonzero(mask)
+
+    @staticmethod
+    def _filter_mask(bundle: ModelBundle, exclude, category: str | None) -> np.ndarray:
+        """True for item positions no endpoint may suggest: inactive, excluded, outside the category."""
+        mask = ~np.asarray(bundle.catalog.active, dtype=bool)
+        mask[bundle.items.positions(exclude)] = True
+        if category is not None:
+            mask |= np.asarray(bundle.catalog.category) != category
+        return mask
 
     def _item(self, bundle: ModelBundle, scorer, position: int, score: float, source: str,
               owned: np.ndarray, context: np.ndarray) -> dict:
-        item = {"item_id": bundle.items.external(position), "score": round(float(score), 6),
-                "reasons": self._reasons(bundle, scorer, position, source, owned, context)}
+        reasons = self._reasons(bundle, scorer, position, source, owned, context)
+        return self._item_fields(bundle, position, score, reasons)
+
+    @staticmethod
+    def _item_fields(bundle: ModelBundle, position: int, score: float, reasons: list[str]) -> dict:
+        item = {"item_id": bundle.items.external(position), "score": round(float(score), 6), "reasons": reasons}
         title = str(bundle.catalog.title[position])
         if title:
             item["title"] = title
@@ -140,7 +193,7 @@ class Recommender:
                  context: np.ndarray) -> list[str]:
         """Sentences an agent can say aloud."""
         if source == "popular":
-            return ["Popular with customers right now"]
+            return [_popular_reason(fallback_scorer(bundle))]
         basis = owned if source == "personal" else context
         weights = scorer.contributions(position, basis)
         order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]
@@ -155,3 +208,26 @@ class Recommender:
 def _label(bundle: ModelBundle, position: int) -> str:
     title = str(bundle.catalog.title[position])
     return f"{title} ({bundle.items.external(position)})" if title else bundle.items.external(position)
+
+
+def _evidence(scores: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """top_k keeping only positive scores: zero or less means the customer's items say nothing for an
+    item, so the next step of the chain (popularity) should fill that place instead."""
+    positions, best = top_k(scores, limit, excluded)
+    keep = best > 0
+    return positions[keep], best[keep]
+
+
+def fallback_scorer(bundle: ModelBundle) -> Scorer:
+    """The scorer of the chain's last step: trending when the model has it, else all-time popularity."""
+    return next(bundle.scorers[name] for name in FALLBACK_STRATEGIES if name in bundle.scorers)
+
+
+def _popular_reason(scorer: Scorer) -> str:
+    """Say "this week" only when the popularity was counted over the last week or less."""
+    window = getattr(scorer, "window_days", None) if isinstance(scorer, PopularityScorer) else None
+    if window is not None and window <= 7:
+        return "Popular this week"
+    if window is not None:
+        return f"Popular over the last {window:g} days"
+    return "Popular with customers"

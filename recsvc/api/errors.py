@@ -9,7 +9,8 @@ from flask import Flask, jsonify
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
-from recsvc.errors import ArtifactError, ConfigError, InvalidInput, ModelUnavailable, NotFound, RecsvcError
+from recsvc.errors import (ArtifactError, ConfigError, EventLogUnavailable, InvalidInput, ModelUnavailable, NotFound,
+                           RecsvcError)
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ STATUS_BY_ERROR: dict[type[RecsvcError], int] = {
     ModelUnavailable: 503,
     ArtifactError: 503,
     ConfigError: 500,
+    EventLogUnavailable: 503,
 }
 
 # Werkzeug names (e.g. "Not Found") become stable snake_case codes.

@@ -1,0 +1,111 @@
+"""What happened to suggestions (POST /v1/feedback) and new customer interactions (POST /v1/events)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections import defaultdict
+
+import marshmallow as ma
+from flask import current_app
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from marshmallow import validate
+
+from recsvc.api.schemas import Id
+from recsvc.event_log import EVENT, FEEDBACK, event_time
+from recsvc.experiment_report import ACTIONS
+
+blp = Blueprint("feedback", __name__, url_prefix="/v1", description="Feedback on suggestions and real-time events")
+
+MAX_EVENTS = 500  # per call; the body limit (RECSVC_MAX_BODY_BYTES) applies as well
+
+
+class Timestamp(ma.fields.Field):
+    """ISO-8601 (UTC when no zone is given) or Unix seconds."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ma.ValidationError("use ISO-8601 or Unix seconds")
+        try:
+            seconds = float(value) if not isinstance(value, str) or _numeric(value) else \
+                event_time(dt.datetime.fromisoformat(value))
+        except ValueError:
+            raise ma.ValidationError("use ISO-8601 or Unix seconds") from None
+        if not 0 < seconds < 32503680000:  # before year 3000
+            raise ma.ValidationError("out of range")
+        return seconds
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+class FeedbackSchema(ma.Schema):
+    request_id = ma.fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9._-]{1,64}$"),
+                                  metadata={"description": "The request_id of the recommendations response"})
+    customer_id = Id(required=True)
+    item_id = Id(required=True)
+    action = ma.fields.String(required=True, validate=validate.OneOf(ACTIONS))
+    agent_id = Id(metadata={"description": "The agent who offered the suggestion"})
+
+
+class EventSchema(ma.Schema):
+    customer_id = Id(required=True)
+    item_id = Id(required=True)
+    event_type = ma.fields.String(required=True, validate=validate.Length(min=1, max=64),
+                                  metadata={"description": "e.g. view, click, add_to_cart, purchase"})
+    timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received"})
+
+
+class EventsSchema(ma.Schema):
+    events = ma.fields.List(ma.fields.Nested(EventSchema), required=True,
+                            validate=validate.Length(min=1, max=MAX_EVENTS))
+
+    @ma.pre_load
+    def accept_bare_list(self, data, **_kw):
+        return {"events": data} if isinstance(data, list) else data
+
+
+class AcceptedSchema(ma.Schema):
+    accepted = ma.fields.Integer(required=True, metadata={"description": "Records kept for good"})
+
+
+@blp.route("/feedback")
+class Feedback(MethodView):
+    @blp.arguments(FeedbackSchema)
+    @blp.response(202, AcceptedSchema)
+    @blp.alt_response(503, description="Neither Redis nor the local spool could keep it; retry")
+    def post(self, feedback: dict):
+        """Record what happened to a suggestion. Kept durably (Redis Stream, or a local spool while Redis is
+        down); posting the same request_id, customer, item and action again counts once."""
+        record = {"kind": FEEDBACK, **feedback, "time": round(time.time(), 3)}
+        current_app.extensions["recsvc"].event_log.append(record)
+        return {"accepted": 1}
+
+
+@blp.route("/events")
+class Events(MethodView):
+    @blp.arguments(EventsSchema)
+    @blp.response(202, AcceptedSchema)
+    @blp.alt_response(503, description="Neither Redis nor the local spool could keep them; retry")
+    def post(self, body: dict):
+        """New customer interactions (a list, or {"events": [...]}). Kept durably; their items count as the
+        customer's own for suggestions straight away, and the customer's cached lists are dropped."""
+        service = current_app.extensions["recsvc"]
+        received = round(time.time(), 3)
+        items_by_customer: dict[str, set[str]] = defaultdict(set)
+        for event in body["events"]:
+            record = {"kind": EVENT, "event_id": uuid.uuid4().hex, "timestamp": event.get("timestamp"),
+                      **event, "time": received}
+            service.event_log.append(record)
+            items_by_customer[event["customer_id"]].add(event["item_id"])
+        for customer_id, items in items_by_customer.items():
+            service.recent_items.add(customer_id, items)
+            service.cache.invalidate_customer(customer_id)
+        return {"accepted": len(body["events"])}

@@ -1,0 +1,384 @@
+"""The durable log of exposures, feedback and events: Redis Streams, with a local spool while Redis is down.
+
+Every record the API accepts goes to the Redis Stream of its kind. When Redis
+does not answer within the short timeout, the record is appended to this
+process's spool file instead (one JSON line, written with one write() call and,
+by default, fsync'd before the API answers); a background thread replays spool
+files into Redis once it answers again. Each record carries a natural key
+(request_id + customer_id + item_id + action for feedback); a Lua script adds
+it to its stream only if that key was not seen, so replays and client retries
+are never counted twice. Without a Redis URL the spool files are the log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import orjson
+import redis
+
+from recsvc.cache import event_seen_key, event_stream_key, experiments_key, recent_items_key
+from recsvc.errors import EventLogUnavailable
+
+log = logging.getLogger(__name__)
+
+EXPOSURE, FEEDBACK, EVENT = "exposure", "feedback", "event"
+KINDS = (EXPOSURE, FEEDBACK, EVENT)
+FSYNC_POLICIES = ("always", "everysec")
+SPOOL_SUFFIX = ".spool"
+READ_CHUNK = 5_000  # stream entries per XRANGE call
+REPLAY_CHUNK = 500  # records per pipelined round trip when replaying
+READ_TIMEOUT = 10.0  # seconds; reading a whole stream for a report or replaying takes longer than one command
+
+# KEYS[1] the seen-marker, KEYS[2] the stream; ARGV[1] the record, ARGV[2] the marker's TTL in seconds.
+_ADD_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  return redis.call('XADD', KEYS[2], '*', 'r', ARGV[1])
+end
+return false
+"""
+
+
+def natural_key(record: dict) -> str:
+    """What makes two records the same: a retry or a replay of one of them must not count again."""
+    kind = record["kind"]
+    if kind == FEEDBACK:
+        parts = (kind, record["request_id"], record["customer_id"], record["item_id"], record["action"])
+    elif kind == EXPOSURE:
+        parts = (kind, record["request_id"], record["customer_id"], record["experiment"])
+    else:
+        parts = (kind, record["event_id"])
+    return hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def now_seconds() -> float:
+    return round(time.time(), 3)
+
+
+class RedisStreams:
+    """Adds records to their streams at most once per natural key, and reads them back in order."""
+
+    def __init__(self, client: redis.Redis, dedupe_ttl: int):
+        self.client = client
+        self.dedupe_ttl = dedupe_ttl
+        self._add_once = client.register_script(_ADD_ONCE)
+
+    def add(self, record: dict, client=None) -> None:
+        """Raises redis.RedisError when Redis does not answer."""
+        self._add_once(keys=[event_seen_key(natural_key(record)), event_stream_key(record["kind"])],
+                       args=[orjson.dumps(record), self.dedupe_ttl], client=client or self.client)
+
+    def add_many(self, records: list[dict]) -> None:
+        """One pipelined round trip per chunk; the same at-most-once guarantee as add()."""
+        for start in range(0, len(records), REPLAY_CHUNK):
+            pipe = self.client.pipeline(transaction=False)
+            for record in records[start : start + REPLAY_CHUNK]:
+                self.add(record, client=pipe)
+            pipe.execute()
+
+    def read(self, kind: str) -> Iterator[dict]:
+        """Every record of a kind, oldest first, in chunks so a long stream never arrives in one reply."""
+        cursor = "-"
+        while True:
+            entries = self.client.xrange(event_stream_key(kind), min=cursor, max="+", count=READ_CHUNK)
+            for _entry_id, fields in entries:
+                yield orjson.loads(fields[b"r"])
+            if len(entries) < READ_CHUNK:
+                return
+            cursor = "(" + entries[-1][0].decode()
+
+
+class Spool:
+    """Append-only JSON-lines files in one directory, one file per writing process.
+
+    The writer holds an exclusive flock on its open file; a file nobody holds (a
+    rotated one, or one left by a process that died) is free for any replayer,
+    which takes the lock, sends the records and deletes the file.
+    """
+
+    def __init__(self, directory: Path, fsync: str = "always"):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}")
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._dirty = False
+        self._lock = threading.Lock()
+
+    def append(self, record: dict) -> None:
+        """Raises OSError when the record cannot be written (disk full, read-only volume)."""
+        line = orjson.dumps(record) + b"\n"
+        with self._lock:
+            fd = self._open()
+            os.write(fd, line)  # one write() on an O_APPEND descriptor: the line lands whole or not at all
+            if self.fsync == "always":
+                os.fsync(fd)
+            else:
+                self._dirty = True
+
+    def sync(self) -> None:
+        """fsync pending writes (the everysec policy calls this once a second)."""
+        with self._lock:
+            if self._dirty and self._fd is not None and self._pid == os.getpid():
+                os.fsync(self._fd)
+                self._dirty = False
+
+    def rotate(self) -> None:
+        """Close this process's file, so the next replay can take it; the next append starts a new one."""
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                if self._dirty:
+                    os.fsync(self._fd)
+                os.close(self._fd)  # also releases the flock
+            self._fd, self._dirty = None, False
+
+    def files(self) -> list[Path]:
+        return sorted(self.directory.glob(f"*{SPOOL_SUFFIX}")) if self.directory.is_dir() else []
+
+    def replay(self, sink: Callable[[list[dict]], None]) -> int:
+        """Send every free file's records to sink, then delete the file; returns the records sent.
+        A sink failure leaves the file for the next round (sink must be idempotent)."""
+        sent = 0
+        for path in self.files():
+            sent += self._replay_file(path, sink)
+        return sent
+
+    def read_all(self) -> Iterator[dict]:
+        """Every complete record in every spool file (the log itself when no Redis is configured)."""
+        for path in self.files():
+            try:
+                yield from _parse_lines(path.read_bytes(), path)
+            except FileNotFoundError:
+                continue  # replayed and deleted meanwhile
+
+    def pending(self) -> int:
+        """Records waiting in spool files (including this process's open file)."""
+        return sum(1 for _ in self.read_all())
+
+    def _open(self) -> int:
+        # After a fork (gunicorn --preload) the inherited descriptor and its lock belong to the parent.
+        if self._fd is not None and self._pid == os.getpid():
+            return self._fd
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging = self.directory / f".{name}.tmp"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # locked before it gets a name a replayer would pick up
+        os.rename(staging, self.directory / f"{name}{SPOOL_SUFFIX}")
+        _fsync_directory(self.directory)
+        self._fd, self._pid, self._dirty = fd, os.getpid(), False
+        return fd
+
+    def _replay_file(self, path: Path, sink: Callable[[list[dict]], None]) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live writer or another replayer holds it
+            if os.fstat(fd).st_nlink == 0:
+                return 0  # another replayer finished it while we waited
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                records = list(_parse_lines(fh.read(), path))
+            sink(records)
+            path.unlink()
+            return len(records)
+        finally:
+            os.close(fd)
+
+
+def _parse_lines(content: bytes, path: Path) -> Iterable[dict]:
+    lines = content.split(b"\n")
+    for number, line in enumerate(lines[:-1], 1):  # the part after the last newline is an unfinished write
+        try:
+            yield orjson.loads(line)
+        except orjson.JSONDecodeError:
+            log.error("spool %s line %d is damaged and skipped", path.name, number)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EventLog:
+    """Accepts records for good: Redis Stream first, the spool while Redis is unreachable."""
+
+    def __init__(self, redis_url: str | None, spool_dir: Path, *, timeout: float = 0.05, fsync: str = "always",
+                 retry_interval: float = 1.0, dedupe_ttl: int = 7 * 86400):
+        self.spool = Spool(spool_dir, fsync)
+        self.retry_interval = retry_interval
+        self.streams = self.reader = None
+        if redis_url:
+            client = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                          health_check_interval=0)
+            self.streams = RedisStreams(client, dedupe_ttl)
+            slow = redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=timeout)
+            self.reader = RedisStreams(slow, dedupe_ttl)
+        self.on_reconnect: list[Callable[[redis.Redis], None]] = []
+        self._down_until = 0.0
+        self._thread_pid: int | None = None
+        self._stop = threading.Event()
+
+    @property
+    def kind(self) -> str:
+        return "redis" if self.streams else "spool"
+
+    def append(self, record: dict) -> str:
+        """Keep one record; returns where it went ("redis" or "spool"). Raises EventLogUnavailable only
+        when neither Redis nor the spool can take it, so the API never answers 202 for a lost record."""
+        self._ensure_thread()
+        if self.streams is not None and time.monotonic() >= self._down_until:
+            try:
+                self.streams.add(record)
+                return "redis"
+            except redis.RedisError as exc:
+                # Skip Redis for a while: a request must not wait for the timeout of a server known to be down.
+                self._down_until = time.monotonic() + self.retry_interval
+                log.warning("event log: redis unreachable (%s), spooling", exc.__class__.__name__)
+        try:
+            self.spool.append(record)
+        except OSError as exc:
+            log.error("event log: spool write failed: %s", exc)
+            raise EventLogUnavailable("the event could not be stored; retry later") from None
+        return "spool"
+
+    def read(self, kind: str) -> Iterator[dict]:
+        """Every kept record of a kind: the stream when Redis is configured, else the spool files."""
+        if self.reader is None:
+            return (r for r in self.spool.read_all() if r.get("kind") == kind)
+        try:
+            return iter(list(self.reader.read(kind)))
+        except redis.RedisError as exc:
+            raise EventLogUnavailable("the event log (Redis) cannot be read right now; retry later") from exc
+
+    def replay(self) -> int:
+        """Move spooled records into Redis; returns how many. No-op without Redis or while it is down."""
+        if self.reader is None:
+            return 0
+        try:
+            self.reader.client.ping()
+            for callback in self.on_reconnect:
+                callback(self.reader.client)
+            self.spool.rotate()
+            sent = self.spool.replay(self.reader.add_many)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("event log: replay postponed: %s", exc.__class__.__name__)
+            return 0
+        self._down_until = 0.0
+        if sent:
+            log.info("event log: replayed %d spooled records into redis", sent)
+        return sent
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.spool.rotate()
+
+    def _ensure_thread(self) -> None:
+        if self._thread_pid == os.getpid():
+            return
+        self._thread_pid = os.getpid()
+        threading.Thread(target=self._run, name="recsvc-event-log", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.retry_interval):
+            try:
+                self.spool.sync()
+                if self.spool.files():
+                    self.replay()
+            except Exception:  # the thread must outlive any single failure
+                log.exception("event log: background round failed")
+
+
+class RecentItems:
+    """Items customers interacted with since training (POST /v1/events): a Redis set per customer with a TTL,
+    mirrored in a bounded in-process map that answers while Redis is down."""
+
+    def __init__(self, redis_url: str | None, *, ttl: float = 86400.0, timeout: float = 0.05,
+                 max_customers: int = 100_000, retry_interval: float = 1.0):
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                           health_check_interval=0) if redis_url else None
+        self.ttl = ttl
+        self.max_customers = max_customers
+        self.retry_interval = retry_interval
+        self._local: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+
+    def add(self, customer_id: str, item_ids: Iterable[str]) -> None:
+        items = set(item_ids)
+        self._add_local(customer_id, items)
+        if self._redis_usable():
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.sadd(recent_items_key(customer_id), *items)
+                pipe.expire(recent_items_key(customer_id), int(self.ttl))
+                pipe.execute()
+            except redis.RedisError:
+                self._down_until = time.monotonic() + self.retry_interval
+
+    def get(self, customer_id: str) -> set[str]:
+        """The customer's recent items; Redis (shared by all replicas) when it answers, else this process's copy."""
+        if self._redis_usable():
+            try:
+                return {m.decode("utf-8") for m in self.client.smembers(recent_items_key(customer_id))}
+            except redis.RedisError:
+                self._down_until = time.monotonic() + self.retry_interval
+        with self._lock:
+            expires, items = self._local.get(customer_id, (0.0, set()))
+            return set(items) if expires > time.monotonic() else set()
+
+    def merge(self, bundle, customer_id: str, owned: np.ndarray) -> np.ndarray:
+        """`owned` item positions plus the model's positions of the customer's recent items."""
+        recent = bundle.items.positions(sorted(self.get(customer_id)))
+        return np.union1d(owned, np.asarray(recent, dtype=owned.dtype)) if recent else owned
+
+    def _redis_usable(self) -> bool:
+        return self.client is not None and time.monotonic() >= self._down_until
+
+    def _add_local(self, customer_id: str, items: set[str]) -> None:
+        with self._lock:
+            expires, known = self._local.pop(customer_id, (0.0, set()))
+            known = known if expires > time.monotonic() else set()
+            self._local[customer_id] = (time.monotonic() + self.ttl, known | items)
+            while len(self._local) > self.max_customers:
+                self._local.popitem(last=False)
+
+
+def event_time(value: object) -> float | None:
+    """Unix seconds from an ISO-8601 string, a number of Unix seconds or a datetime; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return round(value.timestamp(), 3)
+    return round(float(value), 3)
+
+
+def from_settings(settings) -> tuple[EventLog, RecentItems]:
+    """The event log and the recent-items store a server runs with (settings: recsvc.config.Settings)."""
+    event_log = EventLog(settings.redis_url, settings.spool_dir, timeout=settings.redis_timeout,
+                         fsync=settings.spool_fsync, retry_interval=settings.redis_breaker_cooldown,
+                         dedupe_ttl=int(settings.event_dedupe_ttl))
+    recent = RecentItems(settings.redis_url, ttl=settings.recent_items_ttl, timeout=settings.redis_timeout,
+                         retry_interval=settings.redis_breaker_cooldown)
+    return event_log, recent

@@ -1,0 +1,253 @@
+"""A/B experiment definitions from RECSVC_EXPERIMENTS and sticky, stateless assignment of customers to variants."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import marshmallow as ma
+from marshmallow import validate
+
+from recsvc.cache import experiments_key
+from recsvc.errors import ConfigError, RecsvcError
+
+log = logging.getLogger(__name__)
+
+BUCKETS = 10_000
+RUNNING, STOPPED = "running", "stopped"
+
+
+def bucket(salt: str, customer_id: str) -> int:
+    """The customer's bucket in [0, BUCKETS): sha256 of salt and id, the same in every process and release
+    (Python's hash() is randomised per process, so it must never be used here)."""
+    digest = hashlib.sha256(f"{salt}\x00{customer_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    strategy: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The variant a customer sees in one experiment."""
+
+    experiment: str
+    variant: str
+    strategy: str
+
+    def ref(self) -> dict:
+        return {"name": self.experiment, "variant": self.variant}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    salt: str
+    status: str
+    control: str
+    variants: tuple[Variant, ...]
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+
+    def weights(self) -> dict[str, int]:
+        return {v.name: v.weight for v in self.variants}
+
+    def boundaries(self) -> list[int]:
+        """Exclusive upper bucket of each variant: bucket shares are proportional to the weights."""
+        total = sum(v.weight for v in self.variants)
+        running, bounds = 0, []
+        for variant in self.variants:
+            running += variant.weight
+            bounds.append(round(running * BUCKETS / total))
+        return bounds
+
+    def variant_of(self, customer_id: str) -> Variant:
+        """The customer's variant: a pure function of (salt, customer_id)."""
+        position = bucket(self.salt, customer_id)
+        for variant, bound in zip(self.variants, self.boundaries()):
+            if position < bound:
+                return variant
+        return self.variants[-1]  # unreachable: the last bound is BUCKETS
+
+    def is_running(self, now: dt.datetime) -> bool:
+        """Running and inside its optional [start, end) window."""
+        return (self.status == RUNNING and (self.start is None or self.start <= now)
+                and (self.end is None or now < self.end))
+
+    def assign(self, customer_id: str) -> Assignment:
+        variant = self.variant_of(customer_id)
+        return Assignment(self.name, variant.name, variant.strategy)
+
+
+class _Strict(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+
+class VariantSchema(_Strict):
+    name = ma.fields.String(required=True, validate=validate.Length(min=1, max=64))
+    strategy = ma.fields.String(required=True, validate=validate.Length(min=1, max=64))
+    weight = ma.fields.Integer(required=True, strict=True, validate=validate.Range(min=0, max=BUCKETS))
+
+    @ma.post_load
+    def make(self, data: dict, **_kw) -> Variant:
+        return Variant(**data)
+
+
+class ExperimentSchema(_Strict):
+    name = ma.fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9._-]{1,64}$",
+                                                                     error="use 1-64 letters, digits, '.', '_' or '-'"))
+    salt = ma.fields.String(required=True, validate=validate.Length(min=1, max=128))
+    status = ma.fields.String(required=True, validate=validate.OneOf([RUNNING, STOPPED]))
+    control = ma.fields.String(required=True)
+    variants = ma.fields.List(ma.fields.Nested(VariantSchema), required=True, validate=validate.Length(min=2, max=20))
+    start = ma.fields.AwareDateTime(load_default=None, default_timezone=dt.timezone.utc)
+    end = ma.fields.AwareDateTime(load_default=None, default_timezone=dt.timezone.utc)
+
+    @ma.validates_schema
+    def check(self, data: dict, **_kw) -> None:
+        names = [v.name for v in data.get("variants", [])]
+        if len(set(names)) != len(names):
+            raise ma.ValidationError("variant names must be unique", "variants")
+        if names and data.get("control") not in names:
+            raise ma.ValidationError(f"control must name one of the variants {names}", "control")
+        if names and sum(v.weight for v in data["variants"]) <= 0:
+            raise ma.ValidationError("at least one variant needs a positive weight", "variants")
+        if data.get("start") and data.get("end") and data["end"] <= data["start"]:
+            raise ma.ValidationError("end must be after start", "end")
+
+    @ma.post_load
+    def make(self, data: dict, **_kw) -> Experiment:
+        return Experiment(**{**data, "variants": tuple(data["variants"])})
+
+
+class ExperimentsFileSchema(_Strict):
+    experiments = ma.fields.List(ma.fields.Nested(ExperimentSchema), required=True)
+
+    @ma.validates_schema
+    def unique(self, data: dict, **_kw) -> None:
+        names = [e.name for e in data.get("experiments", [])]
+        if len(set(names)) != len(names):
+            raise ma.ValidationError("experiment names must be unique", "experiments")
+
+
+class ExperimentSet:
+    """The experiments of this server, in file order. At most one applies to a request: the first running one,
+    so a customer never gets two strategies at once."""
+
+    def __init__(self, experiments: tuple[Experiment, ...] = ()):
+        self.experiments = experiments
+        self.by_name = {e.name: e for e in experiments}
+
+    def get(self, name: str) -> Experiment | None:
+        return self.by_name.get(name)
+
+    def active(self, now: dt.datetime | None = None) -> Experiment | None:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return next((e for e in self.experiments if e.is_running(now)), None)
+
+    def assign(self, customer_id: str, now: dt.datetime | None = None) -> Assignment | None:
+        experiment = self.active(now)
+        return experiment.assign(customer_id) if experiment else None
+
+
+def parse_experiments(raw: object, source: str = "experiments") -> ExperimentSet:
+    """Validate a decoded definitions document; ConfigError lists every problem by field."""
+    try:
+        loaded = ExperimentsFileSchema().load(raw)
+    except ma.ValidationError as exc:
+        raise ConfigError(f"{source}: invalid experiment definitions: {json.dumps(exc.messages, sort_keys=True)}",
+                          details={"fields": exc.messages}) from None
+    return ExperimentSet(tuple(loaded["experiments"]))
+
+
+def load_experiments(path: Path | None) -> ExperimentSet:
+    """Definitions from a JSON or TOML file (by suffix; anything but .toml is read as JSON); none without a path."""
+    if path is None:
+        return ExperimentSet()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"RECSVC_EXPERIMENTS={path}: no such file") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"RECSVC_EXPERIMENTS={path}: cannot parse: {exc}") from None
+    return parse_experiments(raw, f"RECSVC_EXPERIMENTS={path}")
+
+
+def describe(experiment: Experiment) -> dict:
+    """The JSON form of a definition, as GET /v1/experiments shows it."""
+    return {
+        "name": experiment.name, "salt": experiment.salt, "status": experiment.status,
+        "control": experiment.control,
+        "variants": [{"name": v.name, "strategy": v.strategy, "weight": v.weight} for v in experiment.variants],
+        "start": experiment.start.isoformat() if experiment.start else None,
+        "end": experiment.end.isoformat() if experiment.end else None,
+    }
+
+
+class ExperimentRouter:
+    """Puts a request without an explicit strategy into the running experiment and records its exposure."""
+
+    def __init__(self, experiments: ExperimentSet, event_log):
+        self.experiments = experiments
+        self.event_log = event_log  # a recsvc.event_log.EventLog
+        self._missing_warned: set[tuple[str, str]] = set()
+
+    def assign(self, customer_id: str, strategy: str | None, available) -> Assignment | None:
+        """The customer's assignment, or None: a request naming a strategy bypasses experiments and is not
+        counted; a variant whose strategy the current model lacks serves the default, uncounted (the
+        report's sample-ratio check then shows the gap)."""
+        if strategy is not None:
+            return None
+        assignment = self.experiments.assign(customer_id)
+        if assignment is None or assignment.strategy in available:
+            return assignment
+        if (assignment.experiment, assignment.strategy) not in self._missing_warned:
+            self._missing_warned.add((assignment.experiment, assignment.strategy))
+            log.error("experiment %s: variant %s needs strategy %r, which the current model lacks; its customers "
+                      "get the default strategy and are not counted", assignment.experiment, assignment.variant,
+                      assignment.strategy)
+        return None
+
+    def expose(self, assignment: Assignment, customer_id: str, request_id: str) -> None:
+        """Record that the customer was served in the experiment; never fails the recommendation."""
+        record = {"kind": "exposure", "request_id": request_id, "customer_id": customer_id,
+                  "experiment": assignment.experiment, "variant": assignment.variant,
+                  "strategy": assignment.strategy, "time": round(time.time(), 3)}
+        try:
+            self.event_log.append(record)
+        except RecsvcError as exc:
+            log.error("exposure of %s in %s not recorded: %s", customer_id, assignment.experiment, exc.message)
+
+    def publish(self, client) -> None:
+        """Write the definitions to Redis (a redis.Redis), so `recsvc-train experiments report` finds weights and
+        control without the file."""
+        if self.experiments.experiments:
+            client.hset(experiments_key(), mapping={e.name: json.dumps(describe(e)) for e in self.experiments.experiments})
+
+    def publish_quietly(self, client) -> None:
+        try:
+            self.publish(client)
+        except Exception as exc:  # redis.RedisError; best effort, repeated whenever the event log reconnects
+            log.warning("experiment definitions not published to redis: %s", exc.__class__.__name__)
+
+
+def from_settings(settings, event_log) -> ExperimentRouter:
+    """The router for settings.experiments_path; ConfigError at start-up for a bad file."""
+    router = ExperimentRouter(load_experiments(settings.experiments_path), event_log)
+    if event_log.reader is not None:
+        event_log.on_reconnect.append(router.publish_quietly)
+        router.publish_quietly(event_log.reader.client)
+    return router
