@@ -1,8 +1,10 @@
-"""Recommendation cache: the one key builder, and a Redis or in-process store behind one small interface.
+"""Recommendation cache: the one key builder, the one entry codec, and a Redis or in-process store behind them.
 
 Keys name the model version, so an entry made under an old model is never read
 after a swap: the new version simply looks up different keys, and old entries
-expire with their TTL.
+expire with their TTL. Each entry also carries the generation of its customer
+(see invalidate_customer), and a miss is computed once however many requests
+ask for it at the same time (get_or_compute).
 """
 
 from __future__ import annotations
@@ -11,15 +13,28 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from typing import Callable
 
 import orjson
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from recsvc import metrics
+from recsvc.config import Settings
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "recsvc:v1"
+NO_GENERATION = b""  # a customer never invalidated, or whose last invalidation is older than every live entry
+LOCK_TTL_MS = 2000  # a crashed lock holder blocks nobody longer than this; waiters give up much sooner anyway
+POLL_SECONDS = 0.005  # how often a waiter looks for the entry another process is computing
+# Generations outlive every entry made before them, the warm-up's day-long entries included (training/warm.py).
+GENERATION_TTL = 2 * 86400.0
+UNREACHABLE = object()  # what a Redis command returns when the breaker is open or the command failed
 
 
 def params_digest(params: dict) -> str:
@@ -33,19 +48,245 @@ def recommendation_key(model_version: str, strategy: str, customer_id: str, para
     return f"{KEY_PREFIX}:rec:{model_version}:{strategy}:{customer_id}:{params_digest(params)}"
 
 
+def generation_key(customer_id: str) -> str:
+    """Where a customer's generation lives: a token that changes whenever the customer's history does."""
+    return f"{KEY_PREFIX}:gen:{customer_id}"
+
+
+def lock_key(key: str) -> str:
+    return f"{KEY_PREFIX}:lock:{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}"
+
+
+# Keys of the durable event log and real-time customer state (recsvc/event_log.py): data, not cache entries.
+def event_stream_key(kind: str) -> str:
+    """The Redis Stream of one kind of accepted record (exposure, feedback, event)."""
+    return f"{KEY_PREFIX}:log:{kind}"
+
+
+def event_seen_key(digest: str) -> str:
+    """Marks a record as already in its stream, so a replay or a client's retry is not added twice."""
+    return f"{KEY_PREFIX}:log:seen:{digest}"
+
+
+def recent_items_key(customer_id: str) -> str:
+    """Items a customer interacted with since the model was trained (POST /v1/events)."""
+    return f"{KEY_PREFIX}:recent:{customer_id}"
+
+
+def experiments_key() -> str:
+    """The experiment definitions a server runs with, published for `recsvc-train experiments report`."""
+    return f"{KEY_PREFIX}:experiments"
+
+
+# --- the entry codec: generation length (1 byte), generation, orjson fragment ---
+
+
+def encode_entry(generation: bytes, fragment: bytes) -> bytes:
+    """What is stored under a recommendation key: the fragment tagged with the customer's generation."""
+    return bytes([len(generation)]) + generation + fragment
+
+
+def decode_entry(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(generation, fragment), or None for bytes this codec did not write."""
+    if not raw:
+        return None
+    end = 1 + raw[0]
+    if len(raw) <= end:
+        return None
+    return raw[1:end], raw[end:]
+
+
+def new_generation() -> bytes:
+    return uuid.uuid4().hex[:16].encode()
+
+
+class CircuitBreaker:
+    """Closed until `failures` consecutive failures, then open: calls are skipped for `cooldown` seconds,
+    after which one probe goes through (half-open); its success closes the breaker, its failure reopens it."""
+
+    CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+
+    def __init__(self, failures: int = 3, cooldown: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.clock = clock
+        self.state = self.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """May a call go to Redis now? Only one caller gets the half-open probe."""
+        if self.state == self.CLOSED:
+            return True
+        with self._lock:
+            if self.state == self.OPEN and self.clock() - self.opened_at >= self.cooldown:
+                self._move(self.HALF_OPEN)
+                return True
+            return False
+
+    def success(self) -> None:
+        self.failures = 0
+        if self.state != self.CLOSED:
+            with self._lock:
+                self._move(self.CLOSED)
+
+    def failure(self) -> None:
+        with self._lock:
+            self.failures += 1
+            if self.state == self.HALF_OPEN or (self.state == self.CLOSED and self.failures >= self.threshold):
+                self.opened_at = self.clock()
+                self._move(self.OPEN)
+
+    def _move(self, state: str) -> None:
+        if state != self.state:
+            log.warning("redis circuit breaker %s -> %s", self.state, state)
+            self.state = state
+            metrics.redis_breaker(state)
+
+
+class _Flight:
+    """One computation of one key in this process, which other requests for the key wait for."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.fragment: bytes | None = None
+
+
+class SingleFlight:
+    """In-process half of the stampede protection: the first request for a key leads, the others follow."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+
+    def join(self, key: str) -> tuple[_Flight, bool]:
+        """(the flight, True when this caller leads it)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                return flight, False
+            flight = self._flights[key] = _Flight()
+            return flight, True
+
+    def land(self, key: str, flight: _Flight, fragment: bytes | None) -> None:
+        """End the flight; followers get `fragment` (None: they compute themselves)."""
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.fragment = fragment
+        flight.done.set()
+
+
 class Cache(ABC):
-    """Bytes by key with a TTL. Failures never raise: a broken cache is a miss, not an error."""
+    """Recommendation fragments by key. Failures never raise: a broken cache is a miss, not an error.
+
+    Subclasses store bytes (get_many, set, lock, unlock); this class adds the
+    generation check, the entry size bound and single-flight computation.
+    """
 
     kind: str
 
+    def __init__(self, ttl: float = 300.0, max_entry_bytes: int = 64 * 1024, lock_wait: float = 0.05):
+        self.ttl = ttl  # seconds
+        self.max_entry_bytes = max_entry_bytes
+        self.lock_wait = lock_wait  # seconds a request waits for another's computation before computing itself
+        self._flights = SingleFlight()
+
     @abstractmethod
-    def get(self, key: str) -> bytes | None: ...
+    def get_many(self, keys: list[str]) -> list[bytes | None]: ...
 
     @abstractmethod
     def set(self, key: str, value: bytes, ttl: float) -> None: ...
 
+    def get(self, key: str) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def lock(self, key: str) -> bool:
+        """Take the cross-process compute lock of `key`; True when this process should compute."""
+        return True
+
+    def unlock(self, key: str) -> None:
+        """Release the compute lock of `key` (only called after the entry is stored)."""
+
     def healthy(self) -> bool:
         return True
+
+    def status(self) -> dict:
+        """What /readyz shows about the cache."""
+        return {"kind": self.kind}
+
+    def lookup(self, key: str, customer_id: str) -> tuple[bytes | None, bytes]:
+        """(fragment or None, the customer's generation now). An entry of an older generation is a miss."""
+        raw, generation = self.get_many([key, generation_key(customer_id)])
+        generation = generation or NO_GENERATION
+        entry = decode_entry(raw) if raw else None
+        if entry is not None and entry[0] == generation:
+            return entry[1], generation
+        return None, generation
+
+    def store(self, key: str, generation: bytes, fragment: bytes, ttl: float | None = None) -> bool:
+        """Store a fragment computed under `generation`; entries above max_entry_bytes are not cached."""
+        if len(fragment) > self.max_entry_bytes:
+            metrics.cache_oversize()
+            return False
+        self.set(key, encode_entry(generation, fragment), ttl or self.ttl)
+        return True
+
+    def invalidate_customer(self, customer_id: str) -> None:
+        """Forget every cached list of this customer, on every replica: O(1), one write.
+
+        The new generation outlives every entry made before it (GENERATION_TTL, or
+        twice a longer TTL), so no older entry can become readable again when it expires.
+        """
+        self.set(generation_key(customer_id), new_generation(), max(GENERATION_TTL, 2 * self.ttl))
+
+    def get_or_compute(self, key: str, customer_id: str, compute: Callable[[], bytes],
+                       ttl: float | None = None) -> tuple[bytes, bool]:
+        """(fragment, True when it was not computed by this call). Concurrent misses of one key compute once:
+        followers wait up to lock_wait seconds for the leader, then compute themselves."""
+        flight, leader = self._flights.join(key)
+        if not leader:
+            metrics.cache_coalesced()
+            if flight.done.wait(self.lock_wait) and flight.fragment is not None:
+                return flight.fragment, True
+            return compute(), False
+        fragment = None
+        try:
+            fragment, hit = self._lead(key, customer_id, compute, ttl)
+            return fragment, hit
+        finally:
+            self._flights.land(key, flight, fragment)
+
+    def _lead(self, key: str, customer_id: str, compute: Callable[[], bytes],
+              ttl: float | None) -> tuple[bytes, bool]:
+        fragment, generation = self.lookup(key, customer_id)
+        if fragment is not None:
+            return fragment, True
+        locked = self.lock(key)
+        # Locked: another process may have stored the entry between our lookup and the lock; not locked:
+        # another process is computing it.
+        fragment = self.lookup(key, customer_id)[0] if locked else self._await_other_process(key, customer_id)
+        if fragment is not None:
+            if locked:
+                self.unlock(key)
+            return fragment, True
+        try:
+            fragment = compute()
+            self.store(key, generation, fragment, ttl)
+        finally:
+            if locked:
+                self.unlock(key)
+        return fragment, False
+
+    def _await_other_process(self, key: str, customer_id: str) -> bytes | None:
+        deadline = time.monotonic() + self.lock_wait
+        while time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+            fragment, _generation = self.lookup(key, customer_id)
+            if fragment is not None:
+                return fragment
+        return None
 
 
 class LocalCache(Cache):
@@ -53,22 +294,27 @@ class LocalCache(Cache):
 
     kind = "local"
 
-    def __init__(self, max_entries: int = 10_000):
+    def __init__(self, max_entries: int = 10_000, **options):
+        super().__init__(**options)
         self.max_entries = max_entries
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        now = time.monotonic()
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            expires, value = entry
-            if expires < time.monotonic():
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-            return value
+            return [self._get(key, now) for key in keys]
+
+    def _get(self, key: str, now: float) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires < now:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
 
     def set(self, key: str, value: bytes, ttl: float) -> None:
         if self.max_entries <= 0:
@@ -81,36 +327,57 @@ class LocalCache(Cache):
 
 
 class RedisCache(Cache):
-    """Redis with short timeouts; any Redis error is logged and treated as a miss."""
+    """Redis with short timeouts behind a circuit breaker; any Redis error is logged and treated as a miss."""
 
     kind = "redis"
 
-    def __init__(self, url: str, timeout: float = 0.05):
+    def __init__(self, url: str, timeout: float = 0.05, breaker: CircuitBreaker | None = None, **options):
+        super().__init__(**options)
+        # No retries: a failed call is a miss at once; the breaker decides when to try Redis again.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                           health_check_interval=0)
+                                           health_check_interval=0, retry=Retry(NoBackoff(), 0))
+        self.breaker = breaker or CircuitBreaker()
 
-    def _failed(self, action: str, exc: Exception) -> None:
-        log.warning("redis %s failed: %s", action, exc.__class__.__name__)
-
-    def get(self, key: str) -> bytes | None:
+    def _call(self, action: str, command: Callable, default):
+        """Run one Redis command through the breaker; `default` when it is open or the command fails."""
+        if not self.breaker.allow():
+            return default
         try:
-            return self.client.get(key)
+            result = command()
         except redis.RedisError as exc:
-            self._failed("get", exc)
-            return None
+            self.breaker.failure()
+            metrics.redis_error(action)
+            log.warning("redis %s failed: %s", action, exc.__class__.__name__)
+            return default
+        self.breaker.success()
+        return result
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self._call("get", lambda: self.client.mget(keys), [None] * len(keys))
 
     def set(self, key: str, value: bytes, ttl: float) -> None:
-        try:
-            self.client.set(key, value, px=int(ttl * 1000))
-        except redis.RedisError as exc:
-            self._failed("set", exc)
+        self._call("set", lambda: self.client.set(key, value, px=int(ttl * 1000)), None)
+
+    def lock(self, key: str) -> bool:
+        # Redis unreachable: compute here rather than wait for a lock nobody can hold.
+        taken = self._call("lock", lambda: self.client.set(lock_key(key), b"1", nx=True, px=LOCK_TTL_MS), UNREACHABLE)
+        return taken is UNREACHABLE or taken is True
+
+    def unlock(self, key: str) -> None:
+        self._call("unlock", lambda: self.client.delete(lock_key(key)), None)
 
     def healthy(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except redis.RedisError:
-            return False
+        return bool(self._call("ping", self.client.ping, False))
+
+    def status(self) -> dict:
+        return {"kind": self.kind, "breaker": self.breaker.state}
 
 
-def make_cache(redis_url: str | None, timeout: float, local_entries: int) -> Cache:
-    return RedisCache(redis_url, timeout) if redis_url else LocalCache(local_entries)
+def make_cache(settings: Settings) -> Cache:
+    """Redis when RECSVC_REDIS_URL is set, otherwise the embedded in-process cache."""
+    options = {"ttl": settings.cache_ttl, "max_entry_bytes": settings.cache_max_entry_bytes,
+               "lock_wait": settings.cache_lock_wait}
+    if not settings.redis_url:
+        return LocalCache(settings.local_cache_entries, **options)
+    breaker = CircuitBreaker(settings.redis_breaker_failures, settings.redis_breaker_cooldown)
+    return RedisCache(settings.redis_url, settings.redis_timeout, breaker, **options)

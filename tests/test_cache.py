@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from recsvc.app import create_app
-from recsvc.cache import KEY_PREFIX, LocalCache, recommendation_key
+from recsvc.cache import KEY_PREFIX, LocalCache, RedisCache, recommendation_key
 
 
 class ExplodingScorer:
@@ -82,3 +82,92 @@ def test_local_cache_expires_and_stays_bounded(monkeypatch):
     assert cache.get("a") is None and cache.get("c") == b"3"
     now[0] += 11
     assert cache.get("b") is None and cache.get("c") is None
+
+
+def test_entry_codec_round_trips_and_rejects_foreign_bytes():
+    from recsvc.cache import decode_entry, encode_entry
+
+    assert decode_entry(encode_entry(b"g1", b'{"items":[]}')) == (b"g1", b'{"items":[]}')
+    assert decode_entry(encode_entry(b"", b"{}")) == (b"", b"{}")
+    assert decode_entry(b"") is None and decode_entry(b"\x05ab") is None
+
+
+def test_invalidating_a_customer_reaches_every_replica(redis_app, settings, redis_url, redis_client, auth):
+    other = create_app(dataclasses.replace(settings, redis_url=redis_url, cache_ttl=60))  # a second replica
+    try:
+        first, second = redis_app.test_client(), other.test_client()
+        for customer in ("C000001", "C000002"):
+            assert first.get(f"/v1/customers/{customer}/recommendations", headers=auth).status_code == 200
+        redis_app.extensions["recsvc"].cache.invalidate_customer("C000001")
+        replica = other.extensions["recsvc"].recommender
+        assert second.get("/v1/customers/C000002/recommendations", headers=auth).status_code == 200
+        assert replica.computations == 0  # the untouched customer is still a hit
+        assert second.get("/v1/customers/C000001/recommendations", headers=auth).status_code == 200
+        assert replica.computations == 1  # the invalidated one is computed again ...
+        assert second.get("/v1/customers/C000001/recommendations", headers=auth).status_code == 200
+        assert replica.computations == 1  # ... and cached again under the new generation
+        assert 86_400_000 < redis_client.pttl(f"{KEY_PREFIX}:gen:C000001") <= 2 * 86_400_000
+    finally:
+        other.extensions["recsvc"].store.stop()
+
+
+@pytest.mark.parametrize("make", [lambda url: RedisCache(url), lambda url: LocalCache()], ids=["redis", "local"])
+def test_a_list_computed_while_its_customer_is_invalidated_is_not_served(make, redis_url, redis_client):
+    cache = make(redis_url)
+
+    def compute_during_an_event() -> bytes:
+        cache.invalidate_customer("c1")  # new interactions arrive while the old history is being scored
+        return b'{"items":["stale"]}'
+
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", compute_during_an_event) == (b'{"items":["stale"]}', False)
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b'{"items":["fresh"]}') == (b'{"items":["fresh"]}',
+                                                                                             False)
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b"{}") == (b'{"items":["fresh"]}', True)
+
+
+def test_lists_above_the_entry_bound_are_served_but_not_cached(settings, redis_url, redis_client, auth):
+    app = create_app(dataclasses.replace(settings, redis_url=redis_url, cache_max_entry_bytes=1024))
+    try:
+        client = app.test_client()
+        small = client.get("/v1/customers/C000001/recommendations?limit=1", headers=auth)
+        large = client.get("/v1/customers/C000001/recommendations?limit=50", headers=auth)
+        assert small.status_code == large.status_code == 200 and len(large.data) > 1024
+        assert len(redis_client.keys(f"{KEY_PREFIX}:rec:*")) == 1
+        assert len(redis_client.get(redis_client.keys(f"{KEY_PREFIX}:rec:*")[0])) <= 1024
+    finally:
+        app.extensions["recsvc"].store.stop()
+
+
+def test_breaker_opens_after_consecutive_failures_and_half_opens_to_probe():
+    from recsvc.cache import CircuitBreaker
+
+    now = [0.0]
+    breaker = CircuitBreaker(failures=3, cooldown=1.0, clock=lambda: now[0])
+    breaker.failure(), breaker.failure(), breaker.success(), breaker.failure(), breaker.failure()
+    assert breaker.state == "closed"  # a success in between resets the count
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 1.0
+    assert breaker.allow() and breaker.state == "half_open"
+    assert not breaker.allow()  # one probe at a time
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 2.5
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_an_unreachable_redis_opens_the_breaker_and_requests_still_succeed(settings, auth):
+    from tests.conftest import free_port
+
+    app = create_app(dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        client = app.test_client()
+        for customer in ("C000001", "C000002", "C000003", "C000004"):
+            assert client.get(f"/v1/customers/{customer}/recommendations", headers=auth).status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.get_json()["cache"] == {"kind": "redis", "breaker": "open"}
+        assert b"recsvc_redis_breaker_state 2.0" in client.get("/metrics").data
+    finally:
+        app.extensions["recsvc"].store.stop()

@@ -126,5 +126,21 @@ def tune(interactions_path: Path, strategy: str, trials: int, metric: str, searc
     click.echo(f"wrote the best {strategy} parameters to {config_path}")
 
 
+@main.command("warm-cache")
+@click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--redis-url", required=True, help="The Redis the servers use, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--top", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="How many of the most active customers to precompute.")
+@click.option("--ttl", type=float, default=24 * 3600.0, show_default=True,
+              help="Seconds the entries live, at most 86400 (until the next nightly model, by default).")
+@user_errors
+def warm_cache(registry: Path, redis_url: str, top: int, ttl: float) -> None:
+    """Precompute the default suggestions of the most active customers into Redis (exit 1: Redis unreachable)."""
+    from training.warm import warm_cache as warm
+
+    result = warm(registry, redis_url, top, ttl=ttl, log=lambda line: click.echo(line, err=True))
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":
     main()

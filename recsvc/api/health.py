@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from flask import current_app
 from flask_smorest import Blueprint
 
+from recsvc.api.models import iso_time, load_failure
 from recsvc.api.schemas import HealthSchema, ReadinessSchema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness")
@@ -24,11 +27,13 @@ def readyz():
     """Ready when a model version is loaded; also reports the cache and the last refused version."""
     service = current_app.extensions["recsvc"]
     bundle = service.store.current()
-    failure = service.store.last_failure
+    created = service.store.created_at
     body = {
         "status": "ready" if bundle is not None else "not ready",
         "model_version": bundle.version if bundle else None,
-        "cache": {"kind": service.cache.kind},
-        "last_load_failure": {"version": failure.version, "reason": failure.reason} if failure else None,
+        "model_loaded_at": iso_time(service.store.loaded_at),
+        "model_age_seconds": round(time.time() - created, 1) if created else None,
+        "cache": service.cache.status(),  # Redis down is degraded, not unready: answers come from the model
+        "last_load_failure": load_failure(service.store),
     }
     return body, 200 if bundle is not None else 503

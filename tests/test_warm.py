@@ -1,0 +1,99 @@
+"""`recsvc-train warm-cache`: entries byte-identical to the server's, served without computing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from recsvc import artifacts
+from recsvc.app import create_app
+from recsvc.cache import KEY_PREFIX
+from recsvc.recommend import RecommendationQuery
+from training.cli import main
+from training.warm import most_active, warm_cache
+from tests.conftest import free_port
+
+TOP = 60
+
+
+@pytest.fixture
+def redis_app(settings, redis_url, redis_client):
+    app = create_app(dataclasses.replace(settings, redis_url=redis_url))
+    yield app
+    app.extensions["recsvc"].store.stop()
+
+
+def warmed_customers(trained_registry, top: int) -> list[str]:
+    bundle = artifacts.load_current(trained_registry)
+    return [bundle.customers.external(int(c)) for c in most_active(bundle, top)]
+
+
+def test_warm_entries_are_byte_identical_to_what_the_server_caches(trained_registry, redis_url, redis_client,
+                                                                    redis_app, auth):
+    # One customer invalidated, one with items from POST /v1/events since training: both as the server sees them.
+    first, second = warmed_customers(trained_registry, 2)
+    redis_app.extensions["recsvc"].cache.invalidate_customer(first)
+    service = redis_app.extensions["recsvc"]
+    bundle = service.store.current()
+    best = service.recommender.compute(bundle, bundle.default_strategy, RecommendationQuery(second))["items"][0]
+    service.recent_items.add(second, [best["item_id"]])
+    result = warm_cache(trained_registry, redis_url, top=TOP, log=lambda _line: None)
+    assert result.entries == TOP
+    warmed = {key: redis_client.get(key) for key in redis_client.keys(f"{KEY_PREFIX}:rec:*")}
+    assert len(warmed) == TOP
+
+    redis_client.delete(*warmed)
+    client = redis_app.test_client()
+    for customer in warmed_customers(trained_registry, TOP):
+        assert client.get(f"/v1/customers/{customer}/recommendations", headers=auth).status_code == 200
+    served = {key: redis_client.get(key) for key in redis_client.keys(f"{KEY_PREFIX}:rec:*")}
+    assert served == warmed
+    assert service.recommender.computations == 1 + TOP
+    # The event was really taken into account: the customer's best item now counts as owned.
+    assert best["item_id"].encode() not in warmed[next(k for k in warmed if f":{second}:".encode() in k)]
+
+
+def test_the_server_answers_warmed_customers_without_computing(trained_registry, redis_url, redis_client,
+                                                               redis_app, auth):
+    warm_cache(trained_registry, redis_url, top=TOP, log=lambda _line: None)
+    client = redis_app.test_client()
+    customers = warmed_customers(trained_registry, TOP)
+    for customer in customers:
+        body = client.get(f"/v1/customers/{customer}/recommendations", headers=auth).get_json()
+        assert body["customer_id"] == customer and len(body["items"]) == 10
+    assert redis_app.extensions["recsvc"].recommender.computations == 0
+    # Other requests are not warmed: a different limit is computed.
+    client.get(f"/v1/customers/{customers[0]}/recommendations?limit=3", headers=auth)
+    assert redis_app.extensions["recsvc"].recommender.computations == 1
+
+
+def test_most_active_customers_come_first(trained_registry):
+    bundle = artifacts.load_current(trained_registry)
+    counts = [len(bundle.owned_items(int(c))) for c in most_active(bundle, 100)]
+    assert counts == sorted(counts, reverse=True) and counts[0] == max(
+        len(bundle.owned_items(c)) for c in range(len(bundle.customers)))
+
+
+def test_cli_prints_entries_per_second(trained_registry, redis_url, redis_client):
+    result = CliRunner().invoke(main, ["warm-cache", "--registry", str(trained_registry), "--redis-url", redis_url,
+                                       "--top", "25", "--ttl", "120"])
+    assert result.exit_code == 0, result.output
+    assert "warmed 25 entries" in result.output and "entries/s" in result.output
+    keys = redis_client.keys(f"{KEY_PREFIX}:rec:*")
+    assert len(keys) == 25 and 0 < redis_client.pttl(keys[0]) <= 120_000
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--registry", "{empty}", "--redis-url", "{redis}"], 2, "has no current model version"),
+    (["--registry", "{registry}", "--redis-url", "http://example.org"], 2, "is not a Redis URL"),
+    (["--registry", "{registry}", "--redis-url", "redis://127.0.0.1:{dead}/0"], 1, "cannot reach Redis"),
+    (["--registry", "{registry}", "--redis-url", "{redis}", "--top", "0"], 2, "--top"),
+    (["--registry", "{registry}", "--redis-url", "{redis}", "--ttl", "172800"], 2, "--ttl must be between"),
+])
+def test_cli_mistakes_give_a_message_and_an_exit_code(trained_registry, redis_url, tmp_path, args, code, message):
+    values = {"empty": str(tmp_path), "redis": redis_url, "registry": str(trained_registry), "dead": free_port()}
+    result = CliRunner().invoke(main, ["warm-cache", *(a.format(**values) for a in args)])
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
