@@ -1,0 +1,204 @@
+"""The durable event log: spool files, at-most-once streams, and nothing lost while Redis is down."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from recsvc.cache import event_stream_key
+from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool
+from tests.conftest import free_port
+from tests.test_experiments import SERVED, start_app, stop_app, write_definitions
+
+
+def feedback(n: int, action: str = "accepted") -> dict:
+    return {"kind": FEEDBACK, "request_id": f"r{n}", "customer_id": f"c{n}", "item_id": "i1", "action": action,
+            "time": 1.0}
+
+
+class RedisProcess:
+    """A redis-server of this test's own, on a fixed port so it can be stopped and started again."""
+
+    def __init__(self, workdir: Path):
+        self.port, self.workdir, self.process = free_port(), workdir, None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or pytest.fail("redis-server is needed")
+        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.workdir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client, deadline = redis.Redis.from_url(self.url), time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return client.close()
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    pytest.fail("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_spool_appends_whole_lines_and_replays_them_in_order(tmp_path):
+    spool = Spool(tmp_path)
+    for n in range(5):
+        spool.append(feedback(n))
+    assert spool.pending() == 5
+    received = []
+    spool.rotate()
+    assert spool.replay(received.extend) == 5
+    assert [r["request_id"] for r in received] == [f"r{n}" for n in range(5)]
+    assert spool.files() == [] and spool.pending() == 0
+
+
+def test_a_torn_last_line_and_a_damaged_line_are_skipped(tmp_path):
+    (tmp_path / "crashed.spool").write_bytes(b'{"kind":"feedback","n":1}\nnot json\n{"kind":"feedback","n":2}\n{"kin')
+    received = []
+    assert Spool(tmp_path).replay(received.extend) == 2
+    assert [r["n"] for r in received] == [1, 2]
+
+
+def test_a_file_a_live_writer_holds_is_left_alone_until_rotated(tmp_path):
+    writer, replayer = Spool(tmp_path), Spool(tmp_path)
+    writer.append(feedback(1))
+    received = []
+    assert replayer.replay(received.extend) == 0
+    writer.rotate()
+    assert replayer.replay(received.extend) == 1
+
+
+def test_a_failed_replay_keeps_the_file_for_the_next_round(tmp_path):
+    spool = Spool(tmp_path)
+    spool.append(feedback(1))
+    spool.rotate()
+
+    def broken(_records):
+        raise redis.ConnectionError("down again")
+
+    with pytest.raises(redis.ConnectionError):
+        spool.replay(broken)
+    assert spool.pending() == 1
+
+
+def test_the_spool_of_a_process_that_died_is_replayed_by_another(tmp_path):
+    script = ("import sys; from recsvc.event_log import Spool; s = Spool(sys.argv[1]); "
+              "[s.append({'kind': 'feedback', 'n': n}) for n in range(3)]; import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    received = []
+    assert Spool(tmp_path).replay(received.extend) == 3
+
+
+def test_streams_add_each_natural_key_once(redis_client):
+    streams = RedisStreams(redis_client, dedupe_ttl=3600)
+    streams.add(feedback(1))
+    streams.add(feedback(1))  # a client retry
+    streams.add_many([feedback(1), feedback(2), feedback(1, "shown")])  # a replay overlapping what is there
+    assert redis_client.xlen(event_stream_key(FEEDBACK)) == 3
+    assert [(r["request_id"], r["action"]) for r in streams.read(FEEDBACK)] == [
+        ("r1", "accepted"), ("r2", "accepted"), ("r1", "shown")]
+
+
+def test_event_log_spools_without_waiting_while_redis_is_unreachable(tmp_path):
+    log = EventLog(f"redis://127.0.0.1:{free_port()}/0", tmp_path, retry_interval=60)
+    started = time.perf_counter()
+    assert [log.append(feedback(n)) for n in range(50)] == ["spool"] * 50
+    assert time.perf_counter() - started < 2.0
+    assert log.spool.pending() == 50
+    assert log.replay() == 0  # still down: nothing moved, nothing lost
+    assert log.spool.pending() == 50
+    log.stop()
+
+
+def test_recent_items_fall_back_to_this_process_while_redis_is_down():
+    recent = RecentItems(f"redis://127.0.0.1:{free_port()}/0", ttl=60)
+    recent.add("alice", ["i1", "i2"])
+    assert recent.get("alice") == {"i1", "i2"}
+    assert recent.get("bob") == set()
+
+
+def test_feedback_accepted_while_redis_is_down_is_counted_exactly_once(own_redis, settings, tmp_path, auth):
+    """Acceptance: Redis stopped, 1,000 feedback posts answered 202, Redis started again: the report counts
+    exactly 1,000; a second replay of the same spool and client retries change nothing."""
+    experiment_settings = dataclasses.replace(
+        settings, redis_url=own_redis.url, spool_dir=tmp_path / "spool", redis_breaker_cooldown=0.2,
+        experiments_path=write_definitions(tmp_path / "experiments.json", SERVED))
+    app = start_app(experiment_settings)
+    service = app.extensions["recsvc"]
+    client = app.test_client()
+    try:
+        own_redis.stop()
+        served = _serve_while_down(client, auth, [f"down-{i}" for i in range(1000)])
+        posts = [{"request_id": rid, "customer_id": r["customer_id"], "item_id": r["items"][0]["item_id"],
+                  "action": "accepted"} for rid, r in served]
+        statuses = [client.post("/v1/feedback", headers=auth, json=post).status_code for post in posts]
+        assert statuses == [202] * 1000
+        assert service.event_log.spool.pending() == 2000  # 1,000 exposures and 1,000 feedback
+        backup = tmp_path / "backup"
+        shutil.copytree(tmp_path / "spool", backup)
+
+        own_redis.start()  # empty: everything must come from the spool
+        _wait_until(lambda: service.event_log.spool.pending() == 0)
+        assert _accepted(client, auth) == (1000, 1000, 1000)
+
+        for path in backup.glob("*.spool"):  # the same records again, as if a replay had been interrupted
+            shutil.copy(path, tmp_path / "spool" / f"again-{path.name}")
+        _wait_until(lambda: service.event_log.spool.pending() == 0)
+        assert [client.post("/v1/feedback", headers=auth, json=post).status_code for post in posts[:100]] == \
+            [202] * 100
+        assert _accepted(client, auth) == (1000, 1000, 1000)
+        stream = redis.Redis.from_url(own_redis.url)
+        assert stream.xlen(event_stream_key(FEEDBACK)) == 1000
+        assert stream.xlen(event_stream_key(EXPOSURE)) == 1000
+        stream.close()
+    finally:
+        stop_app(app)
+
+
+def _serve_while_down(client, auth, customers: list[str]) -> list[tuple[str, dict]]:
+    served = []
+    for start in range(0, len(customers), 50):
+        response = client.post("/v1/recommendations/batch", headers=auth, json={
+            "requests": [{"customer_id": c, "limit": 2} for c in customers[start : start + 50]]})
+        assert response.status_code == 200
+        body = response.get_json()
+        served += [(body["request_id"], result) for result in body["results"]]
+    return served
+
+
+def _accepted(client, auth) -> tuple[int, int, int]:
+    """(customers exposed, customers who accepted, accepts) over all variants, from the report endpoint."""
+    report = client.get("/v1/experiments/als-vs-pop/report", headers=auth).get_json()
+    rows = report["variants"]
+    return (sum(r["customers_exposed"] for r in rows), sum(r["customers_accepted"] for r in rows),
+            sum(r["accepts"] for r in rows))
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("the spool was not replayed in time")
+        time.sleep(0.1)
