@@ -1,4 +1,8 @@
-"""recsvc-train: the trainer's command line. Exit codes: 0 done, 1 internal failure, 2 unusable input."""
+"""recsvc-train: the trainer's command line.
+
+Exit codes: 0 done (published), 1 internal failure, 2 unusable input, 3 refused by the quality gate,
+4 another nightly run holds the registry's lock.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import os
 # implicit parallelises itself; threaded BLAS underneath it is much slower. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -16,6 +22,8 @@ import click  # noqa: E402
 from recsvc.errors import InvalidInput, RecsvcError  # noqa: E402
 
 EXIT_UNUSABLE_INPUT = 2
+EXIT_REFUSED_BY_GATE = 3
+EXIT_BUSY = 4
 
 
 def user_errors(command):
@@ -72,6 +80,49 @@ def demo_data(out: Path, customers: int, items: int, interactions: int, seed: in
         click.echo(f"wrote {path} ({name})")
 
 
+def run_log_options(command):
+    """--quiet and --log-format, turned into a `log` (training.runlog.RunLog) argument."""
+
+    @click.option("--quiet", "-q", is_flag=True, help="Only warnings, errors and the outcome (for cron).")
+    @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                  help="json: one JSON object per line on stderr, and the summary as one JSON line on stdout.")
+    @functools.wraps(command)
+    def wrapper(*args, quiet: bool, log_format: str, **kwargs):
+        from training.runlog import RunLog
+
+        return command(*args, log=RunLog(log_format=log_format, quiet=quiet), **kwargs)
+
+    return wrapper
+
+
+def _strategy_list(strategies: str | None, config) -> None:
+    if strategies:
+        config.strategies = [s.strip() for s in strategies.split(",") if s.strip()]
+
+
+def report_fit(result, config, log) -> None:
+    """The summary at the end of fit and nightly: metrics table, step times, outcome; exit 3 when refused."""
+    if log.log_format == "json":
+        click.echo(json.dumps(fit_summary(result), default=str))
+    elif not log.quiet:
+        click.echo(format_table(result.metrics, metric_columns(config.k), marker=result.default_strategy))
+        click.echo("seconds: " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in result.timings.items()))
+    if not result.published:
+        log.warning(f"refused: the quality gate kept the current model: {result.gate.reason}", gate=result.gate.as_dict())
+        sys.exit(EXIT_REFUSED_BY_GATE)
+    if log.log_format != "json":
+        removed = f"; retention removed {', '.join(result.removed_versions)}" if result.removed_versions else ""
+        click.echo(f"published {result.version} (default strategy: {result.default_strategy}; {result.gate.reason}) "
+                   f"in {result.timings['total']:.1f}s -> {result.path}{removed}", err=log.quiet)
+
+
+def fit_summary(result) -> dict:
+    return {"event": "summary", "version": result.version, "published": result.published,
+            "default_strategy": result.default_strategy, "gate": result.gate.as_dict(), "metrics": result.metrics,
+            "seconds": {step: round(seconds, 3) for step, seconds in result.timings.items()},
+            "path": result.path, "removed_versions": result.removed_versions}
+
+
 @main.command()
 @click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
               help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
@@ -79,21 +130,137 @@ def demo_data(out: Path, customers: int, items: int, interactions: int, seed: in
 @click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--strategies", help="Comma list, e.g. als,popular (default: from the config).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Trainer config, TOML or JSON.")
+@click.option("--force", is_flag=True, help="Publish even when the quality gate refuses (first model, emergency).")
+@run_log_options
 @user_errors
 def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, strategies: str | None,
-        config_path: Path | None) -> None:
-    """Train, evaluate on a holdout and publish a new model version."""
+        config_path: Path | None, force: bool, log) -> None:
+    """Train, evaluate on a holdout and, when the quality gate passes, publish a new model version
+    (exit 3 when refused)."""
     from training.config import TrainConfig
     from training.pipeline import fit_and_publish
 
     config = TrainConfig.from_file(config_path)
-    if strategies:
-        config.strategies = [s.strip() for s in strategies.split(",") if s.strip()]
-    result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path,
-                             log=lambda line: click.echo(line, err=True))
-    click.echo(format_table(result.metrics, metric_columns(config.k), marker=result.default_strategy))
-    click.echo(f"published {result.version} (default strategy: {result.default_strategy}) "
-               f"in {result.timings['total']:.1f}s -> {result.path}")
+    _strategy_list(strategies, config)
+    result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
+    report_fit(result, config, log)
+
+
+@main.command("evaluate")
+@click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
+              help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
+@click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog: inactive items are "
+              "never recommended.")
+@click.option("--strategies", help="Comma list (default: from the config); popular is always included.")
+@click.option("--k", type=click.IntRange(min=1), help="Cut-off of the metrics (default: from the config, 10).")
+@click.option("--seed", type=int, help="Seed of the holdout (default: from the config, 42).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Trainer config, TOML or JSON.")
+@run_log_options
+@user_errors
+def evaluate_command(interactions_path: Path, catalog_path: Path | None, strategies: str | None, k: int | None,
+                     seed: int | None, as_json: bool, config_path: Path | None, log) -> None:
+    """Compare strategies on the configured holdout, always beside popular; publishes nothing."""
+    from training.config import TrainConfig
+    from training.pipeline import compare_strategies
+
+    config = TrainConfig.from_file(config_path)
+    _strategy_list(strategies, config)
+    if k is not None:
+        config.k, config.primary_metric = k, f"{config.primary_metric.split('@')[0]}@{k}"
+    if seed is not None:
+        config.holdout = dataclasses.replace(config.holdout, seed=seed)
+    metrics, best = compare_strategies(interactions_path, config, catalog_path=catalog_path, log=log)
+    if as_json:
+        click.echo(json.dumps({"holdout": config.holdout.as_dict(), "k": config.k, "best": best, "metrics": metrics},
+                              indent=2))
+        return
+    click.echo(f"holdout: {json.dumps(config.holdout.as_dict())}; best by {config.primary_metric}: {best} (*)")
+    click.echo(format_table(metrics, metric_columns(config.k), marker=best))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="Nightly config (TOML or JSON) with a [nightly] section naming interactions and registry.")
+@click.option("--force", is_flag=True, help="Retrain even when up to date, and publish even when the gate refuses.")
+@run_log_options
+@user_errors
+def nightly(config_path: Path, force: bool, log) -> None:
+    """Ingest, fit, evaluate, gate, publish and warm the cache; one run per registry at a time.
+
+    Exit codes: 0 published or already up to date, 2 unusable input, 3 refused by the quality gate,
+    4 another nightly run is in progress.
+    """
+    from training.config import TrainConfig
+    from training.nightly import NightlyBusy, run_nightly
+
+    try:
+        result = run_nightly(config_path, log, force=force)
+    except NightlyBusy as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_BUSY)
+    if result.fit is None:
+        click.echo(json.dumps({"event": "summary", "outcome": result.outcome, "message": result.message})
+                   if log.log_format == "json" else result.message)
+        return
+    if result.warm is not None:
+        log.info(f"cache warm-up: {result.warm}", warm=result.warm)
+    report_fit(result.fit, TrainConfig.from_file(config_path), log)
+
+
+REGISTRY_OPTION = click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True,
+                               help="The model registry directory.")
+
+
+@main.group()
+def registry() -> None:
+    """List, show and roll back model versions."""
+
+
+@registry.command("list")
+@REGISTRY_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@user_errors
+def registry_list(registry: Path, as_json: bool) -> None:
+    """Every version, oldest first; the current one is starred."""
+    from training.registry import list_summaries
+
+    summaries = list_summaries(registry)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2))
+        return
+    if not summaries:
+        click.echo(f"{registry}: no versions yet")
+        return
+    rows = [["", "version", "created_at", "default", "metric", "rows", "customers", "items"]]
+    rows += [["*" if s.current else "", s.version, s.created_at, s.default_strategy,
+              f"{s.primary_metric} {s.primary_value:.4f}" if s.primary_value is not None else "-",
+              str(s.rows), str(s.customers), str(s.items)] for s in summaries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    click.echo("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
+
+
+@registry.command("show")
+@REGISTRY_OPTION
+@click.argument("version", required=False)
+@user_errors
+def registry_show(registry: Path, version: str | None) -> None:
+    """The manifest of VERSION (default: the current one) as JSON."""
+    from training.registry import show
+
+    click.echo(json.dumps(show(registry, version), indent=2, sort_keys=True))
+
+
+@registry.command("rollback")
+@REGISTRY_OPTION
+@click.argument("version", required=False)
+@user_errors
+def registry_rollback(registry: Path, version: str | None) -> None:
+    """Make VERSION current (default: the version before the current one); servers follow within seconds."""
+    from training.registry import rollback
+
+    previous, current = rollback(registry, version)
+    click.echo(f"CURRENT: {previous} -> {current}")
 
 
 @main.command()

@@ -15,6 +15,36 @@ DEFAULT_STRATEGIES = ("als", "popular")
 
 
 @dataclass
+class Gate:
+    """Publish only when new primary metric >= (1 - tolerance) x the current model's, on the same holdout."""
+
+    tolerance: float = 0.05
+
+    def __post_init__(self):
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"gate tolerance must be in [0, 1), not {self.tolerance}")
+
+
+@dataclass
+class NightlyPaths:
+    """What `nightly` reads and writes; relative paths are relative to the config file."""
+
+    interactions: Path | None = None
+    catalog: Path | None = None
+    registry: Path | None = None
+    redis_url: str | None = None  # unset: no cache warm-up
+    warm_top: int = 10_000  # customers whose suggestions are precomputed after publishing
+
+    @classmethod
+    def from_dict(cls, raw: dict, base: Path) -> "NightlyPaths":
+        def path(key: str) -> Path | None:
+            return base / Path(raw[key]).expanduser() if raw.get(key) else None
+
+        return cls(interactions=path("interactions"), catalog=path("catalog"), registry=path("registry"),
+                   redis_url=raw.get("redis_url") or None, warm_top=int(raw.get("warm_top", 10_000)))
+
+
+@dataclass
 class TrainConfig:
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     params: dict[str, dict] = field(default_factory=dict)  # per strategy name
@@ -22,34 +52,56 @@ class TrainConfig:
     holdout: Holdout = field(default_factory=Holdout)
     k: int = 10
     primary_metric: str = "ndcg@10"
+    gate: Gate = field(default_factory=Gate)
+    keep_versions: int = 10  # registry retention; CURRENT and the version before it are always kept
+    nightly: NightlyPaths = field(default_factory=NightlyPaths)
 
     @classmethod
     def from_file(cls, path: Path | None) -> "TrainConfig":
         if path is None:
             return cls()
-        return cls.from_dict(_read(Path(path)), source=str(path))
+        return cls.from_dict(_read(Path(path)), source=str(path), base=Path(path).resolve().parent)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, raw: dict, source: str = "config", base: Path = Path(".")) -> "TrainConfig":
         try:
             strategies = raw.get("strategies", {})
             evaluation = raw.get("evaluation", {})
-            data = raw.get("data", {})
-            defaults = IngestOptions()
             return cls(
                 strategies=list(strategies.get("enabled", DEFAULT_STRATEGIES)),
                 params={name: dict(v) for name, v in strategies.items() if isinstance(v, dict)},
-                ingest=IngestOptions(
-                    event_weights={**defaults.event_weights, **data.get("event_weights", {})},
-                    unknown_event_weight=float(data.get("unknown_event_weight", defaults.unknown_event_weight)),
-                    max_bad_share=float(data.get("max_bad_share", defaults.max_bad_share)),
-                ),
+                ingest=_ingest_options(raw.get("data", {})),
                 holdout=Holdout(**evaluation.get("holdout", {})),
                 k=int(evaluation.get("k", 10)),
                 primary_metric=str(evaluation.get("primary_metric", "ndcg@10")),
+                gate=Gate(**raw.get("gate", {})),
+                keep_versions=_positive(raw.get("retention", {}).get("keep_versions", 10), "retention.keep_versions"),
+                nightly=NightlyPaths.from_dict(raw.get("nightly", {}), base),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidInput(f"{source}: invalid trainer configuration: {exc}") from exc
+
+
+def _positive(value, name: str) -> int:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+    return int(value)
+
+
+def _ingest_options(data: dict) -> IngestOptions:
+    """The [data] section: event weights, bad-row threshold, time decay and minimum filters."""
+    defaults = IngestOptions()
+    half_life = data.get("half_life_days")
+    if half_life is not None and float(half_life) <= 0:
+        raise ValueError(f"data.half_life_days must be positive, not {half_life}")
+    return IngestOptions(
+        event_weights={**defaults.event_weights, **data.get("event_weights", {})},
+        unknown_event_weight=float(data.get("unknown_event_weight", defaults.unknown_event_weight)),
+        max_bad_share=float(data.get("max_bad_share", defaults.max_bad_share)),
+        half_life_days=None if half_life is None else float(half_life),
+        min_items_per_customer=_positive(data.get("min_items_per_customer", 1), "data.min_items_per_customer"),
+        min_customers_per_item=_positive(data.get("min_customers_per_item", 1), "data.min_customers_per_item"),
+    )
 
 
 def _read(path: Path) -> dict:

@@ -12,28 +12,53 @@ from recsvc.scoring import Scorer, top_k_batch
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
 
 
+HOLDOUT_KINDS = ("random", "time")
+
+
 @dataclass(frozen=True)
 class Holdout:
-    """Per-customer random holdout: each sampled customer with at least `min_items` items
-    gives `fraction` of their distinct items (rounded, at least one) to the test split."""
+    """Which interactions are held out to test on.
 
+    random: each sampled customer with at least `min_items` items gives `fraction` of their
+            distinct items (rounded, at least one) to the test split.
+    time:   each sampled customer with at least `min_items` items before the cutoff (the newest
+            event minus `days`) gives the items they first touched after it to the test split;
+            their events after the cutoff are removed from training. With max_customers=None
+            every customer is sampled: a strict train-before, test-after split.
+    """
+
+    kind: str = "random"
     fraction: float = 0.2
+    days: float = 7.0
     seed: int = 42
     min_items: int = 2
     max_customers: int | None = 10_000  # evaluation is sampled: training twice would double the cost
 
+    def __post_init__(self):
+        if self.kind not in HOLDOUT_KINDS:
+            raise ValueError(f"holdout kind must be one of {', '.join(HOLDOUT_KINDS)}, not {self.kind!r}")
+        if not 0 < self.fraction < 1 or self.days <= 0 or self.min_items < 1:
+            raise ValueError("holdout needs 0 < fraction < 1, days > 0 and min_items >= 1")
+
     def as_dict(self) -> dict:
-        return {"kind": "random", **asdict(self)}
+        """The definition recorded in the manifest; only the fields that matter for its kind."""
+        shared = {"kind": self.kind, "seed": self.seed, "min_items": self.min_items,
+                  "max_customers": self.max_customers}
+        return {**shared, "fraction": self.fraction} if self.kind == "random" else {**shared, "days": self.days}
+
+
+def _sample(rng: np.random.Generator, eligible: np.ndarray, max_customers: int | None) -> np.ndarray:
+    if max_customers is not None and len(eligible) > max_customers:
+        return np.sort(rng.choice(eligible, max_customers, replace=False))
+    return eligible
 
 
 def split(matrix: sp.csr_matrix, holdout: Holdout) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(train, test) with the same shape; every nonzero of `matrix` lands in exactly one."""
+    """Random holdout: (train, test) with the same shape; every nonzero of `matrix` lands in exactly one."""
     matrix = matrix.tocsr()
     rng = np.random.default_rng(holdout.seed)
     row_length = np.diff(matrix.indptr)
-    eligible = np.flatnonzero(row_length >= holdout.min_items)
-    if holdout.max_customers is not None and len(eligible) > holdout.max_customers:
-        eligible = np.sort(rng.choice(eligible, holdout.max_customers, replace=False))
+    eligible = _sample(rng, np.flatnonzero(row_length >= holdout.min_items), holdout.max_customers)
     n_test = np.zeros(matrix.shape[0], dtype=np.int64)
     lengths = row_length[eligible]
     # Same rounding as a ratio split that keeps round((1 - fraction) * n) items for training.
@@ -44,12 +69,41 @@ def split(matrix: sp.csr_matrix, holdout: Holdout) -> tuple[sp.csr_matrix, sp.cs
     position = np.empty(matrix.nnz, dtype=np.int64)
     position[order] = np.arange(matrix.nnz) - matrix.indptr[rows[order]]
     is_test = position < n_test[rows]
-    return _subset(matrix, ~is_test), _subset(matrix, is_test)
+    return _subset(matrix, ~is_test, rows), _subset(matrix, is_test, rows)
 
 
-def _subset(matrix: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
-    coo = matrix.tocoo()
-    return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=matrix.shape, dtype=matrix.dtype)
+def split_by_time(matrix: sp.csr_matrix, customer: np.ndarray, item: np.ndarray, strength: np.ndarray,
+                  timestamp: np.ndarray, holdout: Holdout) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Time holdout (see Holdout) from per-event rows; `matrix` is the aggregate of those rows."""
+    cutoff = float(timestamp.max()) - holdout.days * 86_400
+    late = timestamp >= cutoff
+    early_pairs = _pairs(customer[~late], item[~late], matrix.shape)
+    rng = np.random.default_rng(holdout.seed)
+    has_late = np.bincount(customer[late], minlength=matrix.shape[0]) > 0
+    eligible = np.flatnonzero(has_late & (np.diff(early_pairs.indptr) >= holdout.min_items))
+    sampled = np.zeros(matrix.shape[0], dtype=bool)
+    sampled[_sample(rng, eligible, holdout.max_customers)] = True
+    held = late & sampled[customer]
+    train = sp.csr_matrix((strength[~held], (customer[~held], item[~held])), shape=matrix.shape, dtype=np.float32)
+    test = _pairs(customer[held], item[held], matrix.shape)
+    test = test - test.multiply(early_pairs)  # items known before the cutoff are not new: not tested
+    test.eliminate_zeros()
+    return train, test.astype(np.float32)
+
+
+def _pairs(customer: np.ndarray, item: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A 0/1 customers x items matrix of the distinct pairs."""
+    pairs = sp.csr_matrix((np.ones(len(customer), dtype=np.float32), (customer, item)), shape=shape)
+    pairs.sum_duplicates()
+    pairs.data[:] = 1.0
+    return pairs
+
+
+def _subset(matrix: sp.csr_matrix, keep: np.ndarray, rows: np.ndarray) -> sp.csr_matrix:
+    """The nonzeros where `keep` holds (`rows`: the row of each nonzero), built straight from the CSR arrays."""
+    indptr = np.zeros(matrix.shape[0] + 1, dtype=matrix.indptr.dtype)
+    np.cumsum(np.bincount(rows[keep], minlength=matrix.shape[0]), out=indptr[1:])
+    return sp.csr_matrix((matrix.data[keep], matrix.indices[keep], indptr), shape=matrix.shape)
 
 
 def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int = 10,
@@ -63,14 +117,12 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     totals = dict.fromkeys(METRICS[:-1], 0.0)
     recommended = np.zeros(train.shape[1], dtype=bool)
     discount = 1.0 / np.log2(np.arange(2, k + 2))
+    ranking = None if scorer.personal else _global_ranking(scorer, exclude_items)
     for start in range(0, len(customers), batch_size):
         batch = customers[start : start + batch_size]
         history = train[batch]
-        scores = np.asarray(scorer.scores_batch(batch, history), dtype=np.float32)
-        scores[history.nonzero()] = -np.inf
-        if exclude_items is not None and len(exclude_items):
-            scores[:, exclude_items] = -np.inf
-        top = top_k_batch(scores, k)
+        top = _top_batch(scorer, batch, history, k, exclude_items) if ranking is None \
+            else _top_from_ranking(ranking, history, k)
         recommended[top.ravel()] = True
         relevant = test[batch]
         hits = np.asarray(relevant[np.arange(len(batch))[:, None], top].todense()) > 0
@@ -88,3 +140,30 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     result[f"coverage@{k}"] = float(recommended.mean()) if train.shape[1] else 0.0
     result["customers"] = int(len(customers))
     return result
+
+
+def _top_batch(scorer: Scorer, batch: np.ndarray, history: sp.csr_matrix, k: int,
+               exclude_items: np.ndarray | None) -> np.ndarray:
+    scores = np.asarray(scorer.scores_batch(batch, history), dtype=np.float32)
+    scores[history.nonzero()] = -np.inf
+    if exclude_items is not None and len(exclude_items):
+        scores[:, exclude_items] = -np.inf
+    return top_k_batch(scores, k)
+
+
+def _global_ranking(scorer: Scorer, exclude_items: np.ndarray | None) -> np.ndarray:
+    """Every recommendable item, best first, for a scorer that ranks all customers alike."""
+    scores = np.array(scorer.scores(None, np.empty(0, dtype=np.int64)), dtype=np.float32)
+    if exclude_items is not None and len(exclude_items):
+        scores[exclude_items] = -np.inf
+    order = np.argsort(-scores, kind="stable")
+    return order[np.isfinite(scores[order])]
+
+
+def _top_from_ranking(ranking: np.ndarray, history: sp.csr_matrix, k: int) -> np.ndarray:
+    """Each customer's k best unowned items from one global ranking: only the first k + (longest history)
+    ranked items can be needed, so no customers x items score matrix is built."""
+    candidates = ranking[: k + int(np.diff(history.indptr).max(initial=0))]
+    owned = history[:, candidates].toarray() != 0
+    pick = np.argsort(owned, axis=1, kind="stable")[:, : min(k, len(candidates))]  # unowned first, in rank order
+    return candidates[pick]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ class IngestOptions:
     })
     unknown_event_weight: float = 1.0
     max_bad_share: float = 0.05
+    half_life_days: float | None = None  # time decay (needs timestamps); None: every event counts fully
+    min_items_per_customer: int = 1  # distinct items; customers below are left out of the model
+    min_customers_per_item: int = 1  # distinct customers; items below are left out of the model
 
 
 @dataclass
@@ -93,6 +97,9 @@ class Interactions:
         return matrix
 
 
+CATEGORY_COLUMNS = ("event_type",)  # few distinct values: read dictionary-encoded, unified cheaply
+
+
 def read_table(path: Path) -> pa.Table:
     """The file as an Arrow table of its raw columns; InvalidInput when it cannot be read."""
     path = Path(path)
@@ -100,11 +107,15 @@ def read_table(path: Path) -> pa.Table:
         raise InvalidInput(f"{path}: no such file")
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path)
-        string_columns = {name: pa.string() for name in ("customer_id", "item_id", "event_type", "timestamp", "weight",
-                                                         "title", "category", "active")}
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=string_columns,
-                                                                           strings_can_be_null=True))
+            names = pq.read_schema(path).names
+            table = pq.read_table(path, read_dictionary=[c for c in CATEGORY_COLUMNS if c in names])
+        else:
+            column_types = {name: pa.string() for name in ("customer_id", "item_id", "timestamp", "weight", "title",
+                                                           "category", "active")}
+            column_types.update({name: pa.dictionary(pa.int32(), pa.string()) for name in CATEGORY_COLUMNS})
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=column_types,
+                                                                               strings_can_be_null=True))
+        return table.unify_dictionaries()
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{path}: cannot be read as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: {exc}") from exc
 
@@ -119,12 +130,43 @@ def _require_columns(table: pa.Table, path: Path) -> None:
         )
 
 
-def _id_problems(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(missing, too long) masks for an id column."""
-    as_text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
-    missing = pc.fill_null(pc.equal(pc.utf8_length(as_text), 0), True).to_numpy(zero_copy_only=False)
-    too_long = pc.fill_null(pc.greater(pc.utf8_length(as_text), MAX_ID_LENGTH), False).to_numpy(zero_copy_only=False)
-    return missing, too_long
+@dataclass
+class EncodedIds:
+    """An id column as distinct trimmed values plus one code per row (-1: missing)."""
+
+    values: pa.Array  # distinct ids after trimming whitespace
+    codes: np.ndarray  # int64 index into values per row, -1 where the id is missing or empty
+
+    @classmethod
+    def of(cls, column: pa.ChunkedArray) -> "EncodedIds":
+        if not pa.types.is_dictionary(column.type):
+            # One hash table over all chunks; combining afterwards only concatenates the codes.
+            column = pc.dictionary_encode(pc.cast(column, pa.string()))
+        encoded = column.combine_chunks() if column.num_chunks else pc.dictionary_encode(pa.array([], pa.string()))
+        raw_codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        # Trimming can make two raw values equal (" a" and "a"): encode the trimmed values once more.
+        trimmed = pc.dictionary_encode(pc.utf8_trim_whitespace(pc.cast(encoded.dictionary, pa.string())))
+        remap = np.append(trimmed.indices.to_numpy(zero_copy_only=False).astype(np.int64), -1)
+        codes = remap[raw_codes]  # raw -1 picks the appended -1
+        empty = np.append(pc.equal(pc.utf8_length(trimmed.dictionary), 0).to_numpy(zero_copy_only=False), True)
+        codes[empty[np.where(codes < 0, len(empty) - 1, codes)]] = -1
+        return cls(trimmed.dictionary, codes)
+
+    def too_long(self) -> np.ndarray:
+        """Per-row mask of ids longer than MAX_ID_LENGTH characters."""
+        per_value = np.append(pc.greater(pc.utf8_length(self.values), MAX_ID_LENGTH).to_numpy(zero_copy_only=False),
+                              False)
+        return per_value[np.where(self.codes < 0, len(per_value) - 1, self.codes)]
+
+    def positions(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct ids of the kept rows as UTF-8 bytes, int32 position of each kept row's id)."""
+        codes = self.codes[keep]
+        used = np.flatnonzero(np.bincount(codes, minlength=len(self.values)) > 0)
+        ids = self.values.take(pa.array(used)).cast(pa.binary()).to_numpy(zero_copy_only=False).astype(np.bytes_)
+        order = np.argsort(ids, kind="stable")
+        rank = np.full(len(self.values), -1, dtype=np.int32)
+        rank[used[order]] = np.arange(len(order), dtype=np.int32)
+        return ids[order], rank[codes]
 
 
 def parse_timestamp(value) -> float | None:
@@ -175,20 +217,12 @@ def _weights(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _event_strengths(column: pa.ChunkedArray, options: IngestOptions) -> np.ndarray:
-    encoded = pc.dictionary_encode(pc.fill_null(pc.utf8_lower(pc.cast(column, pa.string())), "")).combine_chunks()
-    per_type = np.array([options.event_weights.get(name, options.unknown_event_weight)
-                         for name in encoded.dictionary.to_pylist()], dtype=np.float64)
-    return per_type[encoded.indices.to_numpy(zero_copy_only=False)] if len(per_type) else np.ones(len(column))
-
-
-def _positions(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique ids as UTF-8 bytes, int32 position of each row's id)."""
-    encoded = pc.dictionary_encode(pc.utf8_trim_whitespace(pc.cast(column, pa.string()))).combine_chunks()
-    ids = np.array([s.encode("utf-8") for s in encoded.dictionary.to_pylist()], dtype=np.bytes_)
-    order = np.argsort(ids, kind="stable")
-    rank = np.empty(len(order), dtype=np.int32)
-    rank[order] = np.arange(len(order), dtype=np.int32)
-    return ids[order], rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    """Float64 event-type weight per row; missing and unknown types weigh options.unknown_event_weight."""
+    encoded = EncodedIds.of(column)
+    names = [name.lower() for name in encoded.values.to_pylist()]
+    per_type = np.array([options.event_weights.get(name, options.unknown_event_weight) for name in names]
+                        + [options.unknown_event_weight], dtype=np.float64)
+    return per_type[encoded.codes]  # code -1 picks the appended unknown weight
 
 
 def fingerprint_file(path: Path) -> str:
@@ -211,42 +245,55 @@ def load_interactions(path: Path, options: IngestOptions | None = None) -> Inter
     path = Path(path)
     table = read_table(path)
     _require_columns(table, path)
-    report = BadRowReport(total_rows=table.num_rows)
-    bad = np.zeros(table.num_rows, dtype=bool)
-
-    def reject(reason: str, mask: np.ndarray) -> None:
-        nonlocal bad
-        mask = mask & ~bad
-        report.add(reason, mask, table)
-        bad |= mask
-
-    for column in REQUIRED_COLUMNS:
-        missing, too_long = _id_problems(table.column(column))
-        reject(f"missing {column}", missing)
-        reject(f"{column} longer than {MAX_ID_LENGTH} characters", too_long)
-
-    strength = _event_strengths(table.column("event_type"), options) if "event_type" in table.column_names \
-        else np.ones(table.num_rows)
-    if "weight" in table.column_names:
-        weight = _weights(table.column("weight"))
-        weight = np.where(np.isnan(weight) & table.column("weight").is_null().to_numpy(zero_copy_only=False), 1.0, weight)
-        reject("weight not a positive number", ~(weight > 0) | ~np.isfinite(weight))
-        strength = strength * np.where(bad, 1.0, weight)
+    rows = _RowCheck(table)
+    # Arrow releases the GIL while hashing: encode both id columns at once.
+    with ThreadPoolExecutor(max_workers=len(REQUIRED_COLUMNS)) as pool:
+        ids = dict(zip(REQUIRED_COLUMNS, pool.map(EncodedIds.of, (table.column(c) for c in REQUIRED_COLUMNS))))
+    for column, encoded in ids.items():
+        rows.reject(f"missing {column}", encoded.codes < 0)
+        rows.reject(f"{column} longer than {MAX_ID_LENGTH} characters", encoded.too_long())
+    strength = _row_strengths(table, options, rows)
     timestamp = None
     if "timestamp" in table.column_names:
         timestamp = _timestamps(table.column("timestamp"))
-        reject("timestamp not ISO-8601 or Unix seconds", np.isnan(timestamp))
+        rows.reject("timestamp not ISO-8601 or Unix seconds", np.isnan(timestamp))
 
-    _check_bad_share(report, options, path)
-    keep = pa.array(~bad)
-    customers, customer = _positions(table.column("customer_id").filter(keep))
-    items, item = _positions(table.column("item_id").filter(keep))
+    _check_bad_share(rows.report, options, path)
+    keep = ~rows.bad
+    customers, customer = ids["customer_id"].positions(keep)
+    items, item = ids["item_id"].positions(keep)
     return Interactions(
         customers=customers, items=items, customer=customer, item=item,
-        strength=strength[~bad].astype(np.float32),
-        timestamp=None if timestamp is None else timestamp[~bad],
-        report=report, fingerprint=fingerprint_file(path),
+        strength=strength[keep].astype(np.float32),
+        timestamp=None if timestamp is None else timestamp[keep],
+        report=rows.report, fingerprint=fingerprint_file(path),
     )
+
+
+class _RowCheck:
+    """Accumulates the bad-row mask and report; a row is counted under its first reason only."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.report = BadRowReport(total_rows=table.num_rows)
+        self.bad = np.zeros(table.num_rows, dtype=bool)
+
+    def reject(self, reason: str, mask: np.ndarray) -> None:
+        mask = mask & ~self.bad
+        self.report.add(reason, mask, self.table)
+        self.bad |= mask
+
+
+def _row_strengths(table: pa.Table, options: IngestOptions, rows: _RowCheck) -> np.ndarray:
+    """Event-type weight x the weight column (missing weight: 1); rejects weights that are not positive numbers."""
+    strength = _event_strengths(table.column("event_type"), options) if "event_type" in table.column_names \
+        else np.ones(table.num_rows)
+    if "weight" not in table.column_names:
+        return strength
+    weight = _weights(table.column("weight"))
+    weight = np.where(np.isnan(weight) & table.column("weight").is_null().to_numpy(zero_copy_only=False), 1.0, weight)
+    rows.reject("weight not a positive number", ~(weight > 0) | ~np.isfinite(weight))
+    return strength * np.where(rows.bad, 1.0, weight)
 
 
 def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path) -> None:

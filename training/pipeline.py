@@ -1,36 +1,69 @@
-"""The fit chain: ingest -> split -> fit each strategy -> evaluate -> write a version -> switch CURRENT."""
+"""The fit chain: ingest -> prepare -> split -> fit and evaluate each strategy -> quality gate -> publish."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import scipy.sparse as sp
 
 from recsvc import artifacts
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
-from recsvc.errors import InvalidInput
+from recsvc.errors import ArtifactError, InvalidInput
+from recsvc.scoring import Scorer
 from training.config import TrainConfig
-from training.evaluate import evaluate, split
+from training.evaluate import evaluate, split, split_by_time
 from training.ingest import Interactions, load_catalog, load_interactions
+from training.prepare import PrepareReport, prepare
+from training.runlog import RunLog
 from training.strategies import STRATEGIES, TrainingData
 
 LIBRARIES = ("numpy", "scipy", "implicit", "pyarrow", "recsvc")
 
 
 @dataclass
+class GateDecision:
+    """Whether the quality gate lets a new model become current, and why."""
+
+    passed: bool
+    reason: str
+    metric: str
+    new_value: float
+    current_version: str | None = None
+    current_value: float | None = None
+    threshold: float | None = None
+    forced: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class FitResult:
     version: str
-    path: Path
+    path: Path | None  # None when the gate refused: nothing was written
     metrics: dict[str, dict[str, float]]
     default_strategy: str
     published: bool
+    gate: GateDecision
     timings: dict[str, float] = field(default_factory=dict)
+    removed_versions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreparedData:
+    interactions: Interactions
+    prepare_report: PrepareReport
+    catalog: Catalog
+    matrix: sp.csr_matrix
 
 
 def _library_versions() -> dict[str, str]:
@@ -57,65 +90,183 @@ def choose_default(metrics: dict[str, dict[str, float]], primary: str) -> str:
     return max(personal, key=lambda name: metrics[name].get(primary, float("-inf")))
 
 
-def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig,
-                    catalog_path: Path | None = None, log: Callable[[str], None] = print) -> FitResult:
-    """Train every configured strategy, evaluate it on a holdout and publish a new current version."""
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    names = resolve_strategies(config.strategies)
+def evaluation_basis(config: TrainConfig) -> dict:
+    """What must match for two models' offline metrics to be comparable: the holdout definition,
+    k, the primary metric and the population filters (they decide who and what is tested)."""
+    return {"holdout": config.holdout.as_dict(), "k": config.k, "primary_metric": config.primary_metric,
+            "population": {"min_items_per_customer": config.ingest.min_items_per_customer,
+                           "min_customers_per_item": config.ingest.min_customers_per_item}}
+
+
+def config_digest(config: TrainConfig, fingerprint: str, catalog_fingerprint: str | None) -> str:
+    """Digest of everything that decides a trained model: data, catalog, strategies, parameters and options."""
+    basis = {"data": fingerprint, "catalog": catalog_fingerprint, "strategies": config.strategies,
+             "params": config.params, "ingest": asdict(config.ingest), "evaluation": evaluation_basis(config)}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_prepared(interactions_path: Path, config: TrainConfig, catalog_path: Path | None, log: RunLog) -> PreparedData:
+    """Read, validate, decay and filter the interactions; InvalidInput for unusable input."""
     interactions = load_interactions(interactions_path, config.ingest)
     if interactions.report.bad_rows:
-        log(interactions.report.summary())
+        log.warning(interactions.report.summary(), bad_rows=interactions.report.as_dict())
+    interactions, report = prepare(interactions, config.ingest)
+    log.info(report.summary(), prepare=report.as_dict())
     catalog = load_catalog(catalog_path, interactions.items) if catalog_path else Catalog.empty(len(interactions.items))
     matrix = interactions.matrix()
-    timings["ingest"] = time.perf_counter() - started
-    log(f"{len(interactions)} interactions, {matrix.shape[0]} customers, {matrix.shape[1]} items")
+    log.info(f"{len(interactions)} interactions, {matrix.shape[0]} customers, {matrix.shape[1]} items",
+             interactions=len(interactions), customers=matrix.shape[0], items=matrix.shape[1])
+    return PreparedData(interactions, report, catalog, matrix)
 
-    train, test = split(matrix, config.holdout)
-    inactive = np.flatnonzero(~catalog.active)
+
+def holdout_split(data: PreparedData, config: TrainConfig) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(train, test) by the configured holdout kind."""
+    if config.holdout.kind == "random":
+        return split(data.matrix, config.holdout)
+    events = data.interactions
+    if events.timestamp is None:
+        raise InvalidInput("the time-based holdout needs a timestamp column in the interactions file")
+    return split_by_time(data.matrix, events.customer, events.item, events.strength, events.timestamp, config.holdout)
+
+
+def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix, names: list[str],
+                   config: TrainConfig, log: RunLog) -> tuple[dict[str, Scorer], dict, dict]:
+    """Fit and evaluate each strategy on the same split: (scorers, metrics, parameters) by name."""
+    inactive = np.flatnonzero(~data.catalog.active)
+    # Raw rows with their times let time-aware strategies (trending) rank recent interest;
+    # they keep only rows whose pair is in `train`, so held-out rows never leak.
+    training = TrainingData(train, timestamps=data.interactions.timestamp,
+                            interactions=(data.interactions.customer, data.interactions.item))
     scorers, metrics, params = {}, {}, {}
     for name in names:
         strategy = STRATEGIES[name](**config.params.get(name, {}))
-        t0 = time.perf_counter()
-        # Raw rows with their times let time-aware strategies (trending) rank recent interest;
-        # they keep only rows whose pair is in `train`, so held-out rows never leak.
-        scorers[name] = strategy.fit(TrainingData(train, timestamps=interactions.timestamp,
-                                                  interactions=(interactions.customer, interactions.item)))
-        timings[f"fit.{name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics[name] = evaluate(scorers[name], train, test, k=config.k, exclude_items=inactive)
-        timings[f"evaluate.{name}"] = time.perf_counter() - t0
+        with log.step(f"fit.{name}"):
+            scorers[name] = strategy.fit(training)
+        with log.step(f"evaluate.{name}"):
+            metrics[name] = evaluate(scorers[name], train, test, k=config.k, exclude_items=inactive)
         params[name] = strategy.params
-        log(f"{name}: fitted in {timings[f'fit.{name}']:.1f}s")
+    return scorers, metrics, params
 
-    default = choose_default(metrics, config.primary_metric)
-    manifest = _manifest(interactions, matrix.nnz, names, params, metrics, default, config, timings)
-    bundle = ModelBundle(manifest=manifest, customers=IdIndex(interactions.customers),
-                         items=IdIndex(interactions.items), owned=matrix, catalog=catalog, scorers=scorers)
+
+def gate_decision(registry: Path, config: TrainConfig, new_value: float, force: bool = False) -> GateDecision:
+    """Compare the new default strategy's primary metric with the current model's, recorded in its
+    manifest, when both were measured on the same evaluation basis (see docs/training.md)."""
+    metric = config.primary_metric
+    decision = GateDecision(passed=True, reason="", metric=metric, new_value=new_value, forced=force)
+    current = artifacts.current_version(registry)
+    if current is None:
+        decision.reason = "no current model: the first model is published"
+        return decision
+    decision.current_version = current
+    try:
+        manifest = artifacts.read_manifest(artifacts.versions_root(registry) / current)
+        basis = manifest.get("evaluation", {}).get("basis")
+        recorded = manifest["strategies"][manifest["default_strategy"]]["metrics"][metric]
+    except (ArtifactError, KeyError, TypeError) as exc:
+        return _refuse(decision, f"the current model {current} has no comparable {metric} ({exc})", force)
+    if basis != evaluation_basis(config):
+        return _refuse(decision, f"the current model {current} was evaluated on a different basis "
+                                 f"({json.dumps(basis, sort_keys=True)}); the metrics are not comparable", force)
+    decision.current_value = float(recorded)
+    decision.threshold = (1 - config.gate.tolerance) * decision.current_value
+    if new_value >= decision.threshold:
+        decision.reason = (f"{metric} {new_value:.4f} >= {decision.threshold:.4f} "
+                           f"(current {current}: {decision.current_value:.4f}, tolerance {config.gate.tolerance:.0%})")
+        return decision
+    return _refuse(decision, f"{metric} {new_value:.4f} < {decision.threshold:.4f} = (1 - {config.gate.tolerance:g}) x "
+                             f"the current model's {decision.current_value:.4f} ({current})", force)
+
+
+def _refuse(decision: GateDecision, reason: str, force: bool) -> GateDecision:
+    decision.passed = force
+    decision.reason = f"{reason}; published anyway (--force)" if force else reason
+    return decision
+
+
+def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig,
+                    catalog_path: Path | None = None, log: RunLog | Callable[[str], None] | None = print,
+                    force: bool = False) -> FitResult:
+    """Train every configured strategy, evaluate it on a holdout and, when the quality gate passes
+    (or `force`), publish a new current version and apply retention."""
+    started = time.perf_counter()
+    log = RunLog.of(log)
+    names = resolve_strategies(config.strategies)
+    with log.steps(total=3 + 2 * len(names)):
+        with log.step("ingest"):
+            data = load_prepared(interactions_path, config, catalog_path, log)
+        with log.step("split"):
+            train, test = holdout_split(data, config)
+        scorers, metrics, params = fit_strategies(data, train, test, names, config, log)
+        default = choose_default(metrics, config.primary_metric)
+        gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force)
+        manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
+        if not gate.passed:
+            return FitResult(manifest["version"], None, metrics, default, False, gate, dict(log.seconds))
+        with log.step("publish"):
+            path, removed = publish(registry, data, scorers, manifest, config.keep_versions)
+    log.seconds["total"] = time.perf_counter() - started
+    return FitResult(manifest["version"], path, metrics, default, True, gate, dict(log.seconds), removed)
+
+
+def publish(registry: Path, data: PreparedData, scorers: dict[str, Scorer], manifest: dict,
+            keep_versions: int) -> tuple[Path, list[str]]:
+    """Write the version, switch CURRENT to it, then apply retention: (version path, removed version ids)."""
+    from training.registry import apply_retention
+
+    bundle = ModelBundle(manifest=manifest, customers=IdIndex(data.interactions.customers),
+                         items=IdIndex(data.interactions.items), owned=data.matrix, catalog=data.catalog,
+                         scorers=scorers)
     path = artifacts.write_version(registry, bundle)
     artifacts.set_current(registry, bundle.version)
-    timings["total"] = time.perf_counter() - started
-    return FitResult(bundle.version, path, metrics, default, published=True, timings=timings)
+    return path, apply_retention(registry, keep_versions)
 
 
-def _manifest(interactions: Interactions, pairs: int, names: list[str], params: dict, metrics: dict,
-              default: str, config: TrainConfig, timings: dict) -> dict:
+def _manifest(data: PreparedData, names: list[str], params: dict, metrics: dict, default: str,
+              config: TrainConfig, seconds: dict, gate: GateDecision, catalog_path: Path | None) -> dict:
+    interactions = data.interactions
     now = dt.datetime.now(dt.timezone.utc)
+    catalog_fingerprint = _fingerprint_or_none(catalog_path)
     return {
         "version": artifacts.new_version_id(interactions.fingerprint, now),
         "created_at": now.isoformat(timespec="seconds"),
         "data": {
             "fingerprint": interactions.fingerprint,
+            "catalog_fingerprint": catalog_fingerprint,
             "rows": interactions.report.total_rows,
             "bad_rows": interactions.report.as_dict(),
+            "prepare": data.prepare_report.as_dict(),
             "interactions": len(interactions),
-            "customer_item_pairs": int(pairs),
+            "customer_item_pairs": int(data.matrix.nnz),
             "customers": int(len(interactions.customers)),
             "items": int(len(interactions.items)),
         },
         "strategies": {name: {"params": params[name], "metrics": metrics[name],
-                              "train_seconds": round(timings[f"fit.{name}"], 3)} for name in names},
+                              "train_seconds": round(seconds[f"fit.{name}"], 3)} for name in names},
         "default_strategy": default,
-        "evaluation": {"holdout": config.holdout.as_dict(), "k": config.k, "primary_metric": config.primary_metric},
+        "evaluation": {"holdout": config.holdout.as_dict(), "k": config.k, "primary_metric": config.primary_metric,
+                       "basis": evaluation_basis(config)},
+        "gate": gate.as_dict(),
+        "config_digest": config_digest(config, interactions.fingerprint, catalog_fingerprint),
+        "timings": {name: round(value, 3) for name, value in seconds.items()},
         "libraries": _library_versions(),
     }
+
+
+def _fingerprint_or_none(path: Path | None) -> str | None:
+    from training.ingest import fingerprint_file
+
+    return fingerprint_file(path) if path else None
+
+
+def compare_strategies(interactions_path: Path, config: TrainConfig, catalog_path: Path | None = None,
+                       log: RunLog | Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, float]], str]:
+    """The offline comparison `fit` makes, without publishing anything: (metrics by strategy, best personal)."""
+    log = RunLog.of(log)
+    names = resolve_strategies(config.strategies)
+    with log.steps(total=2 + 2 * len(names)):
+        with log.step("ingest"):
+            data = load_prepared(interactions_path, config, catalog_path, log)
+        with log.step("split"):
+            train, test = holdout_split(data, config)
+        _scorers, metrics, _params = fit_strategies(data, train, test, names, config, log)
+    return metrics, choose_default(metrics, config.primary_metric)

@@ -1,0 +1,120 @@
+"""recsvc-train nightly: ingest -> fit -> evaluate -> gate -> publish -> warm the cache, one run at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from recsvc import artifacts
+from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
+from training.config import TrainConfig
+from training.ingest import fingerprint_file
+from training.pipeline import FitResult, config_digest, fit_and_publish
+from training.runlog import RunLog
+
+LOCK_FILE = ".nightly.lock"  # in the registry directory: runs that share a registry exclude each other
+
+
+class NightlyBusy(RecsvcError):
+    """Another nightly run holds the registry's lock."""
+
+    code = "busy"
+
+
+@dataclass
+class NightlyResult:
+    outcome: str  # published, up_to_date or refused
+    message: str
+    fit: FitResult | None = None
+    warm: str | None = None  # the warm-up's summary, or why it did not run
+
+
+@contextmanager
+def nightly_lock(registry: Path) -> Iterator[Path]:
+    """Hold an exclusive flock on REGISTRY/.nightly.lock, or raise NightlyBusy at once.
+
+    The kernel releases a flock when its process ends, so a crashed run never leaves a stale lock.
+    """
+    registry.mkdir(parents=True, exist_ok=True)
+    path = registry / LOCK_FILE
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise NightlyBusy(f"another nightly run is in progress on {registry} (lock {path}, pid {holder}); "
+                              "this run did nothing") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _required(config: TrainConfig, source: Path) -> tuple[Path, Path]:
+    paths = config.nightly
+    missing = [name for name in ("interactions", "registry") if getattr(paths, name) is None]
+    if missing:
+        raise InvalidInput(f"{source}: the [nightly] section needs {' and '.join(missing)}")
+    return paths.interactions, paths.registry
+
+
+def up_to_date(registry: Path, config: TrainConfig) -> str | None:
+    """The current version when it was trained on exactly these files with exactly this configuration."""
+    current = artifacts.current_version(registry)
+    if current is None:
+        return None
+    try:
+        manifest = artifacts.read_manifest(artifacts.versions_root(registry) / current)
+    except ArtifactError:
+        return None
+    paths = config.nightly
+    if not paths.interactions.is_file() or (paths.catalog is not None and not paths.catalog.is_file()):
+        return None  # let ingest report the missing file
+    digest = config_digest(config, fingerprint_file(paths.interactions),
+                           fingerprint_file(paths.catalog) if paths.catalog else None)
+    return current if manifest.get("config_digest") == digest else None
+
+
+def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog) -> str:
+    """Precompute suggestions into Redis with training.warm (skipped without a redis_url).
+
+    A failed warm-up does not undo the publication: servers answer from the model and fill the cache.
+    """
+    if not redis_url:
+        return "skipped: no redis_url configured"
+    from training.warm import warm_cache
+
+    try:
+        result = warm_cache(registry, redis_url, top, log=log.info)
+    except RecsvcError as exc:
+        log.warning(f"cache warm-up failed, the new model serves without it: {exc.message}")
+        return f"failed: {exc.message}"
+    return result.summary()
+
+
+def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyResult:
+    """One nightly run; raises InvalidInput for unusable input and NightlyBusy when another run holds the lock."""
+    config = TrainConfig.from_file(config_path)
+    interactions, registry = _required(config, config_path)
+    with nightly_lock(registry):
+        current = None if force else up_to_date(registry, config)
+        if current is not None:
+            message = f"{current} was trained on the same data and configuration: nothing to do"
+            log.info(message)
+            return NightlyResult("up_to_date", message)
+        result = fit_and_publish(interactions, registry, config, catalog_path=config.nightly.catalog, log=log,
+                                 force=force)
+        if not result.published:
+            return NightlyResult("refused", f"quality gate refused the new model: {result.gate.reason}", result)
+        with log.step("warm_cache"):
+            warm = warm_cache_step(registry, config.nightly.redis_url, config.nightly.warm_top, log)
+        return NightlyResult("published", f"published {result.version}: {result.gate.reason}", result, warm)

@@ -1,0 +1,89 @@
+"""How trainer commands talk while they run: plain lines, JSON lines for cron, progress bars on a terminal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, TextIO
+
+from tqdm import tqdm
+
+LOG_FORMATS = ("text", "json")
+
+
+class RunLog:
+    """Messages and timed steps of one run.
+
+    text: one line per message on `stream`, and a progress bar over the steps when
+          `stream` is a terminal; json: one JSON object per line (no bar), for cron
+          and log shippers; quiet: warnings and errors only.
+    """
+
+    def __init__(self, stream: TextIO | None = None, log_format: str = "text", quiet: bool = False,
+                 sink: Callable[[str], None] | None = None):
+        self.stream = stream or sys.stderr
+        self.log_format = log_format
+        self.quiet = quiet
+        self.sink = sink  # tests and library callers: receive text lines instead of the stream
+        self.seconds: dict[str, float] = {}
+        self._bar: tqdm | None = None
+
+    @classmethod
+    def of(cls, log: "RunLog | Callable[[str], None] | None") -> "RunLog":
+        """A RunLog for what a caller passed: a RunLog, a plain line callback, or None (stderr)."""
+        if isinstance(log, RunLog):
+            return log
+        return cls(sink=log) if log is not None else cls()
+
+    def info(self, message: str, **fields) -> None:
+        if not self.quiet:
+            self._emit("info", message, fields)
+
+    def warning(self, message: str, **fields) -> None:
+        self._emit("warning", message, fields)
+
+    def _emit(self, level: str, message: str, fields: dict) -> None:
+        if self.sink is not None:
+            self.sink(message)
+            return
+        if self.log_format == "json":
+            record = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "level": level,
+                      "logger": "recsvc-train", "message": message, **fields}
+            line = json.dumps(record, default=str)
+        else:
+            line = message
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def _show_bar(self) -> bool:
+        return (self.sink is None and not self.quiet and self.log_format == "text"
+                and hasattr(self.stream, "isatty") and self.stream.isatty())
+
+    @contextmanager
+    def steps(self, total: int, description: str = "recsvc-train") -> Iterator[None]:
+        """A progress bar over `total` steps while the block runs (only on a terminal)."""
+        if self._show_bar():
+            self._bar = tqdm(total=total, desc=description, file=self.stream, unit="step", leave=False)
+        try:
+            yield
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time one step; its seconds land in self.seconds[name] and in a log line when it ends."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(name)
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - started
+        if self._bar is not None:
+            self._bar.update(1)
+        self.info(f"{name}: {self.seconds[name]:.1f}s", step=name, seconds=round(self.seconds[name], 3))
