@@ -309,5 +309,14 @@ def warm_cache(registry: Path, redis_url: str, top: int, ttl: float) -> None:
     click.echo(result.summary())
 
 
+def _add_experiments() -> None:
+    from training.experiments_cli import experiments  # its own module, to keep this one short
+
+    main.add_command(experiments)
+
+
+_add_experiments()
+
+
 if __name__ == "__main__":
     main()
