@@ -2,11 +2,12 @@
 
 The trainer produces a scorer (training/strategies), the registry stores it
 (recsvc/artifacts.py) and the server asks it for scores; nothing here trains.
-Three kinds cover every strategy:
+These kinds cover every strategy:
 
 - factors:          customer and item latent factors (ALS, BPR); score = U[c] . V[i]
 - item_similarity:  an item x item matrix S (item-KNN sparse, EASE dense); score = history . S
 - popularity:       one score per item, the same for every customer
+- blend:            a weighted sum of other scorers (EASE with ALS), each part's arrays prefixed by its name
 """
 
 from __future__ import annotations
@@ -264,3 +265,68 @@ class PopularityScorer(Scorer):
 
     def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
         return np.zeros(len(history), dtype=np.float32)
+
+
+class BlendScorer(Scorer):
+    """A weighted sum of other scorers (e.g. EASE and ALS). Each part's scores are divided by its
+    typical magnitude (`scales`, measured when fitted), so a weight is the part's share of the score."""
+
+    kind = "blend"
+
+    def __init__(self, parts: dict[str, Scorer], weights: dict[str, float], scales: dict[str, float]):
+        if set(parts) != set(weights) or set(parts) != set(scales) or any("." in name for name in parts):
+            raise ArtifactError("blend parts, weights and scales must name the same parts (names without dots)")
+        self.parts = parts
+        self.factors = {name: float(weights[name]) / (float(scales[name]) or 1.0) for name in parts}
+        self.weights = {name: float(weights[name]) for name in parts}
+        self.scales = {name: float(scales[name]) for name in parts}
+
+    @property
+    def personal(self) -> bool:
+        return any(part.personal for part in self.parts.values())
+
+    def params(self) -> dict:
+        return {"parts": {name: {"kind": part.kind, "weight": self.weights[name], "scale": self.scales[name],
+                                 "params": part.params()} for name, part in self.parts.items()}}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        # Prefixed names keep every part's arrays in the one flat directory load_scorer reads.
+        return {f"{name}.{key}": array for name, part in self.parts.items() for key, array in part.arrays().items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict) -> "Scorer":
+        parts, weights, scales = {}, {}, {}
+        for name, spec in params["parts"].items():
+            own = {key[len(name) + 1 :]: array for key, array in arrays.items() if key.startswith(name + ".")}
+            parts[name] = Scorer.registry[spec["kind"]].from_arrays(own, spec.get("params", {}))
+            weights[name], scales[name] = spec["weight"], spec["scale"]
+        return cls(parts, weights, scales)
+
+    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+        for part_name, part in self.parts.items():
+            part.check_shape(n_customers, n_items, f"{name}.{part_name}")
+
+    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+        return sum(f * self.parts[n].scores(customer, history) for n, f in self.factors.items()).astype(np.float32)
+
+    def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        total = sum(f * np.asarray(self.parts[n].scores_batch(customers, history)) for n, f in self.factors.items())
+        return total.astype(np.float32)
+
+    def similar(self, item: int) -> np.ndarray:
+        return self._weighted({name: part.similar(item) for name, part in self.parts.items()})
+
+    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
+        if len(history) == 0:
+            return np.empty(0, dtype=np.float32)
+        return self._weighted({name: part.contributions(item, history) for name, part in self.parts.items()})
+
+    def _weighted(self, measured: dict[str, np.ndarray]) -> np.ndarray:
+        """Weighted sum of per-part values, each scaled to a largest magnitude of 1 (the parts'
+        similarities are on unrelated scales: cosines, regression weights)."""
+        total = 0.0
+        for name, values in measured.items():
+            values = np.asarray(values, dtype=np.float64)
+            peak = np.abs(values).max() if values.size else 0.0
+            total = total + self.weights[name] * values / (peak or 1.0)
+        return np.asarray(total, dtype=np.float32)

@@ -23,6 +23,7 @@ SMALL_PARAMS = {
     "bpr": {"factors": 4, "learning_rate": 0.05, "regularization": 0.001, "iterations": 300, "threads": 1},
     "item_knn": {"neighbours": 20, "threads": 1},  # implicit counts the item itself among its neighbours
     "ease": {"l2": 1.0},
+    "ease_als": {"ease_l2": 1.0, "als_factors": 4, "als_regularization": 0.01, "als_iterations": 30, "weight_als": 0.5},
 }
 
 
@@ -236,3 +237,23 @@ def test_fitted_strategies_can_be_bundled_together(matrix):
                          items=IdIndex(encode_ids(f"i{i:02d}" for i in range(N_ITEMS))),
                          owned=matrix, catalog=Catalog.empty(N_ITEMS), scorers=scorers)
     bundle.validate()
+
+
+def test_ease_als_scores_are_the_weighted_sum_of_its_parts(matrix):
+    strategy = make("ease_als")
+    scorer = strategy.fit(TrainingData(matrix))
+    ease, als = scorer.parts["ease"], scorer.parts["als"]
+    assert ease.kind == "item_similarity" and als.kind == "factors"
+    assert scorer.weights == {"ease": 0.5, "als": 0.5} and all(s > 0 for s in scorer.scales.values())
+    owned = history(matrix, 3)
+    expected = 0.5 * ease.scores(3, owned) / scorer.scales["ease"] + 0.5 * als.scores(3, owned) / scorer.scales["als"]
+    np.testing.assert_allclose(scorer.scores(3, owned), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ease_als_with_no_als_weight_ranks_as_ease_does(matrix):
+    blend = STRATEGIES["ease_als"](weight_als=0.0, ease_l2=1.0, als_factors=4).fit(TrainingData(matrix))
+    ease = STRATEGIES["ease"](l2=1.0).fit(TrainingData(matrix))
+    for customer in range(N_CUSTOMERS):
+        owned = history(matrix, customer)
+        np.testing.assert_array_equal(np.argsort(-blend.scores(customer, owned), kind="stable"),
+                                      np.argsort(-ease.scores(customer, owned), kind="stable"))
