@@ -19,7 +19,7 @@ class PrepareReport:
 
     half_life_days: float | None = None
     reference_time: float | None = None  # Unix seconds the decay counts back from (the newest event)
-    rounds: int = 0  # filter passes until every customer and item met its minimum
+    rounds: int = 0  # filter passes that removed something
     customers_removed: int = 0
     items_removed: int = 0
     rows_removed: int = 0
@@ -42,7 +42,7 @@ def decay_factors(timestamps: np.ndarray, half_life_days: float, reference_time:
 
 def core_filter(customer: np.ndarray, item: np.ndarray, shape: tuple[int, int], min_items_per_customer: int,
                 min_customers_per_item: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(kept customers mask, kept items mask, rounds): repeatedly drops customers with fewer distinct items
+    """(kept customers mask, kept items mask, rounds that removed something): repeatedly drops customers with fewer distinct items
     and items with fewer distinct customers than asked, until both hold for everything left (a k-core)."""
     pairs = sp.csr_matrix((np.ones(len(customer), dtype=np.int32), (customer, item)), shape=shape)
     pairs.sum_duplicates()
@@ -50,12 +50,12 @@ def core_filter(customer: np.ndarray, item: np.ndarray, shape: tuple[int, int], 
     keep_customers, keep_items = np.ones(shape[0], dtype=bool), np.ones(shape[1], dtype=bool)
     rounds = 0
     while True:
-        rounds += 1
         kept = pairs[keep_customers][:, keep_items]
         customer_ok = np.asarray(kept.sum(axis=1)).ravel() >= min_items_per_customer
         item_ok = np.asarray(kept.sum(axis=0)).ravel() >= min_customers_per_item
         if customer_ok.all() and item_ok.all():
             return keep_customers, keep_items, rounds
+        rounds += 1
         keep_customers[np.flatnonzero(keep_customers)[~customer_ok]] = False
         keep_items[np.flatnonzero(keep_items)[~item_ok]] = False
 

@@ -1,0 +1,125 @@
+"""recsvc-train nightly: the whole chain for cron, its exit codes, the cache warm-up and the lock between runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from recsvc import artifacts
+from recsvc.cache import KEY_PREFIX
+from tests.conftest import free_port
+from training.cli import main as train_cli
+from training.demo_data import DemoSizes, write
+
+FAST_ALS = "[strategies.als]\nfactors = 16\niterations = 8\n"
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+RECSVC_TRAIN = str(Path(sys.executable).parent / "recsvc-train")  # the console script cron runs
+
+
+def nightly_config(path, interactions, registry, redis_url: str | None = None, strategies: str = FAST_ALS):
+    redis_line = f'redis_url = "{redis_url}"\nwarm_top = 50\n' if redis_url else ""
+    path.write_text(f'[nightly]\ninteractions = "{interactions}"\nregistry = "{registry}"\n{redis_line}\n{strategies}')
+    return path
+
+
+def nightly(config, *extra):
+    return subprocess.run([RECSVC_TRAIN, "nightly", "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=240, env=ENV)
+
+
+def test_nightly_publishes_warms_the_cache_and_is_safe_to_rerun(demo_paths, tmp_path, redis_url, redis_client):
+    registry = tmp_path / "registry"
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry, redis_url)
+    first = nightly(config)
+    assert first.returncode == 0, first.stderr
+    version = artifacts.current_version(registry)
+    assert f"published {version}" in first.stdout and "no current model: the first model is published" in first.stdout
+    assert "cache warm-up: warmed 50 entries" in first.stderr
+    assert len(redis_client.keys(f"{KEY_PREFIX}:rec:{version}:*")) == 50
+    again = nightly(config)
+    assert again.returncode == 0, again.stderr
+    assert f"{version} was trained on the same data and configuration: nothing to do" in again.stdout
+    assert artifacts.list_versions(registry) == [version]
+
+
+def test_nightly_exits_3_and_keeps_the_current_model_when_the_gate_refuses(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry)
+    assert CliRunner().invoke(train_cli, ["nightly", "--config", str(config)]).exit_code == 0
+    current = artifacts.current_version(registry)
+    nightly_config(config, demo_paths["interactions"], registry, strategies="[strategies.als]\nfactors = 1\n"
+                                                                            "iterations = 1\n")
+    result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config), "--quiet"])
+    assert result.exit_code == 3
+    assert "refused: the quality gate kept the current model" in result.output
+    assert artifacts.current_version(registry) == current and artifacts.list_versions(registry) == [current]
+
+
+def test_a_failed_warm_up_does_not_undo_the_publication(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry, unreachable)
+    result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "cache warm-up failed, the new model serves without it" in result.output
+    assert artifacts.current_version(registry) is not None
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[nightly]\nregistry = \"r\"\n", "the [nightly] section needs interactions"),
+    ("[nightly]\ninteractions = \"missing.csv\"\nregistry = \"r\"\n", "missing.csv: no such file"),
+    ("[gate]\ntolerance = 1.5\n", "gate tolerance must be in [0, 1), not 1.5"),
+])
+def test_unusable_nightly_input_exits_2(tmp_path, body, message):
+    config = tmp_path / "nightly.toml"
+    config.write_text(body)
+    result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config)])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_nightly_exits_4_while_another_process_holds_the_lock(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry / ".nightly.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = nightly(config)
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
+    assert result.returncode == 4, result.stderr
+    assert "another nightly run is in progress" in result.stderr and "this run did nothing" in result.stderr
+    assert artifacts.list_versions(registry) == []
+    assert nightly(config).returncode == 0  # the lock died with its holder
+
+
+def test_two_concurrent_nightly_runs_cannot_both_proceed(tmp_path):
+    # Big enough that one run is still training when the other starts (each takes seconds; they start together).
+    paths = write(tmp_path / "demo", DemoSizes(customers=4000, items=500, interactions=150_000), seed=5)
+    registry = tmp_path / "registry"
+    config = nightly_config(tmp_path / "nightly.toml", paths["interactions"], registry,
+                            strategies="[strategies.als]\nfactors = 32\niterations = 25\n")
+    command = [RECSVC_TRAIN, "nightly", "--config", str(config), "--force"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=240) for run in runs]
+    codes = sorted(run.returncode for run in runs)
+    assert codes == [0, 4], outputs
+    assert len(artifacts.list_versions(registry)) == 1

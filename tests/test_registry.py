@@ -1,0 +1,120 @@
+"""recsvc-train registry list|show|rollback, and retention that never removes CURRENT or the version before it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from click.testing import CliRunner
+
+from recsvc import artifacts
+from recsvc.artifacts import Catalog, IdIndex, ModelBundle
+from recsvc.model_store import ModelStore
+from recsvc.scoring import PopularityScorer
+from training.cli import main as train_cli
+from training.registry import apply_retention, protected_versions
+
+
+def publish(registry, version: str, ndcg: float, current: bool = True) -> None:
+    """A small but complete version, as the trainer writes it."""
+    popularity = np.array([3, 1, 2], dtype=np.float32)
+    bundle = ModelBundle(
+        manifest={"version": version, "created_at": f"2026-11-{version[1:3]}T02:00:00+00:00",
+                  "default_strategy": "popular", "evaluation": {"primary_metric": "ndcg@10"},
+                  "strategies": {"popular": {"metrics": {"ndcg@10": ndcg}}},
+                  "data": {"rows": 7, "customers": 2, "items": 3}},
+        customers=IdIndex(artifacts.encode_ids(["c1", "c2"])), items=IdIndex(artifacts.encode_ids(["i1", "i2", "i3"])),
+        owned=sp.csr_matrix(np.array([[1, 0, 1], [0, 1, 0]], dtype=np.float32)),
+        catalog=Catalog.empty(3), scorers={"popular": PopularityScorer(popularity)})
+    artifacts.write_version(registry, bundle)
+    if current:
+        artifacts.set_current(registry, version)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    for day, ndcg in ((10, 0.30), (11, 0.31), (12, 0.32)):
+        publish(tmp_path, f"v{day}", ndcg)
+    return tmp_path
+
+
+def run(*args):
+    return CliRunner().invoke(train_cli, ["registry", *args], catch_exceptions=False)
+
+
+def test_list_marks_the_current_version(registry):
+    result = run("list", "--registry", str(registry))
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["v10", "v11", "*"]
+    assert "ndcg@10 0.3200" in lines[3] and lines[3].split()[1] == "v12"
+    as_json = json.loads(run("list", "--registry", str(registry), "--json").output)
+    assert [(v["version"], v["current"]) for v in as_json] == [("v10", False), ("v11", False), ("v12", True)]
+
+
+def test_show_prints_a_manifest(registry):
+    result = run("show", "--registry", str(registry), "v11")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["strategies"]["popular"]["metrics"]["ndcg@10"] == 0.31
+    assert json.loads(run("show", "--registry", str(registry)).output)["version"] == "v12"  # default: current
+
+
+def test_rollback_restores_the_previous_version_and_a_server_follows(registry):
+    store = ModelStore(registry)
+    assert store.refresh() and store.bundle.version == "v12"
+    result = run("rollback", "--registry", str(registry))
+    assert result.exit_code == 0
+    assert result.output.strip() == "CURRENT: v12 -> v11"
+    assert artifacts.current_version(registry) == "v11"
+    assert store.refresh() and store.bundle.version == "v11"
+    assert run("rollback", "--registry", str(registry)).output.strip() == "CURRENT: v11 -> v10"
+    assert run("rollback", "--registry", str(registry), "v12").output.strip() == "CURRENT: v10 -> v12"
+
+
+def test_rollback_refuses_missing_damaged_and_nonexistent_targets(registry):
+    (artifacts.versions_root(registry) / "v11" / "items.npy").unlink()
+    result = run("rollback", "--registry", str(registry))
+    assert result.exit_code == 2
+    assert "version v11 cannot serve" in result.output
+    assert run("rollback", "--registry", str(registry), "v99").output.strip().endswith("no version v99")
+    assert artifacts.current_version(registry) == "v12"
+    artifacts.set_current(registry, "v10")
+    assert "no version before v10" in run("rollback", "--registry", str(registry)).output
+
+
+def test_registry_commands_on_a_directory_that_is_no_registry(tmp_path):
+    result = run("list", "--registry", str(tmp_path / "nothing"))
+    assert result.exit_code == 2
+    assert "not a model registry" in result.output and "Traceback" not in result.output
+
+
+def test_retention_keeps_the_newest_versions(registry):
+    publish(registry, "v13", 0.33)
+    assert apply_retention(registry, keep=2) == ["v10", "v11"]
+    assert artifacts.list_versions(registry) == ["v12", "v13"]
+    assert not [p for p in artifacts.versions_root(registry).iterdir() if p.name.startswith(".")]
+
+
+def test_retention_never_removes_current_or_the_version_before_it(registry):
+    publish(registry, "v13", 0.33, current=False)
+    publish(registry, "v14", 0.34, current=False)
+    artifacts.set_current(registry, "v11")  # after a rollback, CURRENT is old
+    assert protected_versions(registry, keep=1) == {"v14", "v11", "v10"}
+    assert apply_retention(registry, keep=1) == ["v12", "v13"]
+    assert artifacts.list_versions(registry) == ["v10", "v11", "v14"]
+    assert artifacts.load_current(registry).version == "v11"
+
+
+def test_fit_applies_the_configured_retention(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    for day in (1, 2, 3):
+        publish(registry, f"v0{day}", 0.0)
+    config = tmp_path / "keep2.toml"
+    config.write_text("[retention]\nkeep_versions = 2\n[strategies]\nenabled = [\"popular\"]\n")
+    result = CliRunner().invoke(train_cli, ["fit", "--interactions", str(demo_paths["interactions"]), "--registry",
+                                            str(registry), "--config", str(config), "--force"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "retention removed v01, v02" in result.output
+    assert artifacts.list_versions(registry) == ["v03", artifacts.current_version(registry)]
