@@ -96,6 +96,14 @@ def decode_entry(raw: bytes) -> tuple[bytes, bytes] | None:
     return raw[1:end], raw[end:]
 
 
+def current_fragment(raw: bytes | None, generation: bytes | None) -> bytes | None:
+    """The fragment of a stored entry when it was made under the customer's current generation."""
+    entry = decode_entry(raw) if raw else None
+    if entry is not None and entry[0] == (generation or NO_GENERATION):
+        return entry[1]
+    return None
+
+
 def new_generation() -> bytes:
     return uuid.uuid4().hex[:16].encode()
 
@@ -202,12 +210,15 @@ class Cache(ABC):
     def get(self, key: str) -> bytes | None:
         return self.get_many([key])[0]
 
-    def lock(self, key: str) -> bool:
-        """Take the cross-process compute lock of `key`; True when this process should compute."""
-        return True
+    def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None]:
+        """Take the cross-process compute lock of `key` and look again: (True when this process should
+        compute, the fragment when another process stored it meanwhile). In-process: no other process."""
+        return True, None
 
-    def unlock(self, key: str) -> None:
-        """Release the compute lock of `key` (only called after the entry is stored)."""
+    def release(self, key: str, generation: bytes, fragment: bytes | None, ttl: float | None, locked: bool) -> None:
+        """Store the computed fragment (None: the computation failed) and release the compute lock."""
+        if fragment is not None and self.storable(fragment):
+            self.set(key, encode_entry(generation, fragment), ttl or self.ttl)
 
     def healthy(self) -> bool:
         return True
@@ -219,18 +230,13 @@ class Cache(ABC):
     def lookup(self, key: str, customer_id: str) -> tuple[bytes | None, bytes]:
         """(fragment or None, the customer's generation now). An entry of an older generation is a miss."""
         raw, generation = self.get_many([key, generation_key(customer_id)])
-        generation = generation or NO_GENERATION
-        entry = decode_entry(raw) if raw else None
-        if entry is not None and entry[0] == generation:
-            return entry[1], generation
-        return None, generation
+        return current_fragment(raw, generation), generation or NO_GENERATION
 
-    def store(self, key: str, generation: bytes, fragment: bytes, ttl: float | None = None) -> bool:
-        """Store a fragment computed under `generation`; entries above max_entry_bytes are not cached."""
+    def storable(self, fragment: bytes) -> bool:
+        """Entries above max_entry_bytes are served but not cached: memory per entry stays bounded."""
         if len(fragment) > self.max_entry_bytes:
             metrics.cache_oversize()
             return False
-        self.set(key, encode_entry(generation, fragment), ttl or self.ttl)
         return True
 
     def invalidate_customer(self, customer_id: str) -> None:
@@ -263,20 +269,15 @@ class Cache(ABC):
         fragment, generation = self.lookup(key, customer_id)
         if fragment is not None:
             return fragment, True
-        locked = self.lock(key)
-        # Locked: another process may have stored the entry between our lookup and the lock; not locked:
-        # another process is computing it.
-        fragment = self.lookup(key, customer_id)[0] if locked else self._await_other_process(key, customer_id)
+        locked, fragment = self.claim(key, customer_id)
+        if fragment is None and not locked:  # another process is computing it
+            fragment = self._await_other_process(key, customer_id)
         if fragment is not None:
-            if locked:
-                self.unlock(key)
             return fragment, True
         try:
             fragment = compute()
-            self.store(key, generation, fragment, ttl)
         finally:
-            if locked:
-                self.unlock(key)
+            self.release(key, generation, fragment, ttl, locked)
         return fragment, False
 
     def _await_other_process(self, key: str, customer_id: str) -> bytes | None:
@@ -358,13 +359,32 @@ class RedisCache(Cache):
     def set(self, key: str, value: bytes, ttl: float) -> None:
         self._call("set", lambda: self.client.set(key, value, px=int(ttl * 1000)), None)
 
-    def lock(self, key: str) -> bool:
-        # Redis unreachable: compute here rather than wait for a lock nobody can hold.
-        taken = self._call("lock", lambda: self.client.set(lock_key(key), b"1", nx=True, px=LOCK_TTL_MS), UNREACHABLE)
-        return taken is UNREACHABLE or taken is True
+    def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None]:
+        def lock_and_look() -> list:  # one round trip: the entry may have arrived since our lookup
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(lock_key(key), b"1", nx=True, px=LOCK_TTL_MS)
+            pipe.mget([key, generation_key(customer_id)])
+            return pipe.execute()
 
-    def unlock(self, key: str) -> None:
-        self._call("unlock", lambda: self.client.delete(lock_key(key)), None)
+        result = self._call("lock", lock_and_look, UNREACHABLE)
+        if result is UNREACHABLE:
+            return True, None  # compute here rather than wait for a lock nobody can hold
+        taken, (raw, generation) = result
+        fragment = current_fragment(raw, generation)
+        if taken and fragment is not None:
+            self._call("unlock", lambda: self.client.delete(lock_key(key)), None)
+        return bool(taken), fragment
+
+    def release(self, key: str, generation: bytes, fragment: bytes | None, ttl: float | None, locked: bool) -> None:
+        def store_and_unlock() -> None:  # one round trip
+            pipe = self.client.pipeline(transaction=False)
+            if fragment is not None and self.storable(fragment):
+                pipe.set(key, encode_entry(generation, fragment), px=int((ttl or self.ttl) * 1000))
+            if locked:
+                pipe.delete(lock_key(key))
+            pipe.execute()
+
+        self._call("set", store_and_unlock, None)
 
     def healthy(self) -> bool:
         return bool(self._call("ping", self.client.ping, False))

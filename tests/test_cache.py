@@ -171,3 +171,11 @@ def test_an_unreachable_redis_opens_the_breaker_and_requests_still_succeed(setti
         assert b"recsvc_redis_breaker_state 2.0" in client.get("/metrics").data
     finally:
         app.extensions["recsvc"].store.stop()
+
+
+def test_a_claim_sees_an_entry_another_process_stored_meanwhile(redis_url, redis_client):
+    first, second = RedisCache(redis_url), RedisCache(redis_url)
+    assert first.get_or_compute("recsvc:v1:rec:k2", "c2", lambda: b'{"a":1}') == (b'{"a":1}', False)
+    assert not redis_client.keys(f"{KEY_PREFIX}:lock:*")  # the computing process released its lock
+    assert second.claim("recsvc:v1:rec:k2", "c2") == (True, b'{"a":1}')
+    assert not redis_client.keys(f"{KEY_PREFIX}:lock:*")  # and so did the one that found the entry

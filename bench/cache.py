@@ -1,0 +1,217 @@
+"""make bench-cache: hit ratio under Zipf load, warm-up rate, latency with Redis up and killed, against references."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # set before numpy loads
+os.environ.setdefault("RECSVC_LOG_LEVEL", "warning")  # one access line per request would dominate the timings
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import redis  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
+
+from recsvc import artifacts  # noqa: E402
+from recsvc.app import create_app  # noqa: E402
+from recsvc.config import Settings  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.demo_data import DemoSizes, write  # noqa: E402
+from training.pipeline import fit_and_publish  # noqa: E402
+from training.warm import most_active, warm_cache  # noqa: E402
+
+KEY = "bench-cache-key-0001"
+WARM_TARGET = 50_000  # entries per second, the issue's target
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies: np.ndarray  # seconds, one per request
+    hits: float
+    misses: float
+
+    def line(self, reference: "Phase | None" = None) -> str:
+        p50, p99 = (float(np.percentile(self.latencies, q)) * 1000 for q in (50, 99))
+        text = f"{self.name:<36} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms"
+        if self.hits + self.misses:
+            text += f"  hit ratio {self.hits / (self.hits + self.misses):6.1%}"
+        if reference is not None:
+            ref99 = float(np.percentile(reference.latencies, 99)) * 1000
+            text += f"  p99 x{p99 / ref99:.2f} of {reference.name}"
+        return text
+
+
+class RedisServer:
+    """A redis-server of the benchmark's own on a free port, so it can be killed."""
+
+    def __init__(self, workdir: Path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind",
+                                         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise SystemExit("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def build_registry(workdir: Path, customers: int, items: int, interactions: int) -> Path:
+    paths = write(workdir / "demo", DemoSizes(customers=customers, items=items, interactions=interactions), seed=11)
+    registry = workdir / "registry"
+    config = TrainConfig(strategies=["als"], params={"als": {"factors": 32, "iterations": 10}})
+    fit_and_publish(paths["interactions"], registry, config, catalog_path=paths["catalog"], log=lambda _l: None)
+    return registry
+
+
+def zipf_customers(registry: Path, n: int, exponent: float, seed: int) -> list[str]:
+    """n requests; the customer of activity rank r is asked for with weight 1 / (r + 1) ** exponent
+    (assumption: the most active customers also call most often)."""
+    bundle = artifacts.load_current(registry)
+    order = most_active(bundle, len(bundle.customers))
+    weights = 1.0 / np.arange(1, len(order) + 1, dtype=np.float64) ** exponent
+    ranks = np.searchsorted(np.cumsum(weights), np.random.default_rng(seed).random(n) * weights.sum())
+    return [bundle.customers.external(int(order[min(r, len(order) - 1)])) for r in ranks]
+
+
+def lookups() -> tuple[float, float]:
+    value = REGISTRY.get_sample_value
+    return (value("recsvc_cache_lookups_total", {"result": "hit"}) or 0.0,
+            value("recsvc_cache_lookups_total", {"result": "miss"}) or 0.0)
+
+
+def run_phase(name: str, app, customers: list[str]) -> Phase:
+    """Every request through the Flask app (routing, auth, cache, JSON), timed one by one."""
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    hits0, misses0 = lookups()
+    latencies = np.empty(len(customers))
+    for i, customer in enumerate(customers):
+        started = time.perf_counter()
+        response = client.get(f"/v1/customers/{customer}/recommendations", headers=headers)
+        latencies[i] = time.perf_counter() - started
+        if response.status_code != 200:
+            raise SystemExit(f"{name}: HTTP {response.status_code} for {customer}")
+    hits, misses = lookups()
+    return Phase(name, latencies, hits - hits0, misses - misses0)
+
+
+def raw_write_rate(url: str, value_bytes: int, n: int) -> float:
+    """Reference: entries/s that redis-py can pipeline into this Redis at all (same sizes, same batches)."""
+    client = redis.Redis.from_url(url)
+    value = b"x" * value_bytes
+    started = time.perf_counter()
+    for start in range(0, n, 1000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(n, start + 1000)):
+            pipe.set(f"bench:raw:{i}", value, px=600_000)
+        pipe.execute()
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--customers", type=int, default=50_000)
+    parser.add_argument("--items", type=int, default=2_000)
+    parser.add_argument("--interactions", type=int, default=600_000)
+    parser.add_argument("--requests", type=int, default=20_000, help="per load phase")
+    parser.add_argument("--top", type=int, default=10_000, help="customers the warm-up precomputes")
+    parser.add_argument("--zipf", type=float, default=1.0, help="exponent of the customer load")
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        raise SystemExit("bench-cache needs redis-server on PATH (make redis-server installs it)")
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        workdir = Path(tmp)
+        server = RedisServer(workdir)
+        try:
+            run(args, workdir, server)
+        finally:
+            server.kill()
+
+
+def run(args, workdir: Path, server: RedisServer) -> None:
+    started = time.perf_counter()
+    registry = build_registry(workdir, args.customers, args.items, args.interactions)
+    print(f"model: {args.customers} customers, {args.items} items, {args.interactions} interactions, "
+          f"trained in {time.perf_counter() - started:.1f}s; load: {args.requests} requests per phase, "
+          f"Zipf exponent {args.zipf}")
+    load = zipf_customers(registry, args.requests, args.zipf, seed=1)
+    base = Settings(registry=registry, api_keys=frozenset({KEY}), cache_ttl=3600)
+    app = create_app(dataclasses.replace(base, redis_url=server.url))
+    cold = run_phase("redis, cold cache", app, load)
+
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    warm = warm_cache(registry, server.url, top=args.top, log=lambda _line: None)
+    keys = [key for _, key in zip(range(1000), client.scan_iter("recsvc:v1:rec:*", count=1000))]
+    entry_bytes = int(np.mean([len(value) for value in client.mget(keys)]))
+    raw = raw_write_rate(server.url, entry_bytes, warm.entries)
+
+    embedded = create_app(dataclasses.replace(base, local_cache_entries=10 * args.customers))
+    uncached = create_app(dataclasses.replace(base, local_cache_entries=0))
+    run_phase("(embedded cache, filling)", embedded, load)
+    # Interleaved slices, so the machine's load at any moment weighs on every configuration alike.
+    phases = {"redis": [], "local": [], "none": []}
+    for start in range(0, len(load), 1000):
+        phases["redis"].append(run_phase(f"redis, warmed top {args.top}", app, load[start:start + 1000]))
+        phases["local"].append(run_phase("in-process cache, all hits", embedded, load[start:start + 1000]))
+        phases["none"].append(run_phase("no cache (every request computed)", uncached, load[start:start + 250]))
+    server.kill()
+    down, computed_meanwhile = [], []
+    for start in range(0, len(load) // 4, 250):
+        down.append(run_phase("redis killed (breaker open)", app, load[start:start + 250]))
+        computed_meanwhile.append(run_phase("no cache, same time", uncached, load[start:start + 250]))
+    redis_up, in_process, computed = (merge(parts) for parts in phases.values())
+    report(warm, raw, entry_bytes, cold, (redis_up, in_process, computed), (merge(down), merge(computed_meanwhile)),
+           app.extensions["recsvc"].cache.status())
+
+
+def merge(parts: list[Phase]) -> Phase:
+    return Phase(parts[0].name, np.concatenate([p.latencies for p in parts]), sum(p.hits for p in parts),
+                 sum(p.misses for p in parts))
+
+
+def report(warm, raw, entry_bytes, cold, up_phases, down_phases, status) -> None:
+    rate, write_rate = warm.entries / warm.seconds, warm.entries / warm.write_seconds
+    print(f"\nwarm-up: {warm.entries} entries ({entry_bytes} bytes each) in {warm.seconds:.2f}s: "
+          f"{rate:,.0f} entries/s end to end ({rate / WARM_TARGET:.2f} of the {WARM_TARGET:,} target), "
+          f"{write_rate:,.0f} entries/s written ({write_rate / WARM_TARGET:.2f} of target); "
+          f"reference raw redis-py pipelined SET of the same size: {raw:,.0f}/s (warm-up writes at x{write_rate / raw:.2f})")
+    redis_up, in_process, computed = up_phases
+    redis_down, computed_meanwhile = down_phases
+    print("\nlatency per request through the Flask app (in-process client, no network to the app):")
+    print(cold.line())
+    print(redis_up.line(computed))
+    print(in_process.line(computed))
+    print(computed.line())
+    print(redis_down.line(computed_meanwhile))
+    print(computed_meanwhile.line())
+    print(f"  cache status while Redis was down: {status}")
+    up50, local50 = (float(np.percentile(p.latencies, 50)) * 1e6 for p in (redis_up, in_process))
+    print(f"\nin-process front cache: a Redis hit costs {up50:.0f} us at p50, an in-process hit {local50:.0f} us: "
+          f"it would save at most {up50 - local50:.0f} us ({(up50 - local50) / up50:.0%}) per hit.")
+
+
+if __name__ == "__main__":
+    main()
