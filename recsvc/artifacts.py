@@ -46,7 +46,8 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 def load_array(path: Path, *, mmap: bool = True) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        # A plain ndarray view of the memmap: same shared pages, without np.memmap's per-index Python overhead.
+        return np.asarray(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot read array {path.name}: {exc}") from exc
 

@@ -9,6 +9,12 @@ import click
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
+from recsvc.experiments import load_experiments
+
+
+# glibc malloc tuning read at process start, so it is set before gunicorn runs: few arenas, and buffers over
+# 128 KiB (score arrays) handed back to the system when freed instead of kept per thread in every worker.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +30,8 @@ def main() -> None:
 def serve(host: str, port: int, workers: int | None, threads: int | None) -> None:
     """Run the API under gunicorn with recsvc/gunicorn_conf.py."""
     try:
-        Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
+        settings = Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
+        load_experiments(settings.experiments_path)
     except ConfigError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
@@ -34,6 +41,8 @@ def serve(host: str, port: int, workers: int | None, threads: int | None) -> Non
     if threads:
         argv += ["--threads", str(threads)]
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    for name, value in MALLOC_ENV.items():
+        os.environ.setdefault(name, value)
     os.execvp(sys.executable, [sys.executable, "-m", *argv, "recsvc.wsgi:app"])
 
 

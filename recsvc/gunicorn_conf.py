@@ -6,6 +6,7 @@ runs in multiprocess mode: each worker writes its metrics to files in one
 directory, which /metrics merges.
 """
 
+import gc
 import multiprocessing
 import os
 import shutil
@@ -40,6 +41,19 @@ raw_env = ["OPENBLAS_NUM_THREADS=1"]
 # gunicorn >= 24 opens a control socket at one fixed path per user; several servers on one host would clash.
 control_socket_disable = True
 wsgi_app = "recsvc.wsgi:app"
+
+
+def pre_fork(server, worker):
+    # Objects made while preloading move out of the collector's reach: its passes would otherwise write to
+    # (and so copy) the memory pages each worker shares with the master.
+    gc.freeze()
+
+
+def post_worker_init(worker):
+    # Each worker watches the registry from the start, also one that has not served a request yet.
+    service = getattr(worker.wsgi, "extensions", {}).get("recsvc")
+    if service is not None:
+        service.store.start_watching()
 
 
 def when_ready(server):

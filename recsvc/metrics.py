@@ -43,6 +43,10 @@ MODEL_AGE = Gauge("recsvc_model_age_seconds", "Age of the served model version, 
 MODEL_LOADS = Counter("recsvc_model_loads_total", "Model versions loaded and swapped in")
 MODEL_LOAD_FAILURES = Counter("recsvc_model_load_failures_total",
                               "Model versions refused because they failed to load or validate")
+EVENT_LOG_RECORDS = Counter("recsvc_event_log_records_total",
+                            "Exposures, feedback and events kept, by kind and where (redis, or spool while it is down)",
+                            ["kind", "destination"])
+EVENT_LOG_REPLAYED = Counter("recsvc_event_log_replayed_total", "Spooled records replayed into Redis")
 
 UNMATCHED_ENDPOINT = "unmatched"  # 404s and the like: one label, so random paths cannot blow up cardinality
 
@@ -78,12 +82,25 @@ def observe_source(source: str) -> None:
     FALLBACK_SOURCES.labels(source).inc()
 
 
+def event_logged(kind: str, destination: str) -> None:
+    EVENT_LOG_RECORDS.labels(kind, destination).inc()
+
+
+def event_log_replayed(records: int) -> None:
+    EVENT_LOG_REPLAYED.inc(records)
+
+
 def model_swapped(previous: str | None, version: str, created_at: float | None) -> None:
     """A new version serves in this process from now on."""
     if previous is not None and previous != version:
         MODEL_INFO.labels(previous).set(0)
-    MODEL_INFO.labels(version).set(1)
     MODEL_LOADS.inc()
+    model_serving(version, created_at)
+
+
+def model_serving(version: str, created_at: float | None) -> None:
+    """Publish the served version and its age in this process's metrics."""
+    MODEL_INFO.labels(version).set(1)
     if created_at is not None:
         MODEL_CREATED.set(created_at)
         MODEL_AGE.set(max(0.0, time.time() - created_at))

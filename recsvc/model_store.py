@@ -99,6 +99,13 @@ class ModelStore:
         log.error("model version %s refused, keeping %s: %s", version, self.bundle.version if self.bundle else None,
                   reason, extra={"refused_version": version})
 
+    def start_watching(self) -> None:
+        """In a process forked after the app was loaded (a gunicorn worker): watch the registry from now on,
+        and publish the served version in this process's metrics (a fork starts them from zero)."""
+        if self.bundle is not None:
+            metrics.model_serving(self.bundle.version, self.created_at)
+        self.current()
+
     def _start_watcher(self) -> None:
         with self._lock:
             if self._watcher_pid == os.getpid():

@@ -109,7 +109,9 @@ def load_scorer(directory: Path, *, mmap: bool = True) -> Scorer:
         spec = json.loads((directory / SCORER_FILE).read_text(encoding="utf-8"))
         cls = Scorer.registry[spec["kind"]]
         arrays = {
-            p.stem: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False) for p in sorted(directory.glob("*.npy"))
+            # np.asarray: a plain view of the memmap (same shared pages, no per-index memmap overhead)
+            p.stem: np.asarray(np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+            for p in sorted(directory.glob("*.npy"))
         }
         return cls.from_arrays(arrays, spec.get("params", {}))
     except (OSError, ValueError, KeyError, TypeError) as exc:

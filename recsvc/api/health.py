@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from flask import current_app
-from flask_smorest import Blueprint
 
 from recsvc.api.models import iso_time, load_failure
+from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import HealthSchema, ReadinessSchema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness")

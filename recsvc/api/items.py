@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flask import current_app, g
-from flask_smorest import Blueprint
 
+from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import MAX_ID, SimilarArgsSchema, SimilarItemsSchema
 from recsvc.errors import InvalidInput
 
@@ -12,7 +12,7 @@ blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items"
 
 
 @blp.route("/items/<item_id>/similar")
-@blp.arguments(SimilarArgsSchema, location="query")
+@blp.arguments(SimilarArgsSchema(), location="query")
 @blp.response(200, SimilarItemsSchema)
 @blp.alt_response(404, description="The item is not in the current model")
 def similar(args: dict, item_id: str):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 from flask import current_app
-from flask_smorest import Blueprint
 
+from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import ModelSchema, ReloadSchema
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Model versions")

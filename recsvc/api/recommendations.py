@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Response, abort, current_app, g, request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
+from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import (MAX_ID, BatchRequestSchema, BatchResponseSchema, RecommendationArgsSchema,
                                 RecommendationBodySchema, RecommendationsSchema)
 from recsvc.errors import InvalidInput
@@ -41,7 +41,7 @@ def _json(body: bytes) -> Response:
 
 @blp.route("/customers/<customer_id>/recommendations")
 class CustomerRecommendations(MethodView):
-    @blp.arguments(RecommendationArgsSchema, location="query")
+    @blp.arguments(RecommendationArgsSchema(), location="query")
     @blp.response(200, RecommendationsSchema)
     def get(self, args: dict, customer_id: str):
         """Suggestions for one customer: personal, else from context, else popular; never an empty list
@@ -50,7 +50,7 @@ class CustomerRecommendations(MethodView):
             _query(_customer_id(customer_id), args), g.request_id)
         return _json(body)
 
-    @blp.arguments(RecommendationBodySchema)
+    @blp.arguments(RecommendationBodySchema())
     @blp.response(200, RecommendationsSchema)
     def post(self, args: dict, customer_id: str):
         """The same with a JSON body, which can also carry `context_items`: what the customer is looking at
@@ -62,7 +62,7 @@ class CustomerRecommendations(MethodView):
 
 @blp.route("/recommendations/batch")
 class BatchRecommendations(MethodView):
-    @blp.arguments(BatchRequestSchema)
+    @blp.arguments(BatchRequestSchema())
     @blp.response(200, BatchResponseSchema)
     def post(self, args: dict):
         """Suggestions for several customers in one call (at most 50), answered in the order asked."""
