@@ -29,6 +29,7 @@ import numpy as np
 import orjson
 import redis
 
+from recsvc import metrics
 from recsvc.cache import event_seen_key, event_stream_key, experiments_key, recent_items_key
 from recsvc.errors import EventLogUnavailable
 
@@ -250,6 +251,7 @@ class EventLog:
         if self.streams is not None and time.monotonic() >= self._down_until:
             try:
                 self.streams.add(record)
+                metrics.event_logged(record["kind"], "redis")
                 return "redis"
             except redis.RedisError as exc:
                 # Skip Redis for a while: a request must not wait for the timeout of a server known to be down.
@@ -260,6 +262,7 @@ class EventLog:
         except OSError as exc:
             log.error("event log: spool write failed: %s", exc)
             raise EventLogUnavailable("the event could not be stored; retry later") from None
+        metrics.event_logged(record["kind"], "spool")
         return "spool"
 
     def read(self, kind: str) -> Iterator[dict]:
@@ -286,6 +289,7 @@ class EventLog:
             return 0
         self._down_until = 0.0
         if sent:
+            metrics.event_log_replayed(sent)
             log.info("event log: replayed %d spooled records into redis", sent)
         return sent
 
