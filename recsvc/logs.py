@@ -52,6 +52,7 @@ def gunicorn_logconfig(level: str = "INFO") -> dict:
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {
             "gunicorn.error": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
-            "gunicorn.access": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
+            # recsvc.access writes the access line, with the request id; gunicorn's would be a second one.
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": False},
         },
     }

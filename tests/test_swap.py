@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -123,7 +124,7 @@ def test_swap_under_load_fails_no_request_and_serves_both_versions(server, regis
     assert sum(_metric(metrics, "recsvc_model_info", version="v1")) == 0
 
 
-def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(server, registry):
+def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(server, registry, tmp_path):
     publish(registry, tiny_bundle("v2"))
     (registry / "versions" / "v2" / "owned.indices.npy").unlink()
     with Traffic(server, threads=2) as traffic:
@@ -133,4 +134,14 @@ def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(server, reg
     assert ready["model_version"] == "v1" and ready["last_load_failure"]["version"] == "v2"
     metrics = requests.get(f"{server}/metrics", timeout=5).text
     assert sum(_metric(metrics, "recsvc_model_load_failures_total")) >= 2  # each worker refused it once
+    tagged = requests.get(f"{server}/v1/customers/c0/recommendations", headers={**HEADERS, "X-Request-ID": "desk-0042"},
+                          timeout=5)
+    assert tagged.headers["X-Request-ID"] == "desk-0042"
+    time.sleep(0.2)  # let the worker flush its log line
+
+    lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
+    assert any(line["level"] == "error" and line.get("refused_version") == "v2" for line in lines)
+    access = [line for line in lines if line["logger"] == "recsvc.access"]
+    assert len(access) >= len(traffic.outcomes) and all(len(line["request_id"]) >= 8 for line in access)
+    assert any(line["request_id"] == "desk-0042" and line["status"] == 200 for line in access)
     artifacts.set_current(registry, "v1")  # leave the registry consistent for the fixture's shutdown
