@@ -95,7 +95,7 @@ def test_batch_rejects_bad_bodies_and_caps_the_count(api, auth, payload):
 def test_batch_with_an_unknown_strategy_is_400(api, auth):
     response = api.post("/v1/recommendations/batch", headers=auth,
                         json={"requests": [{"customer_id": "c0", "strategy": "magic"}]})
-    assert error_of(response, 400)["details"]["available"] == ["als", "popular"]
+    assert error_of(response, 400)["details"]["available"] == ["als", "knn", "popular"]
 
 
 # --- GET /v1/items/{id}/similar -------------------------------------------------------------------

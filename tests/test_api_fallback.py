@@ -10,7 +10,7 @@ from recsvc import artifacts
 from recsvc.app import create_app
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
 from recsvc.config import Settings
-from recsvc.scoring import FactorScorer, PopularityScorer
+from recsvc.scoring import FactorScorer, ItemSimilarityScorer, PopularityScorer
 from tests.conftest import ADMIN_KEY, API_KEY
 
 # Items i0-i2 are one taste ("Phones"), i3-i5 the other ("Fibre"); i6 is inactive but would win everywhere.
@@ -18,6 +18,8 @@ ITEMS = ["i0", "i1", "i2", "i3", "i4", "i5", "i6"]
 ITEM_FACTORS = [[1.1, 0], [1.0, 0.1], [0.9, 0.3], [0, 1.0], [0.1, 0.9], [0.3, 0.8], [2.0, 2.0]]
 POPULARITY = [1, 2, 3, 4, 5, 6, 100]
 CATEGORIES = ["Phones"] * 3 + ["Fibre"] * 3 + ["Phones"]
+# Item-KNN weights (row: the item the customer has, column: the item it speaks for).
+KNN_WEIGHTS = {(0, 2): 0.6, (0, 1): 0.3, (3, 4): 0.9, (0, 6): 5.0}
 # c0 owns i0 and likes phones; c1 is known to the model but owns nothing.
 CUSTOMERS = {"c0": ([1.0, -0.5], [0]), "c1": ([0.0, 0.0], [])}
 
@@ -31,7 +33,8 @@ def tiny_bundle(version: str = "v1", window_days: float | None = None) -> ModelB
     popularity = PopularityScorer(np.asarray(POPULARITY, dtype=np.float32), window_days=window_days)
     return ModelBundle(
         manifest={"version": version, "default_strategy": "als", "created_at": "2026-11-01T00:00:00+00:00",
-                  "strategies": {"als": {"metrics": {"ndcg@10": 0.3}}, "popular": {"metrics": {"ndcg@10": 0.1}}}},
+                  "strategies": {"als": {"metrics": {"ndcg@10": 0.3}}, "knn": {"metrics": {"ndcg@10": 0.2}},
+                                 "popular": {"metrics": {"ndcg@10": 0.1}}}},
         customers=IdIndex(artifacts.encode_ids(CUSTOMERS)),
         items=IdIndex(artifacts.encode_ids(ITEMS)),
         owned=owned.tocsr(),
@@ -39,8 +42,15 @@ def tiny_bundle(version: str = "v1", window_days: float | None = None) -> ModelB
                         np.array([True] * 6 + [False])),
         scorers={"als": FactorScorer(np.asarray([v for v, _ in CUSTOMERS.values()], dtype=np.float32),
                                      np.asarray(ITEM_FACTORS, dtype=np.float32), regularization=0.1),
+                 "knn": ItemSimilarityScorer(_knn_matrix()),
                  "popular": popularity},
     )
+
+
+def _knn_matrix() -> sp.csr_matrix:
+    rows, cols = zip(*KNN_WEIGHTS)
+    return sp.csr_matrix((np.asarray(list(KNN_WEIGHTS.values()), dtype=np.float32), (rows, cols)),
+                         shape=(len(ITEMS), len(ITEMS)))
 
 
 def publish(registry, bundle: ModelBundle) -> None:
@@ -131,3 +141,19 @@ def test_similar_items_by_item_factors(tiny_client, auth):
     assert ids(body) == ["i1", "i2", "i5", "i4"] and body["item_id"] == "i0" and body["strategy"] == "als"
     assert body["items"][0]["reasons"] == ["Often chosen together with Item 0 (i0)"]
     assert body["request_id"]
+
+
+def test_item_knn_neighbours_are_the_reasons(tiny_client, auth):
+    body = ask(tiny_client, auth, "c0", limit=3, strategy="knn")
+    # i2 and i1 are i0's neighbours (i6 is, too, but inactive); no other item has evidence: popular tops up.
+    assert body["strategy"] == "knn" and ids(body) == ["i2", "i1", "i5"]
+    assert [item["score"] for item in body["items"][:2]] == pytest.approx([0.6, 0.3])
+    assert body["items"][0]["reasons"] == ["Because the customer has Item 0 (i0)"]
+    assert body["items"][2]["reasons"] == ["Popular with customers"]
+    context = ask(tiny_client, auth, "walk-in", limit=1, strategy="knn", context_items=["i3"])
+    assert ids(context) == ["i4"] and context["source"] == "context"
+
+
+def test_similar_items_by_item_knn_weights(tiny_client, auth):
+    body = tiny_client.get("/v1/items/i0/similar?strategy=knn", headers=auth).get_json()
+    assert ids(body) == ["i2", "i1"]
