@@ -53,5 +53,9 @@ run: install $(REGISTRY)/CURRENT
 	echo "  curl -s -H 'Authorization: Bearer $(DEV_KEY)' 'http://$(HOST):$(PORT)/v1/customers/$$customer/recommendations?limit=5'"; echo
 	RECSVC_REGISTRY=$(REGISTRY) RECSVC_API_KEYS=$(DEV_KEY) $(BIN)/recsvc serve --host $(HOST) --port $(PORT)
 
+# MovieLens 100k (../shared/datasets/ml-100k) through recsvc-train fit and the API; see docs/strategies.md.
+bench-quality: install
+	$(BIN)/python bench/quality.py
+
 clean:
 	rm -rf var .pytest_cache

@@ -257,3 +257,29 @@ def test_ease_als_with_no_als_weight_ranks_as_ease_does(matrix):
         owned = history(matrix, customer)
         np.testing.assert_array_equal(np.argsort(-blend.scores(customer, owned), kind="stable"),
                                       np.argsort(-ease.scores(customer, owned), kind="stable"))
+
+
+@pytest.mark.slow
+def test_published_strategies_score_the_same_through_the_api(demo_paths, tmp_path):
+    """What bench-quality proves on MovieLens, on demo data: the API's answers give the offline metrics."""
+    from bench.quality import served_as, served_metrics, serving_view
+    from recsvc import artifacts
+    from training.config import TrainConfig
+    from training.evaluate import Holdout, evaluate, split
+    from training.pipeline import fit_and_publish
+
+    holdout = Holdout(fraction=0.25, seed=42, max_customers=None)
+    config = TrainConfig(strategies=["ease", "item_knn", "ease_als", "trending"], holdout=holdout,
+                         params={"ease_als": {"als_factors": 8, "als_iterations": 5}})
+    fit_and_publish(demo_paths["interactions"], tmp_path / "registry", config, log=lambda _line: None)
+    bundle = artifacts.load_current(tmp_path / "registry")
+    train, test = split(bundle.owned, holdout)
+    view = serving_view(bundle, train, tmp_path / "view")
+    expected = served_as(bundle)
+    assert expected["popular"] in ("trending", "popular") and expected["ease"] == "ease"
+    for name in ("ease", "item_knn", "ease_als", "popular"):
+        offline = evaluate(bundle.scorers[expected[name]], train, test, k=10)
+        served = served_metrics(view, bundle, test, name, tmp_path / "spool")
+        assert served["customers"] == offline["customers"] > 500
+        for metric in ("ndcg@10", "precision@10"):
+            assert served[metric] == pytest.approx(offline[metric], abs=0.002), (name, metric)
