@@ -12,7 +12,7 @@ DEV_KEY ?= local-dev-key
 # implicit parallelises itself; threaded BLAS underneath it is much slower.
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train
+.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve
 
 # python3-venv is a separate Debian package; install it (and redis-server for the tests) when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -56,6 +56,19 @@ run: install $(REGISTRY)/CURRENT
 # MovieLens 100k (../shared/datasets/ml-100k) through recsvc-train fit and the API; see docs/strategies.md.
 bench-quality: install
 	$(BIN)/python bench/quality.py
+
+# recsvc-train fit --strategies als end to end vs implicit's own fit on 10M generated interactions; see docs/training.md.
+bench-train: install
+	$(BIN)/python bench/train.py
+
+# Redis cache: hit ratio under Zipf load, warm-up entries/s, p50/p99 with Redis up and killed; see docs/cache.md.
+bench-cache: install redis-server
+	$(BIN)/python bench/cache.py
+
+# gunicorn (2 workers) + wrk: cached GET vs a bare Flask hello, uncached p50/p99 on 100k x 100k x 64, worker memory;
+# see docs/operations.md. wrk comes from Debian (the script installs it when run as root).
+bench-serve: install
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf var .pytest_cache
