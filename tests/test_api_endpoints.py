@@ -214,3 +214,5 @@ def test_openapi_document_covers_every_endpoint_with_the_validating_schemas(api)
     post = spec["paths"]["/v1/customers/{customer_id}/recommendations"]["post"]
     body = post["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert "context_items" in spec["components"]["schemas"][body]["properties"]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert spec["security"] == [{"bearer": []}] and spec["paths"]["/healthz"]["get"]["security"] == []

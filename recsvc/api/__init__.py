@@ -9,7 +9,11 @@ from recsvc.api.errors import RecsvcApi
 
 
 def init_app(app: Flask) -> RecsvcApi:
+    # Every operation needs a Bearer key unless it says otherwise (health and readiness do).
+    app.config.setdefault("API_SPEC_OPTIONS", {"security": [{"bearer": []}]})
     api = RecsvcApi(app)
+    api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer",
+                                                   "description": "An API key; /v1/admin needs an admin key"})
     api.register_blueprint(health.blp)
     api.register_blueprint(recommendations.blp)
     api.register_blueprint(items.blp)

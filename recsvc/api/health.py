@@ -14,6 +14,7 @@ blp = Blueprint("health", __name__, description="Liveness and readiness")
 
 
 @blp.route("/healthz")
+@blp.doc(security=[])
 @blp.response(200, HealthSchema)
 def healthz():
     """The process is up."""
@@ -21,6 +22,7 @@ def healthz():
 
 
 @blp.route("/readyz")
+@blp.doc(security=[])
 @blp.response(200, ReadinessSchema)
 @blp.alt_response(503, schema=ReadinessSchema, description="No model version loaded yet")
 def readyz():
