@@ -189,8 +189,9 @@ class SingleFlight:
 class Cache(ABC):
     """Recommendation fragments by key. Failures never raise: a broken cache is a miss, not an error.
 
-    Subclasses store bytes (get_many, set, lock, unlock); this class adds the
-    generation check, the entry size bound and single-flight computation.
+    Subclasses store bytes (get_many, set; a shared store also claim and release
+    a compute lock); this class adds the generation check, the entry size bound
+    and single-flight computation.
     """
 
     kind: str
@@ -219,9 +220,6 @@ class Cache(ABC):
         """Store the computed fragment (None: the computation failed) and release the compute lock."""
         if fragment is not None and self.storable(fragment):
             self.set(key, encode_entry(generation, fragment), ttl or self.ttl)
-
-    def healthy(self) -> bool:
-        return True
 
     def status(self) -> dict:
         """What /readyz shows about the cache."""
@@ -385,9 +383,6 @@ class RedisCache(Cache):
             pipe.execute()
 
         self._call("set", store_and_unlock, None)
-
-    def healthy(self) -> bool:
-        return bool(self._call("ping", self.client.ping, False))
 
     def status(self) -> dict:
         return {"kind": self.kind, "breaker": self.breaker.state}

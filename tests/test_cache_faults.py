@@ -20,7 +20,7 @@ from recsvc import artifacts
 from recsvc.app import create_app
 from recsvc.cache import KEY_PREFIX, CircuitBreaker, RedisCache
 from recsvc.recommend import RecommendationQuery
-from tests.conftest import free_port
+from tests.conftest import API_KEY, free_port
 
 CUSTOMERS = [f"C{n:06d}" for n in range(1, 41)]
 
@@ -181,7 +181,7 @@ def test_a_frozen_redis_costs_at_most_a_few_timeouts(own_redis, make_app, auth):
 
 def redis_errors() -> float:
     return sum(REGISTRY.get_sample_value("recsvc_redis_errors_total", {"operation": op}) or 0.0
-               for op in ("get", "set", "lock", "unlock", "ping"))
+               for op in ("get", "set", "lock", "unlock"))
 
 
 def publish_copy(registry: Path) -> str:
@@ -296,3 +296,60 @@ def test_a_slow_leader_does_not_hold_up_the_others(redis_url, redis_client):
     latencies = sorted(concurrently(5, timed))
     assert len(calls) == 5  # each follower computed for itself after waiting 50 ms
     assert latencies[3] < 0.5 and latencies[4] >= 1.0
+
+
+@pytest.fixture
+def gunicorn_with_redis(trained_registry, own_redis, tmp_path):
+    """`recsvc serve` with two workers on our own Redis, the way it runs in production."""
+    import sys
+
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY,
+           "RECSVC_REDIS_URL": own_redis.url, "RECSVC_REDIS_BREAKER_COOLDOWN_MS": "200",
+           "RECSVC_SPOOL_DIR": str(tmp_path / "spool"), "RECSVC_LOG_LEVEL": "warning"}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers", "2"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    ready = wait_for(lambda: _answers(requests, f"{base}/readyz"), timeout=30)
+    if not ready:
+        process.kill()
+        process.wait()
+        pytest.fail(f"server did not become ready:\n{log.read_text()}")
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _answers(requests, url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_gunicorn_workers_answer_every_request_through_a_redis_outage(gunicorn_with_redis, own_redis):
+    import requests
+
+    # A new connection per request, so both workers take their share (a kept-alive one stays with one worker).
+    headers = {"Authorization": f"Bearer {API_KEY}", "Connection": "close"}
+    statuses: list[int] = []
+
+    def ask(n: int) -> None:
+        for i in range(n):
+            url = f"{gunicorn_with_redis}/v1/customers/{CUSTOMERS[i % len(CUSTOMERS)]}/recommendations"
+            statuses.append(requests.get(url, headers=headers, timeout=5).status_code)
+
+    ask(80)
+    own_redis.kill()
+    ask(120)  # both workers find Redis gone and open their breakers
+    own_redis.start()
+    time.sleep(0.5)  # past the breakers' cooldown: the next requests probe and close them
+    ask(120)
+    assert statuses.count(200) == len(statuses) == 320
+    assert own_redis.client().keys(f"{KEY_PREFIX}:rec:*"), "the restarted Redis was not used again"
+    metrics_text = requests.get(f"{gunicorn_with_redis}/metrics", timeout=5).text
+    assert "recsvc_redis_breaker_state 0.0" in metrics_text
