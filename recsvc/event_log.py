@@ -238,6 +238,7 @@ class EventLog:
         self.on_reconnect: list[Callable[[redis.Redis], None]] = []
         self._down_until = 0.0
         self._thread_pid: int | None = None
+        self._thread_lock = threading.Lock()
         self._stop = threading.Event()
 
     @property
@@ -298,10 +299,13 @@ class EventLog:
         self.spool.rotate()
 
     def _ensure_thread(self) -> None:
+        """One replay thread per process, started on first use: threads do not survive gunicorn's fork."""
         if self._thread_pid == os.getpid():
             return
-        self._thread_pid = os.getpid()
-        threading.Thread(target=self._run, name="recsvc-event-log", daemon=True).start()
+        with self._thread_lock:
+            if self._thread_pid != os.getpid():
+                self._thread_pid = os.getpid()
+                threading.Thread(target=self._run, name="recsvc-event-log", daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.retry_interval):
