@@ -48,14 +48,23 @@ EVENT_LOG_RECORDS = Counter("recsvc_event_log_records_total",
                             ["kind", "destination"])
 EVENT_LOG_REPLAYED = Counter("recsvc_event_log_replayed_total", "Spooled records replayed into Redis")
 
-UNMATCHED_ENDPOINT = "unmatched"  # 404s and the like: one label, so random paths cannot blow up cardinality
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+# 404s and the like get one label, and odd methods another, so random requests cannot grow the series.
+UNMATCHED_ENDPOINT = "unmatched"
+
+
+_request_series: dict[tuple, tuple] = {}  # (endpoint, method, status) -> its two labelled series
 
 
 def observe_request(endpoint: str | None, method: str, status: int, seconds: float) -> None:
     """Record one answered request; `endpoint` is the route template (None when no route matched)."""
-    endpoint = endpoint or UNMATCHED_ENDPOINT
-    REQUEST_SECONDS.labels(endpoint, method).observe(seconds)
-    RESPONSES.labels(endpoint, str(status)).inc()
+    method = method if method in KNOWN_METHODS else "OTHER"
+    key = (endpoint or UNMATCHED_ENDPOINT, method, status)
+    series = _request_series.get(key)
+    if series is None:  # labels() costs a lock and a lookup each time: resolve each combination once
+        series = _request_series[key] = (REQUEST_SECONDS.labels(key[0], method), RESPONSES.labels(key[0], str(status)))
+    series[0].observe(seconds)
+    series[1].inc()
 
 
 def observe_cache(hit: bool) -> None:
