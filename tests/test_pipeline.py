@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -13,9 +14,12 @@ from recsvc import artifacts
 from recsvc.errors import InvalidInput
 from recsvc.scoring import PopularityScorer
 from training.cli import main as train_cli
+from training.config import TrainConfig
 from training.evaluate import Holdout, evaluate, split, split_by_time
 from training.ingest import IngestOptions, load_interactions
+from training.pipeline import fit_and_publish
 from training.prepare import core_filter, prepare
+from training.runlog import RunLog
 
 DAY = 86_400
 FAST_ALS = "[strategies.als]\nfactors = 16\niterations = 8\n"
@@ -249,3 +253,29 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     result = run(["evaluate", "--interactions", str(demo_paths["interactions"]), "--config", str(config)])
     assert result.exit_code == 2
     assert "holdout kind must be one of random, time, not 'yesterday'" in result.output
+
+
+def test_a_misspelt_strategy_parameter_exits_2_before_reading_data(tmp_path):
+    config = tmp_path / "typo.toml"
+    config.write_text("[strategies.als]\nfactorz = 3\n")
+    result = run(["fit", "--interactions", str(tmp_path / "not-read.csv"), "--registry", str(tmp_path / "r"),
+                  "--config", str(config)])
+    assert result.exit_code == 2
+    assert "unknown parameter(s) factorz" in result.output and "Traceback" not in result.output
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(demo_paths, tmp_path):
+    config = TrainConfig(strategies=["popular"])
+    terminal, pipe = Terminal(), io.StringIO()
+    fit_and_publish(demo_paths["interactions"], tmp_path / "a", config, log=RunLog(stream=terminal))
+    fit_and_publish(demo_paths["interactions"], tmp_path / "b", config, log=RunLog(stream=pipe))
+    assert "recsvc-train:" in terminal.getvalue() and "step" in terminal.getvalue()  # tqdm's bar and unit
+    assert "\r" not in pipe.getvalue() and "fit.popular: " in pipe.getvalue()
+    quiet = io.StringIO()
+    fit_and_publish(demo_paths["interactions"], tmp_path / "c", config, log=RunLog(stream=quiet, quiet=True))
+    assert quiet.getvalue() == ""

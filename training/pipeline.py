@@ -24,7 +24,7 @@ from training.evaluate import evaluate, split, split_by_time
 from training.ingest import Interactions, load_catalog, load_interactions
 from training.prepare import PrepareReport, prepare
 from training.runlog import RunLog
-from training.strategies import STRATEGIES, TrainingData
+from training.strategies import STRATEGIES, Strategy, TrainingData
 
 LIBRARIES = ("numpy", "scipy", "implicit", "pyarrow", "recsvc")
 
@@ -105,6 +105,15 @@ def config_digest(config: TrainConfig, fingerprint: str, catalog_fingerprint: st
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def build_strategies(names: list[str], config: TrainConfig) -> dict[str, Strategy]:
+    """Unfitted strategies with the configured parameters; a wrong parameter is the user's input error,
+    reported before any data is read."""
+    try:
+        return {name: STRATEGIES[name](**config.params.get(name, {})) for name in names}
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"invalid strategy parameters: {exc}") from exc
+
+
 def load_prepared(interactions_path: Path, config: TrainConfig, catalog_path: Path | None, log: RunLog) -> PreparedData:
     """Read, validate, decay and filter the interactions; InvalidInput for unusable input."""
     interactions = load_interactions(interactions_path, config.ingest)
@@ -129,7 +138,7 @@ def holdout_split(data: PreparedData, config: TrainConfig) -> tuple[sp.csr_matri
     return split_by_time(data.matrix, events.customer, events.item, events.strength, events.timestamp, config.holdout)
 
 
-def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix, names: list[str],
+def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix, strategies: dict[str, Strategy],
                    config: TrainConfig, log: RunLog) -> tuple[dict[str, Scorer], dict, dict]:
     """Fit and evaluate each strategy on the same split: (scorers, metrics, parameters) by name."""
     inactive = np.flatnonzero(~data.catalog.active)
@@ -138,8 +147,7 @@ def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix
     training = TrainingData(train, timestamps=data.interactions.timestamp,
                             interactions=(data.interactions.customer, data.interactions.item))
     scorers, metrics, params = {}, {}, {}
-    for name in names:
-        strategy = STRATEGIES[name](**config.params.get(name, {}))
+    for name, strategy in strategies.items():
         with log.step(f"fit.{name}"):
             scorers[name] = strategy.fit(training)
         with log.step(f"evaluate.{name}"):
@@ -191,12 +199,13 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
     started = time.perf_counter()
     log = RunLog.of(log)
     names = resolve_strategies(config.strategies)
+    strategies = build_strategies(names, config)
     with log.steps(total=3 + 2 * len(names)):
         with log.step("ingest"):
             data = load_prepared(interactions_path, config, catalog_path, log)
         with log.step("split"):
             train, test = holdout_split(data, config)
-        scorers, metrics, params = fit_strategies(data, train, test, names, config, log)
+        scorers, metrics, params = fit_strategies(data, train, test, strategies, config, log)
         default = choose_default(metrics, config.primary_metric)
         gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force)
         manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
@@ -263,10 +272,11 @@ def compare_strategies(interactions_path: Path, config: TrainConfig, catalog_pat
     """The offline comparison `fit` makes, without publishing anything: (metrics by strategy, best personal)."""
     log = RunLog.of(log)
     names = resolve_strategies(config.strategies)
+    strategies = build_strategies(names, config)
     with log.steps(total=2 + 2 * len(names)):
         with log.step("ingest"):
             data = load_prepared(interactions_path, config, catalog_path, log)
         with log.step("split"):
             train, test = holdout_split(data, config)
-        _scorers, metrics, _params = fit_strategies(data, train, test, names, config, log)
+        _scorers, metrics, _params = fit_strategies(data, train, test, strategies, config, log)
     return metrics, choose_default(metrics, config.primary_metric)
