@@ -74,20 +74,21 @@ def implicit_fit_seconds(path: Path) -> tuple[float, int]:
         return time.perf_counter() - started, int(matrix.nnz)
 
 
-def recsvc_fit(path: Path, workdir: Path) -> tuple[float, float, str]:
-    """Run `recsvc-train fit --strategies als` as a child process: (seconds, peak RSS GiB, stdout)."""
+def recsvc_fit(path: Path, workdir: Path) -> tuple[float, float, dict]:
+    """Run `recsvc-train fit --strategies als` as a child process: (seconds, peak RSS GiB, its JSON summary)."""
     config = workdir / "train.toml"
     config.write_text(f"[strategies.als]\nfactors = {FACTORS}\niterations = {ITERATIONS}\n\n"
                       "[evaluation.holdout]\nmax_customers = 2000\n", encoding="utf-8")
-    command = [str(Path(sys.executable).parent / "recsvc-train"), "fit", "--interactions", str(path), "--registry",
-               str(workdir / "registry"), "--strategies", "als", "--config", str(config), "--quiet"]
+    command = [str(Path(sys.executable).parent / "recsvc-train"), "fit", "--interactions", str(path),
+               "--registry", str(workdir / "registry"), "--strategies", "als", "--config", str(config),
+               "--quiet", "--log-format", "json"]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"recsvc-train fit failed ({result.returncode}):\n{result.stderr}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, largest child so far
-    return seconds, peak_kib / 2**20, result.stdout
+    return seconds, peak_kib / 2**20, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -105,16 +106,19 @@ def main() -> None:
         generate(path, args.customers, args.items, args.interactions, args.seed)
         generated = time.perf_counter() - started
         # recsvc first: the child's peak RSS must not include anything this process allocated.
-        recsvc_seconds, peak_gib, output = recsvc_fit(path, workdir)
+        recsvc_seconds, peak_gib, summary = recsvc_fit(path, workdir)
         implicit_seconds, pairs = implicit_fit_seconds(path)
     ratio = recsvc_seconds / implicit_seconds
     figures = {"interactions": args.interactions, "customer_item_pairs": pairs, "generate_seconds": round(generated, 1),
                "implicit_fit_seconds": round(implicit_seconds, 1), "recsvc_fit_seconds": round(recsvc_seconds, 1),
-               "ratio": round(ratio, 3), "peak_rss_gib": round(peak_gib, 2)}
+               "ratio": round(ratio, 3), "peak_rss_gib": round(peak_gib, 2), "recsvc_steps": summary["seconds"],
+               **{f"{name}_ndcg@10": summary["metrics"][name]["ndcg@10"] for name in ("als", "popular")}}
     if args.json:
         print(json.dumps(figures))
     else:
-        print(output.rstrip())
+        steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in summary["seconds"].items())
+        print(f"recsvc-train fit steps: {steps}")
+        print(f"holdout nDCG@10: als {figures['als_ndcg@10']:.4f}, popular {figures['popular_ndcg@10']:.4f}")
         print(f"generated {args.interactions:,} interactions ({pairs:,} customer-item pairs) in {generated:.1f}s")
         print(f"implicit ALS fit ({FACTORS} factors, {ITERATIONS} iterations): {implicit_seconds:.1f}s")
         print(f"recsvc-train fit --strategies als, end to end:       {recsvc_seconds:.1f}s")

@@ -196,7 +196,8 @@ def test_bad_rows_are_reported_and_publishing_goes_on_below_the_threshold(tmp_pa
     assert result.exit_code == 0, result.output
     assert "2 of 3002 rows rejected (0.07%)" in result.output
     assert "missing customer_id: 1" in result.output and "timestamp not ISO-8601 or Unix seconds: 1" in result.output
-    manifest = artifacts.read_manifest(artifacts.versions_root(tmp_path / "r") / artifacts.current_version(tmp_path / "r"))
+    registry = tmp_path / "r"
+    manifest = artifacts.read_manifest(artifacts.versions_root(registry) / artifacts.current_version(registry))
     assert manifest["data"]["bad_rows"]["bad_rows"] == 2
 
 

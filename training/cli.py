@@ -108,7 +108,8 @@ def report_fit(result, config, log) -> None:
         click.echo(format_table(result.metrics, metric_columns(config.k), marker=result.default_strategy))
         click.echo("seconds: " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in result.timings.items()))
     if not result.published:
-        log.warning(f"refused: the quality gate kept the current model: {result.gate.reason}", gate=result.gate.as_dict())
+        log.warning(f"refused: the quality gate kept the current model: {result.gate.reason}",
+                    gate=result.gate.as_dict())
         sys.exit(EXIT_REFUSED_BY_GATE)
     if log.log_format != "json":
         removed = f"; retention removed {', '.join(result.removed_versions)}" if result.removed_versions else ""

@@ -42,8 +42,11 @@ def decay_factors(timestamps: np.ndarray, half_life_days: float, reference_time:
 
 def core_filter(customer: np.ndarray, item: np.ndarray, shape: tuple[int, int], min_items_per_customer: int,
                 min_customers_per_item: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(kept customers mask, kept items mask, rounds that removed something): repeatedly drops customers with fewer distinct items
-    and items with fewer distinct customers than asked, until both hold for everything left (a k-core)."""
+    """(kept customers mask, kept items mask, rounds that removed something).
+
+    Repeatedly drops customers with fewer distinct items and items with fewer distinct customers
+    than asked, until both hold for everything left (a k-core).
+    """
     pairs = sp.csr_matrix((np.ones(len(customer), dtype=np.int32), (customer, item)), shape=shape)
     pairs.sum_duplicates()
     pairs.data[:] = 1
@@ -85,8 +88,9 @@ def _apply_filter(interactions: Interactions, options: IngestOptions, report: Pr
         interactions.customer, interactions.item, shape, options.min_items_per_customer, options.min_customers_per_item)
     rows = keep_customers[interactions.customer] & keep_items[interactions.item]
     if not rows.any():
-        raise InvalidInput(f"no interactions left after the minimum filters (min_items_per_customer="
-                           f"{options.min_items_per_customer}, min_customers_per_item={options.min_customers_per_item})")
+        raise InvalidInput("no interactions left after the minimum filters (min_items_per_customer="
+                           f"{options.min_items_per_customer}, "
+                           f"min_customers_per_item={options.min_customers_per_item})")
     report.customers_removed = int((~keep_customers).sum())
     report.items_removed = int((~keep_items).sum())
     report.rows_removed = int((~rows).sum())
