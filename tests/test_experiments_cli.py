@@ -89,3 +89,13 @@ def test_cli_replay_evaluates_each_variant_on_the_customers_it_would_get(experim
     assert control["hit_rate@10"] > treatment["hit_rate@10"]
     assert replay["expected_relative_lift"]["treatment"] == treatment["hit_rate@10"] / control["hit_rate@10"] - 1
     assert experiment.control == replay["control"] == "control"
+
+
+def test_cli_replay_refuses_an_unknown_strategy_before_reading_data(tmp_path):
+    from tests.test_experiments import SERVED, write_definitions
+
+    definitions = write_definitions(tmp_path / "experiments.json", {**SERVED, "variants": [
+        {"name": "control", "strategy": "als", "weight": 1}, {"name": "b", "strategy": "nosuch", "weight": 1}]})
+    result = CliRunner().invoke(main, ["experiments", "replay", "als-vs-pop", "--experiments", str(definitions),
+                                       "--interactions", str(tmp_path / "absent.csv")])
+    assert result.exit_code == 2 and "unknown strategy nosuch" in result.output

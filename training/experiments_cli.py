@@ -217,14 +217,16 @@ def replay(experiment: Experiment, interactions_path: Path, config, catalog_path
     """Offline metrics per variant: the variants' strategies trained on one holdout split, each evaluated on
     the holdout customers the experiment assigns to that variant."""
     from training.evaluate import evaluate
-    from training.pipeline import fit_strategies, holdout_split, load_prepared
+    from training.pipeline import build_strategies, fit_strategies, holdout_split, load_prepared, resolve_strategies
     from training.runlog import RunLog
 
     log = RunLog.of(log)
+    names = sorted({v.strategy for v in experiment.variants})
+    resolve_strategies(names)  # an unknown strategy is the user's input error, reported before reading data
+    strategies = build_strategies(names, config)
     data = load_prepared(interactions_path, config, catalog_path, log)
     train, test = holdout_split(data, config)
-    names = sorted({v.strategy for v in experiment.variants})
-    scorers, _metrics, _params = fit_strategies(data, train, test, names, config, log)
+    scorers, _metrics, _params = fit_strategies(data, train, test, strategies, config, log)
     customer_ids = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in data.interactions.customers]
     assigned = np.array([experiment.variant_of(c).name for c in customer_ids])
     inactive = np.flatnonzero(~np.asarray(data.catalog.active, dtype=bool))
