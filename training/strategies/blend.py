@@ -24,7 +24,7 @@ class EASEALSStrategy(Strategy):
                 **{f"als_{key}": value for key, value in ALSStrategy.defaults.items()}}
     search_space = {
         "weight_als": [0.5, 0.6, 0.7, 0.8, 0.9],
-        "ease_l2": [200.0, 400.0, 700.0, 1000.0, 1500.0],
+        "ease_l2": [200.0, 400.0, 700.0, 1000.0, 1500.0, 2500.0, 4000.0],
         "als_factors": [32, 64],
         "als_regularization": [30.0, 50.0, 100.0],
         "als_alpha": [5.0, 10.0, 20.0],
