@@ -7,7 +7,9 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit runs its own threads; set before numpy loads
 os.environ.setdefault("RECSVC_LOG_LEVEL", "warning")  # one access-log line per request would bury the table
 
+import argparse  # noqa: E402
 import csv  # noqa: E402
+from dataclasses import replace  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -23,6 +25,7 @@ from recsvc.config import Settings  # noqa: E402
 from recsvc.recommend import fallback_scorer  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.evaluate import evaluate, split  # noqa: E402
+from training.strategies import STRATEGIES, TrainingData  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO / ".." / "shared" / "datasets" / "ml-100k" / "u.data"
@@ -145,7 +148,24 @@ def report(manifest: dict, recomputed: dict, served: dict, expected: dict[str, s
     return failures
 
 
+def other_seeds(matrix: sp.csr_matrix, config: TrainConfig, seeds: list[int]) -> None:
+    """Context, not a target: the same protocol with other holdout seeds, fitted and scored offline."""
+    names = [n for n in config.strategies if n in STRATEGIES and n not in ("popular", "trending")]
+    rows = [["seed", *(f"{n} nDCG/P@10" for n in names)]]
+    for seed in seeds:
+        train, test = split(matrix, replace(config.holdout, seed=seed))
+        cells = []
+        for name in names:
+            m = evaluate(STRATEGIES[name](**config.params.get(name, {})).fit(TrainingData(train)), train, test, k=K)
+            cells.append(f"{m['ndcg@10']:.4f}/{m['precision@10']:.4f}")
+        rows.append([str(seed), *cells])
+    print("\nthe same protocol with other holdout seeds (offline):\n" + table(rows))
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", default="", help="also score other holdout seeds offline, e.g. 1,2,3 (context only)")
+    seeds = [int(s) for s in parser.parse_args().seeds.split(",") if s.strip()]
     if not DATASET.is_file():
         print(f"bench-quality: {DATASET.resolve()} is absent; nothing to measure")
         return 0
@@ -164,6 +184,8 @@ def main() -> int:
         served = {name: served_metrics(view, bundle, test, name, tmp / "spool") for name in bundle.scorers}
         print(f"published {bundle.version}; API answers from {view.name} for {served['popular']['customers']} customers\n")
         failures = report(bundle.manifest, recomputed, served, served_as(bundle))
+        if seeds:
+            other_seeds(bundle.owned, config, seeds)
     for failure in failures:
         print(f"FAIL: {failure}")
     return 1 if failures else 0
