@@ -51,7 +51,7 @@ class EASEStrategy(Strategy):
         if self.params["over_limit"] == "refuse":
             need_mb = n_items**2 * BYTES_PER_PAIR / 2**20
             raise InvalidInput(
-                f"ease: {n_items} items need about {need_mb:,.0f} MiB to fit, over the limit of {limit} items "
+                f"ease: {n_items} items need about {need_mb:,.1f} MiB to fit, over the limit of {limit} items "
                 f"(max_items = {self.params['max_items']}, max_memory_mb = {self.params['max_memory_mb']}). "
                 'Set over_limit = "top_items" to restrict EASE to the most-interacted items, raise the limits, '
                 "or use item_knn or als.")
