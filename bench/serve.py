@@ -136,7 +136,22 @@ def memory_kib(pid: int) -> dict[str, int]:
         name, _, rest = line.partition(":")
         if rest.strip().endswith("kB"):
             fields[name] = int(rest.split()[0])
-    return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"],
+            **model_mappings_kib(pid)}
+
+
+def model_mappings_kib(pid: int) -> dict[str, int]:
+    """Resident and private KiB of the process's mappings of model .npy files, from smaps."""
+    rss = private = 0
+    in_model = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            in_model = line.rstrip().endswith(".npy")
+        elif in_model and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+        elif in_model and line.startswith(("Private_Clean:", "Private_Dirty:")):
+            private += int(line.split()[1])
+    return {"model_rss": rss, "model_private": private}
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -262,9 +277,10 @@ def memory_report(memory: dict[int, dict[str, int]], model_bytes: int) -> float:
         share = kib["private"] * 1024 / model_bytes
         worst = max(worst, share)
         print(f"  worker {pid}: RSS {kib['rss'] / 1024:7.1f} MiB  PSS {kib['pss'] / 1024:7.1f} MiB  "
-              f"private {kib['private'] / 1024:6.1f} MiB = {share:.1%} of the model arrays")
-    print(f"  an extra worker adds its private memory: at most {worst:.1%} of the model arrays "
-          f"(target < {TARGET_WORKER_SHARE:.0%})")
+              f"private {kib['private'] / 1024:6.1f} MiB = {share:.1%} of the model arrays; model files mapped: "
+              f"{kib['model_rss'] / 1024:.1f} MiB resident, {kib['model_private'] / 1024:.1f} MiB of it private")
+    print(f"  an extra worker adds its private memory (all of it, the embedded cache's entries included): "
+          f"at most {worst:.1%} of the model arrays (target < {TARGET_WORKER_SHARE:.0%})")
     return worst
 
 
