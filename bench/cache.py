@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY  # noqa: E402
 
 from recsvc import artifacts  # noqa: E402
 from recsvc.app import create_app  # noqa: E402
+from recsvc.cache import KEY_PREFIX  # noqa: E402
 from recsvc.config import Settings  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.demo_data import DemoSizes, write  # noqa: E402
@@ -164,7 +165,7 @@ def run(args, workdir: Path, server: RedisServer) -> None:
     client = redis.Redis.from_url(server.url)
     client.flushdb()
     warm = warm_cache(registry, server.url, top=args.top, log=lambda _line: None)
-    keys = [key for _, key in zip(range(1000), client.scan_iter("recsvc:v1:rec:*", count=1000))]
+    keys = [key for _, key in zip(range(1000), client.scan_iter(f"{KEY_PREFIX}:rec:*", count=1000))]
     entry_bytes = int(np.mean([len(value) for value in client.mget(keys)]))
     raw = raw_write_rate(server.url, entry_bytes, warm.entries)
 
@@ -197,7 +198,8 @@ def report(warm, raw, entry_bytes, cold, up_phases, down_phases, status) -> None
     print(f"\nwarm-up: {warm.entries} entries ({entry_bytes} bytes each) in {warm.seconds:.2f}s: "
           f"{rate:,.0f} entries/s end to end ({rate / WARM_TARGET:.2f} of the {WARM_TARGET:,} target), "
           f"{write_rate:,.0f} entries/s written ({write_rate / WARM_TARGET:.2f} of target); "
-          f"reference raw redis-py pipelined SET of the same size: {raw:,.0f}/s (warm-up writes at x{write_rate / raw:.2f})")
+          f"reference raw redis-py pipelined SET of the same size: {raw:,.0f}/s "
+          f"(warm-up writes at x{write_rate / raw:.2f})")
     redis_up, in_process, computed = up_phases
     redis_down, computed_meanwhile = down_phases
     print("\nlatency per request through the Flask app (in-process client, no network to the app):")

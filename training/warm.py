@@ -115,7 +115,7 @@ def warm_cache(registry: Path, redis_url: str, top: int = DEFAULT_TOP, ttl: floa
         raise InvalidInput(f"--ttl must be between 1 and {MAX_TTL:g} seconds")
     client = connect(redis_url)
     bundle = load_bundle(Path(registry))
-    max_bytes = Settings().cache_max_entry_bytes
+    max_bytes = Settings.from_env().cache_max_entry_bytes  # the servers' bound (RECSVC_CACHE_MAX_ENTRY_BYTES)
     # The server's recent items too (POST /v1/events): they count as owned, so they change the list.
     recent = PrefetchedRecentItems(redis_url)
     recommender = Recommender(ModelStore(Path(registry)), cache=None, cache_ttl=ttl, recent_items=recent)
