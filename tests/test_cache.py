@@ -179,3 +179,22 @@ def test_a_claim_sees_an_entry_another_process_stored_meanwhile(redis_url, redis
     assert not redis_client.keys(f"{KEY_PREFIX}:lock:*")  # the computing process released its lock
     assert second.claim("recsvc:v1:rec:k2", "c2") == (True, b'{"a":1}')
     assert not redis_client.keys(f"{KEY_PREFIX}:lock:*")  # and so did the one that found the entry
+
+
+def test_cache_settings_come_from_the_environment_in_milliseconds():
+    from recsvc.config import Settings
+
+    settings = Settings.from_env({"RECSVC_CACHE_LOCK_WAIT_MS": "80", "RECSVC_REDIS_BREAKER_COOLDOWN_MS": "250",
+                                  "RECSVC_REDIS_BREAKER_FAILURES": "5", "RECSVC_CACHE_MAX_ENTRY_BYTES": "4096"})
+    assert (settings.cache_lock_wait, settings.redis_breaker_cooldown) == (0.08, 0.25)
+    assert (settings.redis_breaker_failures, settings.cache_max_entry_bytes) == (5, 4096)
+
+
+@pytest.mark.parametrize("name, value", [("RECSVC_CACHE_LOCK_WAIT_MS", "soon"), ("RECSVC_REDIS_BREAKER_FAILURES", "0"),
+                                         ("RECSVC_CACHE_MAX_ENTRY_BYTES", "10")])
+def test_wrong_cache_settings_name_the_variable(name, value):
+    from recsvc.config import Settings
+    from recsvc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
