@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit runs its own threads; set before numpy loads
-os.environ.setdefault("RECSVC_LOG_LEVEL", "warning")  # one access-log line per request would bury the table
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
@@ -166,6 +165,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", default="", help="also score other holdout seeds offline, e.g. 1,2,3 (context only)")
     seeds = [int(s) for s in parser.parse_args().seeds.split(",") if s.strip()]
+    # Here, not at import: tests import this module and must keep their own log level.
+    os.environ.setdefault("RECSVC_LOG_LEVEL", "warning")  # an access-log line per request would bury the table
     if not DATASET.is_file():
         print(f"bench-quality: {DATASET.resolve()} is absent; nothing to measure")
         return 0
