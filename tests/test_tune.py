@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from training.cli import main
 from training.config import TrainConfig
 from training.evaluate import Holdout, split
-from training.ingest import load_interactions
+from training.pipeline import load_prepared
+from training.runlog import RunLog
 from training.tune import candidates, parse_metric, tune, tuning_splits
 
 CONFIG = """# nightly settings, kept by tune
@@ -27,9 +28,8 @@ seed = 5
 """
 
 
-@pytest.fixture(scope="module")
-def demo_matrix(demo_paths):
-    return load_interactions(demo_paths["interactions"]).matrix()
+def prepared(path, config):
+    return load_prepared(path, config, None, RunLog(sink=lambda _line: None))
 
 
 def pairs(matrix) -> set[tuple[int, int]]:
@@ -37,10 +37,12 @@ def pairs(matrix) -> set[tuple[int, int]]:
     return set(zip(rows.tolist(), cols.tolist()))
 
 
-def test_validation_is_carved_from_the_training_part_only(demo_matrix):
+def test_validation_is_carved_from_the_training_part_only(demo_paths):
     holdout = Holdout(fraction=0.25, seed=42, max_customers=None)
-    fit_part, validation, test = tuning_splits(demo_matrix, holdout)
-    train, expected_test = split(demo_matrix, holdout)
+    config = TrainConfig(holdout=holdout)
+    data = prepared(demo_paths["interactions"], config)
+    fit_part, validation, test = tuning_splits(data, config)
+    train, expected_test = split(data.matrix, holdout)
     assert pairs(test) == pairs(expected_test), "the test split is exactly the one `fit` evaluates on"
     assert pairs(fit_part) | pairs(validation) == pairs(train)
     assert not pairs(fit_part) & pairs(validation)
@@ -58,9 +60,18 @@ def test_candidates_are_distinct_and_seeded():
         {"a": 1, "b": 10}, {"a": 1, "b": 20}]
 
 
-def test_tune_ranks_trials_best_first_and_includes_the_current_parameters(demo_matrix):
+def test_validation_under_a_time_holdout_never_sees_the_test_split(demo_paths):
+    config = TrainConfig(holdout=Holdout(kind="time", days=14, seed=42, max_customers=None))
+    data = prepared(demo_paths["interactions"], config)
+    fit_part, validation, test = tuning_splits(data, config)
+    assert test.nnz > 0 and validation.nnz > 0
+    assert not (pairs(fit_part) | pairs(validation)) & pairs(test)
+
+
+def test_tune_ranks_trials_best_first_and_includes_the_current_parameters(demo_paths):
     config = TrainConfig(params={"ease": {"l2": 50.0}})
-    result = tune(demo_matrix, "ease", config, trials=3, metric="recall@5", log=lambda _line: None)
+    data = prepared(demo_paths["interactions"], config)
+    result = tune(data, "ease", config, trials=3, metric="recall@5", log=lambda _line: None)
     values = [t.metrics["recall@5"] for t in result.trials]
     assert values == sorted(values, reverse=True) and result.best.metrics["recall@5"] == max(values)
     assert [t.params for t in result.trials if t.current] == [{"l2": 50.0}]

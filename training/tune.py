@@ -16,8 +16,9 @@ from tomlkit.exceptions import TOMLKitError
 
 from recsvc.errors import InvalidInput
 from training.config import TrainConfig
-from training.evaluate import METRICS, Holdout, evaluate, split
-from training.ingest import load_interactions
+from training.evaluate import METRICS, evaluate, split
+from training.pipeline import PreparedData, holdout_split, load_prepared
+from training.runlog import RunLog
 from training.strategies import STRATEGIES, TrainingData
 
 SEARCHES = ("random", "grid")
@@ -52,11 +53,12 @@ def parse_metric(metric: str) -> tuple[str, int]:
     return name, int(k)
 
 
-def tuning_splits(matrix: sp.csr_matrix, holdout: Holdout) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
-    """(fit part, validation, test). The test split is the one `fit` evaluates on and is never used
-    here: validation is carved from the training part with the same holdout rule and another seed."""
-    train, test = split(matrix, holdout)
-    fit_part, validation = split(train, replace(holdout, seed=holdout.seed + 1))
+def tuning_splits(data: PreparedData, config: TrainConfig) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+    """(fit part, validation, test). The test split is the one `fit` evaluates on (random or time
+    holdout) and is never used here: validation is carved from the training part by a per-customer
+    random split with the holdout's fraction and the next seed."""
+    train, test = holdout_split(data, config)
+    fit_part, validation = split(train, replace(config.holdout, kind="random", seed=config.holdout.seed + 1))
     return fit_part, validation, test
 
 
@@ -70,23 +72,25 @@ def candidates(space: dict[str, list], trials: int, search: str, seed: int) -> l
     return [grid[int(i)] for i in picks]
 
 
-def tune(matrix: sp.csr_matrix, strategy: str, config: TrainConfig, trials: int, metric: str = "ndcg@10",
-         search: str = "random", seed: int = 42, data: TrainingData | None = None,
-         log: Callable[[str], None] = print) -> TuneResult:
+def tune(data: PreparedData, strategy: str, config: TrainConfig, trials: int, metric: str = "ndcg@10",
+         search: str = "random", seed: int = 42, log: Callable[[str], None] = print) -> TuneResult:
     """Fit `strategy` once per candidate (plus the config's current parameters) on the fit part,
     score each on the validation split, and rank them by `metric`, best first."""
     cls = _strategy_class(strategy)
     if search not in SEARCHES:
         raise InvalidInput(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
     name, k = parse_metric(metric)
-    fit_part, validation, _test = tuning_splits(matrix, config.holdout)
+    fit_part, validation, _test = tuning_splits(data, config)
+    # Raw rows let trending see times; it keeps only rows whose pair is in the fit part.
+    training = TrainingData(fit_part, timestamps=data.interactions.timestamp,
+                            interactions=(data.interactions.customer, data.interactions.item))
     base = {**cls.defaults, **config.params.get(strategy, {})}
     current = {p: base[p] for p in cls.search_space}
     runs = [current, *(c for c in candidates(cls.search_space, trials, search, seed) if c != current)]
     results = []
     for number, params in enumerate(runs):
         started = time.perf_counter()
-        scorer = cls(**{**base, **params}).fit(replace(data or TrainingData(matrix), matrix=fit_part))
+        scorer = cls(**{**base, **params}).fit(training)
         scores = evaluate(scorer, fit_part, validation, k=k)
         results.append(Trial(params, scores, time.perf_counter() - started, current=number == 0))
         log(f"trial {number + 1}/{len(runs)}: {_describe(params)} -> {metric} {scores[metric]:.4f}")
@@ -109,11 +113,11 @@ def _describe(params: dict) -> str:
 
 def run(interactions_path: Path, strategy: str, config: TrainConfig, trials: int, metric: str,
         search: str = "random", seed: int = 42, log: Callable[[str], None] = print) -> TuneResult:
-    """Read the interactions as `fit` does and tune on them."""
-    interactions = load_interactions(interactions_path, config.ingest)
-    data = TrainingData(interactions.matrix(), timestamps=interactions.timestamp,
-                        interactions=(interactions.customer, interactions.item))
-    return tune(data.matrix, strategy, config, trials, metric, search, seed, data=data, log=log)
+    """Read and prepare the interactions exactly as `fit` does (weights, decay, filters) and tune on them."""
+    _strategy_class(strategy)  # a wrong name fails before the data is read
+    parse_metric(metric)
+    data = load_prepared(interactions_path, config, None, RunLog(sink=log))
+    return tune(data, strategy, config, trials, metric, search, seed, log=log)
 
 
 def format_leaderboard(result: TuneResult) -> str:
