@@ -12,7 +12,7 @@ DEV_KEY ?= local-dev-key
 # implicit parallelises itself; threaded BLAS underneath it is much slower.
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve
+.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve bench-experiments
 
 # python3-venv is a separate Debian package; install it (and redis-server for the tests) when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -69,6 +69,10 @@ bench-cache: install redis-server
 # see docs/operations.md. wrk comes from Debian (the script installs it when run as root).
 bench-serve: install
 	$(BIN)/python bench/serve.py
+
+# Latency a running experiment adds (exposure logging), with Redis up and down, against a run without one.
+bench-experiments: install redis-server
+	$(BIN)/python bench/experiments.py
 
 clean:
 	rm -rf var .pytest_cache

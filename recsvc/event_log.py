@@ -119,13 +119,14 @@ class Spool:
         self._dirty = False
         self._lock = threading.Lock()
 
-    def append(self, record: dict) -> None:
-        """Raises OSError when the record cannot be written (disk full, read-only volume)."""
+    def append(self, record: dict, durable: bool = True) -> None:
+        """Write one record; fsync it now under the "always" policy when `durable`, else within a second
+        (sync()). Raises OSError when the record cannot be written (disk full, read-only volume)."""
         line = orjson.dumps(record) + b"\n"
         with self._lock:
             fd = self._open()
             os.write(fd, line)  # one write() on an O_APPEND descriptor: the line lands whole or not at all
-            if self.fsync == "always":
+            if durable and self.fsync == "always":
                 os.fsync(fd)
             else:
                 self._dirty = True
@@ -237,6 +238,7 @@ class EventLog:
             self.reader = RedisStreams(slow, dedupe_ttl)
         self.on_reconnect: list[Callable[[redis.Redis], None]] = []
         self._down_until = 0.0
+        self._spooling = False  # Redis failed since the last successful replay
         self._thread_pid: int | None = None
         self._thread_lock = threading.Lock()
         self._stop = threading.Event()
@@ -245,9 +247,11 @@ class EventLog:
     def kind(self) -> str:
         return "redis" if self.streams else "spool"
 
-    def append(self, record: dict) -> str:
+    def append(self, record: dict, durable: bool = True) -> str:
         """Keep one record; returns where it went ("redis" or "spool"). Raises EventLogUnavailable only
-        when neither Redis nor the spool can take it, so the API never answers 202 for a lost record."""
+        when neither Redis nor the spool can take it, so the API never answers 202 for a lost record.
+        `durable=False` (exposures, on the recommendation path) lets a spooled record wait up to a second
+        for its fsync: a crashed process loses nothing, a power failure at most that second."""
         self._ensure_thread()
         if self.streams is not None and time.monotonic() >= self._down_until:
             try:
@@ -257,9 +261,12 @@ class EventLog:
             except redis.RedisError as exc:
                 # Skip Redis for a while: a request must not wait for the timeout of a server known to be down.
                 self._down_until = time.monotonic() + self.retry_interval
-                log.warning("event log: redis unreachable (%s), spooling", exc.__class__.__name__)
+                if not self._spooling:  # once per outage, not once per record
+                    self._spooling = True
+                    log.warning("event log: redis unreachable (%s), spooling to %s", exc.__class__.__name__,
+                                self.spool.directory)
         try:
-            self.spool.append(record)
+            self.spool.append(record, durable)
         except OSError as exc:
             log.error("event log: spool write failed: %s", exc)
             raise EventLogUnavailable("the event could not be stored; retry later") from None
@@ -286,9 +293,9 @@ class EventLog:
             self.spool.rotate()
             sent = self.spool.replay(self.reader.add_many)
         except (redis.RedisError, OSError) as exc:
-            log.warning("event log: replay postponed: %s", exc.__class__.__name__)
+            log.debug("event log: replay postponed: %s", exc.__class__.__name__)
             return 0
-        self._down_until = 0.0
+        self._down_until, self._spooling = 0.0, False
         if sent:
             metrics.event_log_replayed(sent)
             log.info("event log: replayed %d spooled records into redis", sent)
@@ -308,7 +315,7 @@ class EventLog:
                 threading.Thread(target=self._run, name="recsvc-event-log", daemon=True).start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.retry_interval):
+        while not self._stop.wait(min(self.retry_interval, 1.0)):  # everysec: fsync at least once a second
             try:
                 self.spool.sync()
                 if self.spool.files():

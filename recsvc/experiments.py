@@ -227,7 +227,7 @@ class ExperimentRouter:
                   "experiment": assignment.experiment, "variant": assignment.variant,
                   "strategy": assignment.strategy, "time": round(time.time(), 3)}
         try:
-            self.event_log.append(record)
+            self.event_log.append(record, durable=False)  # an fsync per request would slow every answer
         except RecsvcError as exc:
             log.error("exposure of %s in %s not recorded: %s", customer_id, assignment.experiment, exc.message)
 

@@ -74,6 +74,23 @@ def test_spool_appends_whole_lines_and_replays_them_in_order(tmp_path):
     assert spool.files() == [] and spool.pending() == 0
 
 
+def test_fsync_always_syncs_feedback_at_once_and_exposures_within_the_next_sync(tmp_path, monkeypatch):
+    import os
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    spool = Spool(tmp_path, "always")
+    spool.append(feedback(1))  # opens the file (directory fsync) and syncs the record
+    before = len(synced)
+    spool.append(feedback(2))
+    assert len(synced) == before + 1
+    spool.append({"kind": EXPOSURE, "n": 3}, durable=False)
+    assert len(synced) == before + 1
+    spool.sync()
+    spool.sync()  # nothing left to sync
+    assert len(synced) == before + 2
+
+
 def test_a_torn_last_line_and_a_damaged_line_are_skipped(tmp_path):
     (tmp_path / "crashed.spool").write_bytes(b'{"kind":"feedback","n":1}\nnot json\n{"kind":"feedback","n":2}\n{"kin')
     received = []
