@@ -1,4 +1,4 @@
-"""make bench-experiments: what exposure logging adds to a recommendation, with Redis up and down, against references."""
+"""make bench-experiments: what exposure logging adds to an answer, with Redis up and down, against references."""
 
 from __future__ import annotations
 

@@ -235,7 +235,8 @@ class ExperimentRouter:
         """Write the definitions to Redis (a redis.Redis), so `recsvc-train experiments report` finds weights and
         control without the file."""
         if self.experiments.experiments:
-            client.hset(experiments_key(), mapping={e.name: json.dumps(describe(e)) for e in self.experiments.experiments})
+            definitions = {e.name: json.dumps(describe(e)) for e in self.experiments.experiments}
+            client.hset(experiments_key(), mapping=definitions)
 
     def publish_quietly(self, client) -> None:
         try:
