@@ -30,7 +30,7 @@ import orjson
 import redis
 
 from recsvc import metrics
-from recsvc.cache import event_seen_key, event_stream_key, experiments_key, recent_items_key
+from recsvc.cache import event_seen_key, event_stream_key, recent_items_key
 from recsvc.errors import EventLogUnavailable
 
 log = logging.getLogger(__name__)
