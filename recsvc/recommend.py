@@ -141,9 +141,10 @@ class Recommender:
             ranked.extend(*_evidence(scorer.scores(customer, owned), query.limit, excluded), "personal", query.limit)
         if len(context) and scorer.personal and len(ranked.items) < query.limit:
             ranked.extend(*_evidence(scorer.scores(None, context), query.limit, excluded), "context", query.limit)
+        # An explicitly requested non-personal strategy (popular, trending) is itself the last step.
+        fallback = scorer if not scorer.personal else fallback_scorer(bundle)
         if len(ranked.items) < query.limit:
-            popularity = fallback_scorer(bundle).scores(None, owned)
-            ranked.extend(*top_k(popularity, query.limit, excluded), "popular", query.limit)
+            ranked.extend(*top_k(fallback.scores(None, owned), query.limit, excluded), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
         metrics.observe_source(source)
         return {
@@ -151,7 +152,7 @@ class Recommender:
             "model_version": bundle.version,
             "strategy": strategy,
             "source": source,
-            "items": [self._item(bundle, scorer, pos, score, source, owned, context)
+            "items": [self._item(bundle, scorer, fallback, pos, score, source, owned, context)
                       for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)],
         }
 
@@ -173,9 +174,9 @@ class Recommender:
             mask |= np.asarray(bundle.catalog.category) != category
         return mask
 
-    def _item(self, bundle: ModelBundle, scorer, position: int, score: float, source: str,
+    def _item(self, bundle: ModelBundle, scorer, fallback, position: int, score: float, source: str,
               owned: np.ndarray, context: np.ndarray) -> dict:
-        reasons = self._reasons(bundle, scorer, position, source, owned, context)
+        reasons = self._reasons(bundle, scorer, fallback, position, source, owned, context)
         return self._item_fields(bundle, position, score, reasons)
 
     @staticmethod
@@ -190,11 +191,11 @@ class Recommender:
         return item
 
     @staticmethod
-    def _reasons(bundle: ModelBundle, scorer, position: int, source: str, owned: np.ndarray,
+    def _reasons(bundle: ModelBundle, scorer, fallback, position: int, source: str, owned: np.ndarray,
                  context: np.ndarray) -> list[str]:
         """Sentences an agent can say aloud."""
         if source == "popular":
-            return [_popular_reason(fallback_scorer(bundle))]
+            return [_popular_reason(fallback)]
         basis = owned if source == "personal" else context
         weights = scorer.contributions(position, basis)
         order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]

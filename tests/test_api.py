@@ -163,3 +163,25 @@ def test_request_id_is_echoed(client, auth):
 def test_openapi_document_is_served_without_a_key(client):
     spec = client.get("/openapi.json").get_json()
     assert "/v1/customers/{customer_id}/recommendations" in spec["paths"]
+
+
+def test_explicit_popular_is_all_time_popularity_while_the_fallback_is_trending(tmp_path, auth):
+    from recsvc.scoring import PopularityScorer
+    from tests.test_api_fallback import publish, tiny_bundle, tiny_settings
+
+    bundle = tiny_bundle()
+    # Trending ranks the active items in the opposite order of all-time popularity.
+    bundle.scorers["trending"] = PopularityScorer(np.array([60, 50, 40, 30, 20, 10, 1], dtype=np.float32),
+                                                  window_days=7)
+    bundle.manifest["strategies"]["trending"] = {}
+    publish(tmp_path, bundle)
+    app = create_app(tiny_settings(tmp_path))
+    client = app.test_client()
+    popular = client.get("/v1/customers/stranger/recommendations?limit=3&strategy=popular", headers=auth).get_json()
+    assert [item["item_id"] for item in popular["items"]] == ["i5", "i4", "i3"]
+    assert popular["items"][0]["reasons"] == ["Popular with customers"]
+    fallback = client.get("/v1/customers/stranger/recommendations?limit=3", headers=auth).get_json()
+    assert fallback["source"] == "popular"
+    assert [item["item_id"] for item in fallback["items"]] == ["i0", "i1", "i2"]
+    assert fallback["items"][0]["reasons"] == ["Popular this week"]
+    app.extensions["recsvc"].store.stop()
