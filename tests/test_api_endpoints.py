@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from recsvc.app import create_app
@@ -145,13 +146,23 @@ def test_admin_reload_swaps_in_the_new_current_version(api, auth, registry):
     assert api.post("/v1/admin/reload", headers=ADMIN).get_json()["changed"] is False
 
 
-def test_a_broken_version_is_refused_and_shown_while_the_old_one_serves(api, auth, registry):
+def _remove_items(version_dir):
+    (version_dir / "items.npy").unlink()
+
+
+def _shrink_catalog(version_dir):
+    # Loads fine, but fails validation: the catalog no longer matches the item count.
+    np.save(version_dir / "catalog.active.npy", np.ones(3, dtype=bool), allow_pickle=False)
+
+
+@pytest.mark.parametrize("damage, words", [(_remove_items, "items.npy"), (_shrink_catalog, "catalog")])
+def test_a_broken_version_is_refused_and_shown_while_the_old_one_serves(api, auth, registry, damage, words):
     publish(registry, tiny_bundle("v2"))
-    (registry / "versions" / "v2" / "items.npy").unlink()
+    damage(registry / "versions" / "v2")
     body = api.post("/v1/admin/reload", headers=ADMIN).get_json()
     assert body["changed"] is False and body["model_version"] == "v1"
     failure = body["last_load_failure"]
-    assert failure["version"] == "v2" and "items.npy" in failure["reason"] and str(registry) not in failure["reason"]
+    assert failure["version"] == "v2" and words in failure["reason"] and str(registry) not in failure["reason"]
     ready = api.get("/readyz").get_json()
     assert ready["model_version"] == "v1" and ready["last_load_failure"]["version"] == "v2"
     assert api.get("/v1/customers/c0/recommendations", headers=auth).get_json()["model_version"] == "v1"
