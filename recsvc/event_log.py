@@ -336,31 +336,50 @@ class RecentItems:
         self.max_customers = max_customers
         self.retry_interval = retry_interval
         self._local: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
+        self._unsynced: dict[str, set[str]] = {}  # added while Redis was down
         self._lock = threading.Lock()
         self._down_until = 0.0
 
     def add(self, customer_id: str, item_ids: Iterable[str]) -> None:
         items = set(item_ids)
         self._add_local(customer_id, items)
-        if self._redis_usable():
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.sadd(recent_items_key(customer_id), *items)
-                pipe.expire(recent_items_key(customer_id), int(self.ttl))
-                pipe.execute()
-            except redis.RedisError:
-                self._down_until = time.monotonic() + self.retry_interval
+        if not (self._redis_usable() and self._write(self.client, customer_id, items)):
+            with self._lock:  # written to Redis by flush() when the event log reconnects
+                if customer_id in self._unsynced or len(self._unsynced) < self.max_customers:
+                    self._unsynced.setdefault(customer_id, set()).update(items)
 
     def get(self, customer_id: str) -> set[str]:
-        """The customer's recent items; Redis (shared by all replicas) when it answers, else this process's copy."""
-        if self._redis_usable():
-            try:
-                return {m.decode("utf-8") for m in self.client.smembers(recent_items_key(customer_id))}
-            except redis.RedisError:
-                self._down_until = time.monotonic() + self.retry_interval
+        """The customer's recent items: Redis (shared by all replicas) when it answers, with this process's copy
+        (which also holds what was added while Redis was down)."""
         with self._lock:
             expires, items = self._local.get(customer_id, (0.0, set()))
-            return set(items) if expires > time.monotonic() else set()
+            local = set(items) if expires > time.monotonic() else set()
+        if self._redis_usable():
+            try:
+                return local | {m.decode("utf-8") for m in self.client.smembers(recent_items_key(customer_id))}
+            except redis.RedisError:
+                self._down_until = time.monotonic() + self.retry_interval
+        return local
+
+    def flush(self, client: redis.Redis) -> None:
+        """Write the items added while Redis was down, so other replicas see them too."""
+        with self._lock:
+            pending, self._unsynced = self._unsynced, {}
+        for customer_id, items in pending.items():
+            if not self._write(client, customer_id, items):
+                with self._lock:
+                    self._unsynced.setdefault(customer_id, set()).update(items)
+
+    def _write(self, client: redis.Redis, customer_id: str, items: set[str]) -> bool:
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.sadd(recent_items_key(customer_id), *items)
+            pipe.expire(recent_items_key(customer_id), int(self.ttl))
+            pipe.execute()
+            return True
+        except redis.RedisError:
+            self._down_until = time.monotonic() + self.retry_interval
+            return False
 
     def merge(self, bundle, customer_id: str, owned: np.ndarray) -> np.ndarray:
         """`owned` item positions plus the model's positions of the customer's recent items."""
@@ -396,4 +415,5 @@ def from_settings(settings) -> tuple[EventLog, RecentItems]:
                          dedupe_ttl=int(settings.event_dedupe_ttl))
     recent = RecentItems(settings.redis_url, ttl=settings.recent_items_ttl, timeout=settings.redis_timeout,
                          retry_interval=settings.redis_breaker_cooldown)
+    event_log.on_reconnect.append(recent.flush)
     return event_log, recent

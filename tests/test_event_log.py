@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from recsvc.cache import event_stream_key
+from recsvc.cache import event_stream_key, recent_items_key
 from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool
 from tests.conftest import free_port
 from tests.test_experiments import SERVED, start_app, stop_app, write_definitions
@@ -154,6 +154,23 @@ def test_recent_items_fall_back_to_this_process_while_redis_is_down():
     recent.add("alice", ["i1", "i2"])
     assert recent.get("alice") == {"i1", "i2"}
     assert recent.get("bob") == set()
+
+
+def test_recent_items_added_while_redis_was_down_reach_redis_when_it_returns(own_redis, tmp_path):
+    log = EventLog(own_redis.url, tmp_path, retry_interval=0.1)
+    recent = RecentItems(own_redis.url, ttl=60)
+    log.on_reconnect.append(recent.flush)
+    own_redis.stop()
+    log.append({"kind": "event", "event_id": "e1", "customer_id": "alice", "item_id": "i1"})
+    recent.add("alice", ["i1"])
+    assert recent.get("alice") == {"i1"}
+    own_redis.start()
+    other_replica = RecentItems(own_redis.url, ttl=60)
+    assert other_replica.get("alice") == set()
+    assert log.replay() == 1
+    assert other_replica.get("alice") == {"i1"}
+    assert 0 < redis.Redis.from_url(own_redis.url).ttl(recent_items_key("alice")) <= 60
+    log.stop()
 
 
 def test_feedback_accepted_while_redis_is_down_is_counted_exactly_once(own_redis, settings, tmp_path, auth):
