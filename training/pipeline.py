@@ -210,6 +210,7 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
         gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force)
         manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
         if not gate.passed:
+            log.seconds["total"] = time.perf_counter() - started
             return FitResult(manifest["version"], None, metrics, default, False, gate, dict(log.seconds))
         with log.step("publish"):
             path, removed = publish(registry, data, scorers, manifest, config.keep_versions)
