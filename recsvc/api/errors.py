@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import http
+
 import marshmallow as ma
+from apispec import BasePlugin
 from flask import Flask, jsonify
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
@@ -47,13 +50,34 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     return response
 
 
+class ErrorStatusesPlugin(BasePlugin):
+    """Documents every error status an operation can answer with, so clients (and the fuzzer) can rely on the
+    OpenAPI document: 400 instead of webargs' 422, the key checks under /v1, body limits where there is a body."""
+
+    def operation_helper(self, path=None, operations=None, **kwargs):
+        for operation in (operations or {}).values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop(422, None) or responses.pop("422", None):
+                responses["400"] = http.HTTPStatus(400).name
+            codes = set()
+            if path.startswith("/v1/"):
+                codes |= {401, 429, 503}  # no or wrong key; rate limit; no model loaded or event log down
+            if path.startswith("/v1/admin/"):
+                codes.add(403)
+            if "requestBody" in operation:
+                codes |= {400, 413, 415}  # bad JSON, body over RECSVC_MAX_BODY_BYTES, not JSON
+            for code in codes:
+                if code not in responses and str(code) not in responses:
+                    responses[str(code)] = http.HTTPStatus(code).name
+
+
 class RecsvcApi(Api):
     """flask-smorest's Api with recsvc's error shape; validation failures are 400, not 422."""
 
     ERROR_SCHEMA = ErrorSchema
 
     def __init__(self, app: Flask):
-        super().__init__(app)
+        super().__init__(app, spec_kwargs={"extra_plugins": [ErrorStatusesPlugin()]})
         app.register_error_handler(RecsvcError, self.handle_domain_error)
         app.register_error_handler(Exception, self.handle_unexpected)
 
