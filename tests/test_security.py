@@ -73,3 +73,26 @@ def test_keys_never_appear_in_logs(app, client, caplog):
 def test_malformed_authorization_is_401(client, header):
     response = client.get("/v1/customers/c1/recommendations", headers={"Authorization": header})
     assert response.status_code == 401
+
+
+def auth_headers(key=API_KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("method, url, body, status", [
+    ("GET", "/v1/customers/" + "c" * 129 + "/recommendations", None, 400),
+    ("GET", "/v1/customers/c1/recommendations?limit=101", None, 400),
+    ("GET", "/v1/customers/c1/recommendations?limit=0", None, 400),
+    ("GET", "/v1/items/" + "i" * 129 + "/similar", None, 400),
+    ("POST", "/v1/recommendations/batch", {"requests": [{"customer_id": "c1"}] * 51}, 400),
+    ("POST", "/v1/customers/c1/recommendations", {"context_items": ["i1"] * 101}, 400),
+    ("POST", "/v1/events", [{"customer_id": "c1", "item_id": "i1", "event_type": "view"}] * 501, 400),
+    ("POST", "/v1/feedback", {"request_id": "r" * 65, "customer_id": "c1", "item_id": "i1", "action": "shown"}, 400),
+    ("POST", "/v1/feedback", {"request_id": "r1", "customer_id": "c1", "item_id": "i1", "action": "x" * 70000},
+     413),
+    ("POST", "/v1/events", [{"customer_id": "c" * 128, "item_id": "i" * 128, "event_type": "view"}] * 400, 413),
+])
+def test_sizes_and_parameters_over_their_limits_are_refused(client, method, url, body, status):
+    response = client.open(url, method=method, headers=auth_headers(), json=body)
+    assert response.status_code == status, response.get_data(as_text=True)[:300]
+    assert set(response.get_json()["error"]) == {"code", "message", "details"}
