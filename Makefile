@@ -93,7 +93,7 @@ lint-docker: install
 
 # Known vulnerabilities in the installed dependencies (PyPI's advisory data); .ci/run calls it.
 audit: install
-	$(BIN)/pip-audit --local --skip-editable --progress-spinner off
+	$(BIN)/python .ci/audit.py
 
 clean:
 	rm -rf var .pytest_cache
