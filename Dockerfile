@@ -27,7 +27,9 @@ RUN mkdir -p recsvc training \
 
 COPY recsvc ./recsvc
 COPY training ./training
-RUN pip install --no-deps . && mkdir -p /registry && chown 10001:10001 /registry
+RUN pip install --no-deps . \
+    && mkdir -p /registry /var/lib/recsvc/spool \
+    && chown 10001:10001 /registry /var/lib/recsvc /var/lib/recsvc/spool
 
 USER 10001:10001
 ENV RECSVC_REGISTRY=/registry \

@@ -1,0 +1,79 @@
+"""docker-compose.yml checked statically (no Docker engine here): settings, commands, paths and Redis policy are real."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from training.cli import main as train_cli
+from training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_SETTINGS_SOURCES = [REPO / "recsvc" / "config.py", REPO / "recsvc" / "gunicorn_conf.py"]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> source (volume name or host path) of a service's volumes."""
+    found = {}
+    for spec in service.get("volumes", []):
+        spec = spec.removesuffix(":ro").removesuffix(":rw")
+        source, _, target = spec.rpartition(":")  # from the right: a source may be ${VAR:-default}
+        found[target] = source
+    return found
+
+
+def test_every_recsvc_variable_the_api_sets_is_read_by_the_server(compose):
+    sources = "\n".join(path.read_text() for path in SERVER_SETTINGS_SOURCES)
+    names = [name for name in compose["services"]["api"]["environment"] if name.startswith("RECSVC_")]
+    assert len(names) >= 5
+    unknown = [name for name in names if f'"{name}"' not in sources]
+    assert unknown == [], f"not read by recsvc/config.py or gunicorn_conf.py: {unknown}"
+
+
+def test_redis_keeps_accepted_records_it_cannot_evict_the_streams(compose):
+    command = compose["services"]["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2]))
+    assert options["--appendonly"] == "yes" and options["--appendfsync"] in ("always", "everysec")
+    assert options["--maxmemory-policy"].startswith("volatile-"), "allkeys-* could evict the event streams"
+    assert compose["services"]["redis"]["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+
+
+def test_the_api_points_at_services_and_volumes_that_exist(compose):
+    api = compose["services"]["api"]
+    assert urlparse(api["environment"]["RECSVC_REDIS_URL"]).hostname in compose["services"]
+    volumes = mounts(api)
+    assert volumes[api["environment"]["RECSVC_REGISTRY"]] == "registry"
+    assert api["environment"]["RECSVC_SPOOL_DIR"].startswith(next(p for p, v in volumes.items() if v == "spool"))
+    assert set(volumes.values()) <= set(compose["volumes"])
+    assert "/readyz" in api["healthcheck"]["test"][-1]
+
+
+def test_the_image_creates_the_mounted_directories_for_its_user():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"mkdir -p /registry /var/lib/recsvc", dockerfile)
+    assert re.search(r"chown 10001:10001 /registry /var/lib/recsvc", dockerfile)
+
+
+def test_the_trainer_job_runs_a_real_command_with_the_example_config(compose):
+    trainer = compose["services"]["trainer"]
+    program, subcommand, *options = trainer["command"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert program in scripts and subcommand in train_cli.commands
+    known = {opt for param in train_cli.commands[subcommand].params for opt in param.opts}
+    assert {o for o in options if o.startswith("--")} <= known
+    volumes = mounts(trainer)
+    config_path = options[options.index("--config") + 1]
+    config = TrainConfig.from_file(REPO / volumes[config_path].removeprefix("./"))
+    assert str(config.nightly.registry) in volumes and volumes[str(config.nightly.registry)] == "registry"
+    assert str(config.nightly.interactions).startswith("/data/") and "/data" in volumes
+    assert urlparse(config.nightly.redis_url).hostname in compose["services"]
