@@ -144,7 +144,8 @@ def run(args, wrk: str, work: Path) -> bool:
               f"Zipf s={args.zipf} over {args.customers} customers ...", flush=True)
         warm_up, warm_out = run_paced(wrk, f"http://127.0.0.1:{port}", work / "warm.lua", 5, args.connections)
         result, out = run_paced(wrk, f"http://127.0.0.1:{port}", work / "load.lua", args.seconds, args.connections)
-        elapsed = float(re.search(r"requests in ([\d.]+)s", out).group(1))
+        value, unit = re.search(r"requests in ([\d.]+)(ms|s|m)", out).groups()
+        elapsed = float(value) * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
         accepted = sum(int(re.search(r"ACCEPTED (\d+)", text).group(1)) for text in (warm_out, out))
         result["non_2xx"] += warm_up["non_2xx"]
         result["socket_errors"] = result["socket_errors"] or warm_up["socket_errors"]
