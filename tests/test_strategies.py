@@ -24,6 +24,9 @@ SMALL_PARAMS = {
     "item_knn": {"neighbours": 20, "threads": 1},  # implicit counts the item itself among its neighbours
     "ease": {"l2": 1.0},
     "ease_als": {"ease_l2": 1.0, "als_factors": 4, "als_regularization": 0.01, "als_iterations": 30, "weight_als": 0.5},
+    "gf_cf": {"factors": 4},
+    "ease_als_gf": {"ease_l2": 1.0, "als_factors": 4, "als_regularization": 0.01, "als_iterations": 30, "weight_als": 0.5,
+                    "gf_factors": 4, "weight_gf": 0.2},
 }
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
                 strategies=list(strategies.get("enabled", DEFAULT_STRATEGIES)),
                 params={name: dict(v) for name, v in strategies.items() if isinstance(v, dict)},
                 ingest=_ingest_options(raw.get("data", {})),
-                holdout=Holdout(**evaluation.get("holdout", {})),
+                holdout=_holdout(evaluation.get("holdout", {})),
                 k=int(evaluation.get("k", 10)),
                 primary_metric=str(evaluation.get("primary_metric", "ndcg@10")),
                 gate=Gate(**raw.get("gate", {})),
@@ -86,6 +86,17 @@ def _positive(value, name: str) -> int:
     if int(value) < 1:
         raise ValueError(f"{name} must be at least 1, not {value}")
     return int(value)
+
+
+def _holdout(raw: dict) -> Holdout:
+    """The [evaluation.holdout] table. TOML has no null, so max_customers = 0 means every customer."""
+    raw = dict(raw)
+    if "max_customers" in raw:
+        if int(raw["max_customers"]) < 0:
+            raise ValueError(f"evaluation.holdout.max_customers must be 0 (every customer) or more, "
+                             f"not {raw['max_customers']}")
+        raw["max_customers"] = int(raw["max_customers"]) or None
+    return Holdout(**raw)
 
 
 def _ingest_options(data: dict) -> IngestOptions:

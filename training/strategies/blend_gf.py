@@ -1,0 +1,44 @@
+"""EASE, ALS and GF-CF's low-pass filter blended: a weighted sum of three scorers, served as one blend scorer."""
+
+from __future__ import annotations
+
+from recsvc.errors import InvalidInput
+from recsvc.scoring import BlendScorer
+from training.strategies.als import ALSStrategy
+from training.strategies.base import TrainingData
+from training.strategies.blend import EASEALSStrategy, _typical_magnitude
+from training.strategies.ease import EASEStrategy
+from training.strategies.gf_cf import GFCFStrategy
+
+PARTS = {"ease": EASEStrategy, "als": ALSStrategy, "gf": GFCFStrategy}
+
+
+class EASEALSGFStrategy(EASEALSStrategy):
+    """`weight_als` x ALS + (1 - weight_als) x EASE + `weight_gf` x GF-CF, each part's scores divided
+    by their mean absolute value over a sample of training customers (as in ease_als). The GF-CF part
+    is its ideal low-pass filter alone by default (gf_graph_weight = 0): a low-rank view of the
+    item graph that neither EASE nor ALS gives. Parts' own parameters carry their prefix."""
+
+    name = "ease_als_gf"
+    defaults = {**EASEALSStrategy.defaults, "weight_als": 0.7, "ease_l2": 1500.0, "als_factors": 32,
+                "als_regularization": 50.0, "als_alpha": 10.0, "weight_gf": 0.05,
+                **{f"gf_{key}": value for key, value in GFCFStrategy.defaults.items()},
+                "gf_graph_weight": 0.0, "gf_ideal_weight": 1.0, "gf_factors": 32}
+    search_space = {
+        "weight_als": [0.6, 0.7, 0.8],
+        "weight_gf": [0.0, 0.05, 0.1, 0.2],
+        "gf_factors": [16, 32, 64],
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if not 0 <= float(self.params["weight_gf"]):
+            raise InvalidInput(f"ease_als_gf: weight_gf must be >= 0, not {self.params['weight_gf']!r}")
+
+    def fit(self, data: TrainingData) -> BlendScorer:
+        weight_als = float(self.params["weight_als"])
+        weights = {"ease": 1.0 - weight_als, "als": weight_als, "gf": float(self.params["weight_gf"])}
+        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in PARTS.items()}
+        scales = {name: _typical_magnitude(part, data) for name, part in parts.items()}
+        self.scorer = BlendScorer(parts, weights, scales)
+        return self.scorer
