@@ -96,3 +96,10 @@ def test_sizes_and_parameters_over_their_limits_are_refused(client, method, url,
     response = client.open(url, method=method, headers=auth_headers(), json=body)
     assert response.status_code == status, response.get_data(as_text=True)[:300]
     assert set(response.get_json()["error"]) == {"code", "message", "details"}
+
+
+@pytest.mark.parametrize("url", ["/v1/feedback", "/v1/events", "/v1/recommendations/batch",
+                                 "/v1/customers/c1/recommendations"])
+def test_every_body_that_is_not_json_is_415(client, url):
+    response = client.post(url, data="customer_id=c1", headers={**auth_headers(), "Content-Type": "text/plain"})
+    assert response.status_code == 415 and response.get_json()["error"]["code"] == "unsupported_media_type"

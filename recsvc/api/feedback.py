@@ -13,11 +13,15 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import validate
 
+from recsvc.api.recommendations import _json_bodies_only
 from recsvc.api.schemas import Id
 from recsvc.event_log import EVENT, FEEDBACK, event_time
 from recsvc.experiment_report import ACTIONS
 
 blp = Blueprint("feedback", __name__, url_prefix="/v1", description="Feedback on suggestions and real-time events")
+# A form or text body would be read as "no body" and answered with missing-field errors: say 415, as the
+# recommendation endpoints do (and as the OpenAPI document lists for every operation with a body).
+blp.before_request(_json_bodies_only)
 
 MAX_EVENTS = 500  # per call; the body limit (RECSVC_MAX_BODY_BYTES) applies as well
 
