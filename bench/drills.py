@@ -307,7 +307,8 @@ class Drills:
         moved.rename(pointer)
         if served != {serving}:
             raise SystemExit(f"registry unreadable: served {served}")
-        return f"CURRENT replaced by a directory; kept serving {serving[-8:]} (readyz: {failure.get('reason', '')[:40]})", None
+        reason = failure.get("reason", "")[:40]
+        return f"CURRENT replaced by a directory; kept serving {serving[-8:]} (readyz: {reason})", None
 
     def registry_gone(self, load: Load):
         serving, hidden = self.current_version(), self.registry.with_name("registry.away")

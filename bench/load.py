@@ -60,7 +60,8 @@ request = function()
   local item = string.format("I%%06d", math.random(0, %(items)d - 1))
   local r = math.random()
   if r < %(feedback)f then
-    local body = string.format('{"request_id":"load%(run)d-%%d-%%d","customer_id":"%%s","item_id":"%%s","action":"%%s"}',
+    local body = string.format(
+      '{"request_id":"load%(run)d-%%d-%%d","customer_id":"%%s","item_id":"%%s","action":"%%s"}',
                                id, sent, customer, item, math.random() < 0.3 and "accepted" or "shown")
     return wrk.format("POST", "/v1/feedback", headers, body)
   elseif r < %(feedback)f + %(events)f then
@@ -140,7 +141,8 @@ def run(args, wrk: str, work: Path) -> bool:
         reference, _ = run_paced(wrk, f"http://127.0.0.1:{hello_port}/hello", work / "hello.lua",
                                  args.reference_seconds, args.connections)
         stop(hello)
-        print(f"5 s warm-up (counted for errors and data, not for latency), then {args.seconds} s at {args.rate:.0f} req/s target, {args.connections} connections, "
+        print(f"5 s warm-up (counted for errors and data, not for latency), then {args.seconds} s at "
+              f"{args.rate:.0f} req/s target, {args.connections} connections, "
               f"Zipf s={args.zipf} over {args.customers} customers ...", flush=True)
         warm_up, warm_out = run_paced(wrk, f"http://127.0.0.1:{port}", work / "warm.lua", 5, args.connections)
         result, out = run_paced(wrk, f"http://127.0.0.1:{port}", work / "load.lua", args.seconds, args.connections)

@@ -1,4 +1,4 @@
-"""docker-compose.yml checked statically (no Docker engine here): settings, commands, paths and Redis policy are real."""
+"""docker-compose.yml checked statically (no Docker engine here): its settings, commands, paths, Redis policy."""
 
 from __future__ import annotations
 

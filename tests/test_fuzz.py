@@ -7,9 +7,9 @@ import os
 
 import pytest
 import schemathesis
+from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, response_schema_conformance,
                                                status_code_conformance)
 
@@ -28,7 +28,8 @@ def documented_status(ctx, response, case) -> None:
         f"{case.method} {case.path} answered {response.status_code}, documented: {sorted(documented)}"
 
 
-CHECKS = [not_a_server_error, documented_status, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [not_a_server_error, documented_status, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
 # Valid requests also check that the key is really required (ignored_auth resends without it). Invalid ones are
 # not held to negative_data_rejection: unknown query parameters are ignored by design, and schemathesis's
 # negated security header would be overridden by the key we send.
@@ -58,7 +59,9 @@ def api_schema(fuzz_app):
 
 
 def fuzz(operation, mode, examples: int) -> None:
-    """Run `examples` generated requests against one operation; raises on the first broken check."""
+    """Run up to `examples` generated requests against one operation; raises on the first broken check.
+    (A hypothesis test per operation rather than schemathesis's pytest plugin, whose fixture-based loader
+    does not run under pytest 9.)"""
     key = ADMIN_KEY if operation.path.startswith("/v1/admin/") else API_KEY
 
     @given(case=operation.as_strategy(generation_mode=mode))
