@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import API_KEY, REPO, free_port, start_gunicorn, stop, worker_pids  # noqa: E402
 
 from recsvc import artifacts  # noqa: E402
+from recsvc.cache import event_stream_key  # noqa: E402
 from recsvc.cli import MALLOC_ENV  # noqa: E402
 from recsvc.event_log import EVENT, FEEDBACK, RedisStreams  # noqa: E402
 
@@ -273,6 +274,28 @@ class Drills:
         return f"Redis down {up - down:.1f} s (SIGKILL, restarted from its AOF); {kept} feedback/events " \
                f"accepted meanwhile into {spooled} spool files, replayed after", None
 
+    def redis_full(self, load: Load):
+        client = redis.Redis.from_url(self.redis.url)
+        client.config_set("maxmemory-policy", "volatile-lru")  # as in docker-compose.yml
+        streams_before = self.stream_entries(client)
+        evicted_before = client.info("stats")["evicted_keys"]
+        full = time.monotonic()
+        client.config_set("maxmemory", "1")  # below any content: every key with a TTL goes, then writes fail
+        time.sleep(self.seconds / 3)
+        streams_during = self.stream_entries(client)
+        raised = time.monotonic()
+        client.config_set("maxmemory", "0")
+        evicted = client.info("stats")["evicted_keys"] - evicted_before
+        kept = sum(1 for o in load.snapshot() if o.key and o.status == 202 and full <= o.started <= raised)
+        if streams_during < streams_before:
+            raise SystemExit(f"Redis full: the streams lost entries ({streams_before} -> {streams_during})")
+        return f"volatile-lru: {evicted} cache keys evicted, streams kept ({streams_before} -> {streams_during} " \
+               f"entries); {kept} feedback/events accepted while full, spooled, replayed after", None
+
+    @staticmethod
+    def stream_entries(client: redis.Redis) -> int:
+        return sum(client.xlen(event_stream_key(kind)) for kind in (FEEDBACK, EVENT))
+
     def new_model(self, load: Load):
         previous = self.current_version()
         version = publish_model(self.registry, 2)
@@ -347,7 +370,7 @@ class Drills:
         return artifacts.current_version(self.registry)
 
 
-DRILLS = [("Redis killed and restarted", "redis_killed"), ("new model published", "new_model"),
+DRILLS = [("Redis killed and restarted", "redis_killed"), ("Redis full (maxmemory)", "redis_full"), ("new model published", "new_model"),
           ("corrupt model published", "corrupt_model"), ("registry unreadable", "registry_unreadable"),
           ("registry moved away", "registry_gone"), ("gunicorn worker killed", "worker_killed")]
 
