@@ -6,75 +6,22 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import redis
 from prometheus_client import REGISTRY
 
 from recsvc import artifacts
 from recsvc.app import create_app
 from recsvc.cache import KEY_PREFIX, CircuitBreaker, RedisCache
 from recsvc.recommend import RecommendationQuery
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY
+from tests.redis_process import free_port
 
 CUSTOMERS = [f"C{n:06d}" for n in range(1, 41)]
-
-
-class RedisProcess:
-    """A redis-server of this test's own on a fixed port, so it can be killed, frozen and started again."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    pytest.fail(f"redis-server did not start on port {self.port}")
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def freeze(self, frozen: bool) -> None:
-        """SIGSTOP: the port stays open but nothing answers, the worst case for timeouts."""
-        os.kill(self.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.fail("this test needs redis-server on PATH (make test installs it)")
-    server = RedisProcess(tmp_path)
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.freeze(False)
-        server.kill()
 
 
 @pytest.fixture

@@ -7,59 +7,19 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
 from recsvc.cache import event_stream_key, recent_items_key
 from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool
-from tests.conftest import free_port
+from tests.redis_process import free_port
 from tests.test_experiments import SERVED, start_app, stop_app, write_definitions
 
 
 def feedback(n: int, action: str = "accepted") -> dict:
     return {"kind": FEEDBACK, "request_id": f"r{n}", "customer_id": f"c{n}", "item_id": "i1", "action": action,
             "time": 1.0}
-
-
-class RedisProcess:
-    """A redis-server of this test's own, on a fixed port so it can be stopped and started again."""
-
-    def __init__(self, workdir: Path):
-        self.port, self.workdir, self.process = free_port(), workdir, None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or pytest.fail("redis-server is needed")
-        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(self.workdir)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client, deadline = redis.Redis.from_url(self.url), time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return client.close()
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    pytest.fail("redis-server did not start")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = RedisProcess(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_spool_appends_whole_lines_and_replays_them_in_order(tmp_path):

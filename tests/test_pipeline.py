@@ -162,7 +162,7 @@ def test_gate_refuses_a_degraded_model_and_keeps_the_current_one(fit_args, tmp_p
     result = run([*fit_args[:-1], str(degraded)])
     assert result.exit_code == 3, result.output
     assert "refused: the quality gate kept the current model: ndcg@10" in result.output
-    assert f"x the current model's" in result.output and current in result.output
+    assert "x the current model's" in result.output and current in result.output
     assert artifacts.current_version(registry) == current
     assert artifacts.list_versions(registry) == [current]  # nothing of the refused model was written
 
