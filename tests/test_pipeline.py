@@ -280,3 +280,18 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(demo_paths, tmp_pa
     quiet = io.StringIO()
     fit_and_publish(demo_paths["interactions"], tmp_path / "c", config, log=RunLog(stream=quiet, quiet=True))
     assert quiet.getvalue() == ""
+
+
+def test_the_default_strategy_is_personal_even_when_trending_scores_higher():
+    import numpy as np
+
+    from recsvc.scoring import FactorScorer, PopularityScorer
+    from training.pipeline import choose_default
+
+    factors = FactorScorer(np.ones((2, 2), dtype=np.float32), np.ones((3, 2), dtype=np.float32))
+    popularity = PopularityScorer(np.arange(3, dtype=np.float32))
+    metrics = {"als": {"ndcg@10": 0.1}, "trending": {"ndcg@10": 0.3}, "popular": {"ndcg@10": 0.2}}
+    scorers = {"als": factors, "trending": popularity, "popular": popularity}
+    assert choose_default(metrics, "ndcg@10", scorers) == "als"
+    only_popular = {"popular": {"ndcg@10": 0.2}, "trending": {"ndcg@10": 0.3}}
+    assert choose_default(only_popular, "ndcg@10", scorers) == "trending"

@@ -84,9 +84,10 @@ def resolve_strategies(names: list[str]) -> list[str]:
     return list(dict.fromkeys([*names, "popular"]))
 
 
-def choose_default(metrics: dict[str, dict[str, float]], primary: str) -> str:
-    """The best personal strategy by the primary metric; popular only when it is the only one."""
-    personal = [name for name in metrics if name != "popular"] or ["popular"]
+def choose_default(metrics: dict[str, dict[str, float]], primary: str, scorers: dict[str, Scorer]) -> str:
+    """The best personal strategy by the primary metric; a non-personal one (popular, trending) only
+    when nothing else was trained, since the fallback chain already ends in popularity."""
+    personal = [name for name in metrics if scorers[name].personal] or list(metrics)
     return max(personal, key=lambda name: metrics[name].get(primary, float("-inf")))
 
 
@@ -206,7 +207,7 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
         with log.step("split"):
             train, test = holdout_split(data, config)
         scorers, metrics, params = fit_strategies(data, train, test, strategies, config, log)
-        default = choose_default(metrics, config.primary_metric)
+        default = choose_default(metrics, config.primary_metric, scorers)
         gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force)
         manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
         if not gate.passed:
@@ -279,5 +280,5 @@ def compare_strategies(interactions_path: Path, config: TrainConfig, catalog_pat
             data = load_prepared(interactions_path, config, catalog_path, log)
         with log.step("split"):
             train, test = holdout_split(data, config)
-        _scorers, metrics, _params = fit_strategies(data, train, test, strategies, config, log)
-    return metrics, choose_default(metrics, config.primary_metric)
+        scorers, metrics, _params = fit_strategies(data, train, test, strategies, config, log)
+    return metrics, choose_default(metrics, config.primary_metric, scorers)
