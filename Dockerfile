@@ -32,7 +32,9 @@ RUN pip install --no-deps . \
     && chown 10001:10001 /registry /var/lib/recsvc /var/lib/recsvc/spool
 
 USER 10001:10001
+# The spool keeps accepted feedback and events while Redis is down: it must be writable by this user.
 ENV RECSVC_REGISTRY=/registry \
+    RECSVC_SPOOL_DIR=/var/lib/recsvc/spool \
     RECSVC_BIND=0.0.0.0:8000
 EXPOSE 8000
 VOLUME ["/registry"]
