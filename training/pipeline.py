@@ -202,11 +202,7 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
     names = resolve_strategies(config.strategies)
     strategies = build_strategies(names, config)
     with log.steps(total=3 + 2 * len(names)):
-        with log.step("ingest"):
-            data = load_prepared(interactions_path, config, catalog_path, log)
-        with log.step("split"):
-            train, test = holdout_split(data, config)
-        scorers, metrics, params = fit_strategies(data, train, test, strategies, config, log)
+        data, scorers, metrics, params = _train_and_evaluate(interactions_path, config, catalog_path, log, strategies)
         default = choose_default(metrics, config.primary_metric, scorers)
         gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force)
         manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
@@ -276,9 +272,17 @@ def compare_strategies(interactions_path: Path, config: TrainConfig, catalog_pat
     names = resolve_strategies(config.strategies)
     strategies = build_strategies(names, config)
     with log.steps(total=2 + 2 * len(names)):
-        with log.step("ingest"):
-            data = load_prepared(interactions_path, config, catalog_path, log)
-        with log.step("split"):
-            train, test = holdout_split(data, config)
-        scorers, metrics, _params = fit_strategies(data, train, test, strategies, config, log)
+        _data, scorers, metrics, _params = _train_and_evaluate(interactions_path, config, catalog_path, log,
+                                                               strategies)
     return metrics, choose_default(metrics, config.primary_metric, scorers)
+
+
+def _train_and_evaluate(interactions_path: Path, config: TrainConfig, catalog_path: Path | None, log: RunLog,
+                        strategies: dict[str, Strategy]) -> tuple[PreparedData, dict[str, Scorer], dict, dict]:
+    """The steps fit and evaluate share: ingest, holdout split, fit and score every strategy."""
+    with log.step("ingest"):
+        data = load_prepared(interactions_path, config, catalog_path, log)
+    with log.step("split"):
+        train, test = holdout_split(data, config)
+    scorers, metrics, params = fit_strategies(data, train, test, strategies, config, log)
+    return data, scorers, metrics, params
