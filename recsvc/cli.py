@@ -9,7 +9,6 @@ import click
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from recsvc.experiments import load_experiments
 
 
 # glibc malloc tuning read at process start, so it is set before gunicorn runs: few arenas, and buffers over
@@ -29,6 +28,12 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(1, 64), help="threads per worker (default 4)")
 def serve(host: str, port: int, workers: int | None, threads: int | None) -> None:
     """Run the API under gunicorn with recsvc/gunicorn_conf.py."""
+    # Checking the experiments file loads the metrics module, which in multiprocess mode writes into this
+    # directory at import; gunicorn_conf would create it too, but only after this check.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    from recsvc.experiments import load_experiments
+
     try:
         settings = Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
         load_experiments(settings.experiments_path)
