@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from recsvc.app import create_app
 from recsvc.cache import KEY_PREFIX, CircuitBreaker, RedisCache
 from recsvc.recommend import RecommendationQuery
 from tests.conftest import API_KEY
-from tests.redis_process import free_port
+from tests.server_process import running_server
 
 CUSTOMERS = [f"C{n:06d}" for n in range(1, 41)]
 
@@ -248,34 +246,11 @@ def test_a_slow_leader_does_not_hold_up_the_others(redis_url, redis_client):
 @pytest.fixture
 def gunicorn_with_redis(trained_registry, own_redis, tmp_path):
     """`recsvc serve` with two workers on our own Redis, the way it runs in production."""
-    import sys
-
-    import requests
-
-    port = free_port()
-    env = {**os.environ, "RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY,
-           "RECSVC_REDIS_URL": own_redis.url, "RECSVC_REDIS_BREAKER_COOLDOWN_MS": "200",
-           "RECSVC_SPOOL_DIR": str(tmp_path / "spool"), "RECSVC_LOG_LEVEL": "warning"}
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers", "2"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    ready = wait_for(lambda: _answers(requests, f"{base}/readyz"), timeout=30)
-    if not ready:
-        process.kill()
-        process.wait()
-        pytest.fail(f"server did not become ready:\n{log.read_text()}")
-    yield base
-    process.terminate()
-    process.wait(timeout=30)
-
-
-def _answers(requests, url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY, "RECSVC_REDIS_URL": own_redis.url,
+           "RECSVC_REDIS_BREAKER_COOLDOWN_MS": "200", "RECSVC_SPOOL_DIR": str(tmp_path / "spool"),
+           "RECSVC_LOG_LEVEL": "warning"}
+    with running_server(env, tmp_path / "server.log") as base:
+        yield base
 
 
 def test_gunicorn_workers_answer_every_request_through_a_redis_outage(gunicorn_with_redis, own_redis):

@@ -14,6 +14,7 @@ import redis
 from recsvc.cache import event_stream_key, recent_items_key
 from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool
 from tests.redis_process import free_port
+from tests.server_process import running_server
 from tests.test_experiments import SERVED, start_app, stop_app, write_definitions
 
 
@@ -202,23 +203,18 @@ def _wait_until(condition, timeout: float = 30.0) -> None:
 def test_gunicorn_workers_spool_while_redis_is_down_and_replay_when_it_returns(own_redis, trained_registry,
                                                                                tmp_path):
     """Several real worker processes, each with its own spool file, lose nothing across a Redis outage."""
-    import os
 
     import requests
 
     from tests.conftest import API_KEY
 
-    port, spool = free_port(), tmp_path / "spool"
-    env = {**os.environ, "RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY,
+    spool = tmp_path / "spool"
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY,
            "RECSVC_REDIS_URL": own_redis.url, "RECSVC_SPOOL_DIR": str(spool),
            "RECSVC_REDIS_BREAKER_COOLDOWN_MS": "200", "RECSVC_LOG_LEVEL": "warning",
            "RECSVC_EXPERIMENTS": str(write_definitions(tmp_path / "experiments.json", SERVED))}
-    with open(tmp_path / "server.log", "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port),
-                                    "--workers", "2"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {API_KEY}"}
-    try:
-        _wait_until(lambda: _ready(requests, base), timeout=30)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with running_server(env, tmp_path / "server.log") as base:
         own_redis.stop()
         statuses = [requests.post(f"{base}/v1/feedback", headers=headers, timeout=5, json=_body(n)).status_code
                     for n in range(300)]  # a new connection each: spread over both workers
@@ -229,17 +225,7 @@ def test_gunicorn_workers_spool_while_redis_is_down_and_replay_when_it_returns(o
         _wait_until(lambda: client.xlen(event_stream_key(FEEDBACK)) == 300 and not Spool(spool).files())
         assert {r["request_id"] for r in RedisStreams(client, 60).read(FEEDBACK)} == {f"r{n}" for n in range(300)}
         client.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _body(n: int) -> dict:
     return {k: v for k, v in feedback(n).items() if k not in ("kind", "time")}
-
-
-def _ready(requests, base: str) -> bool:
-    try:
-        return requests.get(f"{base}/readyz", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
@@ -13,7 +9,8 @@ import requests
 from recsvc.api.auth import RateLimiter
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY
+from tests.server_process import running_server
 from tests.test_api_security import error_of, make_client  # noqa: F401  (fixture)
 
 
@@ -77,35 +74,11 @@ def test_the_rate_settings_are_read_from_the_environment():
 @pytest.mark.slow
 def test_under_gunicorn_each_worker_has_its_own_bucket(trained_registry, tmp_path):
     """The documented trade-off: no Redis round trip on the hot path, so the limit holds per worker."""
-    port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY,
-           "RECSVC_RATE_LIMIT": "0.01", "RECSVC_RATE_BURST": "3", "RECSVC_SPOOL_DIR": str(tmp_path / "spool"),
-           "RECSVC_LOG_LEVEL": "warning"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers",
-                                    "2"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_ready(base, process, log)
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY, "RECSVC_RATE_LIMIT": "0.01",
+           "RECSVC_RATE_BURST": "3", "RECSVC_SPOOL_DIR": str(tmp_path / "spool"), "RECSVC_LOG_LEVEL": "warning"}
+    with running_server(env, tmp_path / "server.log") as base:
         # A new connection per request, so both workers take some.
         statuses = [requests.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"},
                                  timeout=5).status_code for _ in range(24)]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     assert set(statuses) == {200, 429}
     assert 3 <= statuses.count(200) <= 6, statuses  # the burst of 3, in one worker or in each of the two
-
-
-def wait_until_ready(base: str, process: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    process.wait()
-    pytest.fail(f"server did not become ready:\n{log.read_text()}")

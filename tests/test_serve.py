@@ -5,37 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY
+from tests.server_process import running_server
 
 
 @pytest.fixture
 def server(trained_registry, tmp_path):
-    port = free_port()
-    env = {**os.environ, "RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY}
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers", "2"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        process.wait()
-        pytest.fail(f"server did not become ready:\n{log.read_text()}")
-    yield base
-    process.terminate()
-    process.wait(timeout=30)
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY}
+    with running_server(env, tmp_path / "server.log") as base:
+        yield base
 
 
 def test_gunicorn_serves_recommendations(server):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -15,7 +12,8 @@ import pytest
 import requests
 
 from recsvc import artifacts
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY
+from tests.server_process import running_server
 from tests.test_api_fallback import publish, tiny_bundle
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -31,34 +29,10 @@ def registry(tmp_path):
 
 @pytest.fixture
 def server(registry, tmp_path):
-    port = free_port()
-    env = {**os.environ, "RECSVC_REGISTRY": str(registry), "RECSVC_API_KEYS": API_KEY,
-           "RECSVC_RELOAD_INTERVAL": "0.2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-           "RECSVC_LOG_LEVEL": "info"}
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:recsvc.gunicorn_conf",
-                                    "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base, process, log)
+    env = {"RECSVC_REGISTRY": str(registry), "RECSVC_API_KEYS": API_KEY, "RECSVC_RELOAD_INTERVAL": "0.2",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), "RECSVC_LOG_LEVEL": "info"}
+    with running_server(env, tmp_path / "server.log", workers=2, threads=4) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _wait_ready(base: str, process: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    pytest.fail(f"gunicorn did not become ready:\n{log.read_text()}")
 
 
 class Traffic:
