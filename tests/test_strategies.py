@@ -285,3 +285,17 @@ def test_published_strategies_score_the_same_through_the_api(demo_paths, tmp_pat
         assert served["customers"] == offline["customers"] > 500
         for metric in ("ndcg@10", "precision@10"):
             assert served[metric] == pytest.approx(offline[metric], abs=0.002), (name, metric)
+
+
+def test_an_als_ensemble_scores_the_mean_of_its_seeds_models_with_one_product(matrix):
+    params = {"factors": 4, "iterations": 5, "regularization": 0.1, "seed": 7}
+    members = [STRATEGIES["als"](**{**params, "seed": seed}) for seed in (7, 8, 9)]
+    expected = np.mean([m.fit(TrainingData(matrix)).scores(2, history(matrix, 2)) for m in members], axis=0)
+    ensemble = STRATEGIES["als"](**params, ensemble=3).fit(TrainingData(matrix))
+    assert ensemble.item_factors.shape == (matrix.shape[1], 12)
+    np.testing.assert_allclose(ensemble.scores(2, history(matrix, 2)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_als_ensemble_below_one_is_refused(matrix):
+    with pytest.raises(InvalidInput, match="ensemble must be at least 1"):
+        STRATEGIES["als"](factors=4, iterations=1, ensemble=0).fit(TrainingData(matrix))

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from recsvc.errors import InvalidInput
 from training.cli import main
-from training.config import TrainConfig
-from training.evaluate import Holdout, split
+from training.config import TrainConfig, Tuning
+from training.evaluate import Holdout, evaluate, split
 from training.pipeline import load_prepared
 from training.runlog import RunLog
+from training.strategies import STRATEGIES, TrainingData
 from training.tune import candidates, parse_metric, tune, tuning_splits
 
 CONFIG = """# nightly settings, kept by tune
@@ -41,13 +43,55 @@ def test_validation_is_carved_from_the_training_part_only(demo_paths):
     holdout = Holdout(fraction=0.25, seed=42, max_customers=None)
     config = TrainConfig(holdout=holdout)
     data = prepared(demo_paths["interactions"], config)
-    fit_part, validation, test = tuning_splits(data, config)
+    [(fit_part, validation)], test = tuning_splits(data, config)
     train, expected_test = split(data.matrix, holdout)
     assert pairs(test) == pairs(expected_test), "the test split is exactly the one `fit` evaluates on"
     assert pairs(fit_part) | pairs(validation) == pairs(train)
     assert not pairs(fit_part) & pairs(validation)
     assert not (pairs(fit_part) | pairs(validation)) & pairs(test), "tuning never sees a test pair"
     assert validation.nnz > 0.15 * train.nnz
+
+
+def test_folds_are_distinct_validation_splits_of_the_training_part_with_the_configured_fraction(demo_paths):
+    holdout = Holdout(fraction=0.25, seed=42, max_customers=None)
+    config = TrainConfig(holdout=holdout, tuning=Tuning(folds=3, validation_fraction=0.1))
+    data = prepared(demo_paths["interactions"], config)
+    folds, test = tuning_splits(data, config)
+    train, _ = split(data.matrix, holdout)
+    assert len(folds) == 3
+    for fit_part, validation in folds:
+        assert pairs(fit_part) | pairs(validation) == pairs(train) and not pairs(fit_part) & pairs(validation)
+        assert not pairs(validation) & pairs(test)
+        assert 0.05 * train.nnz < validation.nnz < 0.15 * train.nnz, "about a tenth of the training pairs"
+    assert len({frozenset(pairs(validation)) for _, validation in folds}) == 3, "each fold has its own seed"
+
+
+def test_tune_scores_a_trial_by_its_mean_over_the_folds(demo_paths):
+    config = TrainConfig(params={"ease": {"l2": 50.0}}, tuning=Tuning(folds=2, validation_fraction=0.2))
+    data = prepared(demo_paths["interactions"], config)
+    result = tune(data, "ease", config, trials=1, metric="ndcg@5", log=lambda _line: None)
+    [(fit_a, val_a), (fit_b, val_b)], _test = tuning_splits(data, config)
+    strategy = STRATEGIES["ease"](l2=50.0)
+    expected = np.mean([evaluate(strategy.fit(TrainingData(fit)), fit, val, k=5)["ndcg@5"]
+                        for fit, val in ((fit_a, val_a), (fit_b, val_b))])
+    current = next(t for t in result.trials if t.current)
+    assert current.metrics["ndcg@5"] == pytest.approx(expected)
+    assert result.folds == 2
+
+
+def test_the_configs_search_space_replaces_the_strategys_own(demo_paths):
+    config = TrainConfig(params={"als": {"factors": 8, "iterations": 3}},
+                         tuning=Tuning(space={"als": {"factors": [8, 12], "ensemble": [1, 2]}}))
+    data = prepared(demo_paths["interactions"], config)
+    result = tune(data, "als", config, trials=10, metric="ndcg@5", log=lambda _line: None)
+    assert sorted((t.params["factors"], t.params["ensemble"]) for t in result.trials) == [(8, 1), (8, 2), (12, 1),
+                                                                                          (12, 2)]
+
+
+def test_a_search_space_with_an_unknown_parameter_is_refused(demo_paths):
+    config = TrainConfig(tuning=Tuning(space={"ease": {"lambda": [1.0]}}))
+    with pytest.raises(InvalidInput, match="lambda not among ease's parameters"):
+        tune(prepared(demo_paths["interactions"], config), "ease", config, trials=1, log=lambda _line: None)
 
 
 def test_candidates_are_distinct_and_seeded():
@@ -63,7 +107,7 @@ def test_candidates_are_distinct_and_seeded():
 def test_validation_under_a_time_holdout_never_sees_the_test_split(demo_paths):
     config = TrainConfig(holdout=Holdout(kind="time", days=14, seed=42, max_customers=None))
     data = prepared(demo_paths["interactions"], config)
-    fit_part, validation, test = tuning_splits(data, config)
+    [(fit_part, validation)], test = tuning_splits(data, config)
     assert test.nnz > 0 and validation.nnz > 0
     assert not (pairs(fit_part) | pairs(validation)) & pairs(test)
 
@@ -83,10 +127,11 @@ def test_cli_prints_a_leaderboard_and_writes_the_best_into_the_toml_keeping_the_
     config_path = tmp_path / "recsvc.toml"
     config_path.write_text(CONFIG, encoding="utf-8")
     result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "ease",
-                                       "--trials", "3", "--metric", "ndcg@10", "--config", str(config_path)])
+                                       "--trials", "3", "--metric", "ndcg@10", "--folds", "2", "--config",
+                                       str(config_path)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert "ranked by ndcg@10 on the validation split" in lines[0]
+    assert "ranked by ndcg@10, the mean over 2 validation fold(s)" in lines[0]
     board = [line.split() for line in lines[3:] if line.strip() and line.split()[0].isdigit()]
     assert len(board) >= 3 and [row[0] for row in board] == [str(i) for i in range(1, len(board) + 1)]
     scores = [float(row[1]) for row in board]

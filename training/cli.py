@@ -274,16 +274,25 @@ def registry_rollback(registry: Path, version: str | None) -> None:
               "map or hit_rate, at K.")
 @click.option("--search", type=click.Choice(["random", "grid"]), default="random", show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the random search.")
+@click.option("--folds", type=click.IntRange(min=1), help="Validation folds to average over "
+              "(default: [tuning] folds of the config, else 1).")
+@click.option("--validation-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of each customer's training items a fold validates on "
+                   "(default: [tuning] validation_fraction, else the holdout's fraction).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Trainer config (TOML or JSON) to read, and to write the best parameters into (created if missing).")
 @user_errors
 def tune(interactions_path: Path, strategy: str, trials: int, metric: str, search: str, seed: int,
-         config_path: Path | None) -> None:
-    """Search a strategy's parameters on a validation split carved from the training part (never the test split)."""
+         folds: int | None, validation_fraction: float | None, config_path: Path | None) -> None:
+    """Search a strategy's parameters on validation folds carved from the training part (never the test split)."""
+    from dataclasses import replace
+
     from training.config import TrainConfig
     from training.tune import format_leaderboard, run, write_best
 
     config = TrainConfig.from_file(config_path if config_path is not None and config_path.exists() else None)
+    config = replace(config, tuning=replace(config.tuning, folds=folds or config.tuning.folds,
+                                            validation_fraction=validation_fraction or config.tuning.validation_fraction))
     result = run(interactions_path, strategy, config, trials, metric, search, seed,
                  log=lambda line: click.echo(line, err=True))
     click.echo(format_leaderboard(result))

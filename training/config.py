@@ -26,6 +26,27 @@ class Gate:
 
 
 @dataclass
+class Tuning:
+    """How `tune` validates: `folds` random splits carved from the training part (seeds after the
+    holdout's), each holding out `validation_fraction` of a customer's items (None: the holdout's
+    fraction). A small fraction leaves a fit part close in size to the final model's training
+    part, so capacity and regularisation chosen on it carry over; more folds average out split noise."""
+
+    folds: int = 1
+    validation_fraction: float | None = None
+    space: dict[str, dict[str, list]] = field(default_factory=dict)  # [tuning.space.<strategy>]: replaces its own
+
+    def __post_init__(self):
+        for strategy, params in self.space.items():
+            if not isinstance(params, dict) or not all(isinstance(v, list) and v for v in params.values()):
+                raise ValueError(f"tuning.space.{strategy} must map parameter names to non-empty lists of values")
+        if self.folds < 1:
+            raise ValueError(f"tuning.folds must be at least 1, not {self.folds}")
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            raise ValueError(f"tuning.validation_fraction must be between 0 and 1, not {self.validation_fraction}")
+
+
+@dataclass
 class NightlyPaths:
     """What `nightly` reads and writes; relative paths are relative to the config file."""
 
@@ -55,6 +76,7 @@ class TrainConfig:
     gate: Gate = field(default_factory=Gate)
     keep_versions: int = 10  # registry retention; CURRENT and the version before it are always kept
     nightly: NightlyPaths = field(default_factory=NightlyPaths)
+    tuning: Tuning = field(default_factory=Tuning)
 
     @classmethod
     def from_file(cls, path: Path | None) -> "TrainConfig":
@@ -77,6 +99,7 @@ class TrainConfig:
                 gate=Gate(**raw.get("gate", {})),
                 keep_versions=_positive(raw.get("retention", {}).get("keep_versions", 10), "retention.keep_versions"),
                 nightly=NightlyPaths.from_dict(raw.get("nightly", {}), base),
+                tuning=Tuning(**raw.get("tuning", {})),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidInput(f"{source}: invalid trainer configuration: {exc}") from exc

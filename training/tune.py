@@ -38,6 +38,7 @@ class TuneResult:
     strategy: str
     metric: str
     trials: list[Trial]  # best first
+    folds: int = 1
 
     @property
     def best(self) -> Trial:
@@ -53,13 +54,17 @@ def parse_metric(metric: str) -> tuple[str, int]:
     return name, int(k)
 
 
-def tuning_splits(data: PreparedData, config: TrainConfig) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
-    """(fit part, validation, test). The test split is the one `fit` evaluates on (random or time
-    holdout) and is never used here: validation is carved from the training part by a per-customer
-    random split with the holdout's fraction and the next seed."""
+def tuning_splits(data: PreparedData, config: TrainConfig) -> tuple[list[tuple[sp.csr_matrix, sp.csr_matrix]],
+                                                                     sp.csr_matrix]:
+    """([(fit part, validation)] per fold, test). The test split is the one `fit` evaluates on (random
+    or time holdout) and is never used here: each fold's validation is carved from the training part
+    by a per-customer random split ([tuning] validation_fraction, else the holdout's fraction) with
+    the holdout's seed + 1, + 2, ..."""
     train, test = holdout_split(data, config)
-    fit_part, validation = split(train, replace(config.holdout, kind="random", seed=config.holdout.seed + 1))
-    return fit_part, validation, test
+    fraction = config.tuning.validation_fraction or config.holdout.fraction
+    folds = [split(train, replace(config.holdout, kind="random", fraction=fraction, seed=config.holdout.seed + fold))
+             for fold in range(1, config.tuning.folds + 1)]
+    return folds, test
 
 
 def candidates(space: dict[str, list], trials: int, search: str, seed: int) -> list[dict]:
@@ -80,31 +85,51 @@ def tune(data: PreparedData, strategy: str, config: TrainConfig, trials: int, me
     if search not in SEARCHES:
         raise InvalidInput(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
     name, k = parse_metric(metric)
-    fit_part, validation, _test = tuning_splits(data, config)
-    # Raw rows let trending see times; it keeps only rows whose pair is in the fit part.
-    training = TrainingData(fit_part, timestamps=data.interactions.timestamp,
-                            interactions=(data.interactions.customer, data.interactions.item))
+    folds, _test = tuning_splits(data, config)
     base = {**cls.defaults, **config.params.get(strategy, {})}
-    current = {p: base[p] for p in cls.search_space}
-    runs = [current, *(c for c in candidates(cls.search_space, trials, search, seed) if c != current)]
+    space = search_space(strategy, config)
+    current = {p: base[p] for p in space}
+    runs = [current, *(c for c in candidates(space, trials, search, seed) if c != current)]
     results = []
     for number, params in enumerate(runs):
         started = time.perf_counter()
-        scorer = cls(**{**base, **params}).fit(training)
-        scores = evaluate(scorer, fit_part, validation, k=k)
+        scores = _cross_validate(data, cls(**{**base, **params}), folds, k)
         results.append(Trial(params, scores, time.perf_counter() - started, current=number == 0))
         log(f"trial {number + 1}/{len(runs)}: {_describe(params)} -> {metric} {scores[metric]:.4f}")
     results.sort(key=lambda t: -t.metrics[metric])
-    return TuneResult(strategy, metric, results)
+    return TuneResult(strategy, metric, results, folds=len(folds))
+
+
+def search_space(strategy: str, config: TrainConfig) -> dict[str, list]:
+    """The config's [tuning.space.<strategy>] when given, else the strategy's own; InvalidInput for
+    a parameter the strategy does not have."""
+    cls = _strategy_class(strategy)
+    space = config.tuning.space.get(strategy) or cls.search_space
+    unknown = sorted(set(space) - set(cls.defaults))
+    if unknown:
+        raise InvalidInput(f"tuning.space.{strategy}: {', '.join(unknown)} not among {strategy}'s parameters "
+                           f"({', '.join(sorted(cls.defaults))})")
+    if not space:
+        raise InvalidInput(f"{strategy} has no parameters to tune")
+    return space
+
+
+def _cross_validate(data: PreparedData, strategy, folds: list[tuple[sp.csr_matrix, sp.csr_matrix]],
+                    k: int) -> dict[str, float]:
+    """The strategy fitted on each fold's fit part and scored on its validation: metrics averaged over folds."""
+    per_fold = []
+    for fit_part, validation in folds:
+        # Raw rows let trending see times; it keeps only rows whose pair is in the fit part.
+        training = TrainingData(fit_part, timestamps=data.interactions.timestamp,
+                                interactions=(data.interactions.customer, data.interactions.item))
+        per_fold.append(evaluate(strategy.fit(training), fit_part, validation, k=k))
+    return {name: float(np.mean([scores[name] for scores in per_fold])) for name in per_fold[0]}
 
 
 def _strategy_class(strategy: str):
     if strategy not in STRATEGIES:
         raise InvalidInput(f"unknown strategy {strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
-    cls = STRATEGIES[strategy]
-    if not cls.search_space:
-        raise InvalidInput(f"{strategy} has no parameters to tune")
-    return cls
+    return STRATEGIES[strategy]
 
 
 def _describe(params: dict) -> str:
@@ -114,7 +139,7 @@ def _describe(params: dict) -> str:
 def run(interactions_path: Path, strategy: str, config: TrainConfig, trials: int, metric: str,
         search: str = "random", seed: int = 42, log: Callable[[str], None] = print) -> TuneResult:
     """Read and prepare the interactions exactly as `fit` does (weights, decay, filters) and tune on them."""
-    _strategy_class(strategy)  # a wrong name fails before the data is read
+    search_space(strategy, config)  # a wrong name or space fails before the data is read
     parse_metric(metric)
     data = load_prepared(interactions_path, config, None, RunLog(sink=log))
     return tune(data, strategy, config, trials, metric, search, seed, log=log)
@@ -132,7 +157,8 @@ def format_leaderboard(result: TuneResult) -> str:
     lines = ["  ".join(cell.ljust(w) if i == len(header) - 1 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([f"{result.strategy}: {len(result.trials)} trials ranked by {result.metric} on the validation split",
+    return "\n".join([f"{result.strategy}: {len(result.trials)} trials ranked by {result.metric}, the mean over "
+                      f"{result.folds} validation fold(s) carved from the training part",
                       *lines])
 
 
