@@ -14,7 +14,6 @@ import scipy.sparse as sp
 from recsvc.cache import experiments_key
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
-from recsvc.experiment_report import report_for
 from recsvc.experiments import Experiment, load_experiments, parse_experiments
 
 CHART_SUFFIXES = (".html", ".png")
@@ -61,6 +60,8 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
     if chart_path is not None and chart_path.suffix.lower() not in CHART_SUFFIXES:
         raise InvalidInput(f"--chart must end in {' or '.join(CHART_SUFFIXES)}")
+    from recsvc.experiment_report import report_for  # here: scipy.stats costs every recsvc-train start 0.4 s
+
     client = redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
     try:
         experiment = _definition(name, experiments_path, client)
