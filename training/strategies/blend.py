@@ -37,12 +37,12 @@ class EASEALSStrategy(Strategy):
     def fit(self, data: TrainingData) -> BlendScorer:
         weight = float(self.params["weight_als"])
         parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in PARTS.items()}
-        scales = {name: _typical_magnitude(part, data) for name, part in parts.items()}
+        scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
         self.scorer = BlendScorer(parts, {"ease": 1.0 - weight, "als": weight}, scales)
         return self.scorer
 
 
-def _typical_magnitude(scorer: Scorer, data: TrainingData) -> float:
+def typical_magnitude(scorer: Scorer, data: TrainingData) -> float:
     """Mean absolute score over a fixed sample of customers with history (1.0 when there is none)."""
     matrix = data.matrix.tocsr()
     customers = np.flatnonzero(np.diff(matrix.indptr) > 0)

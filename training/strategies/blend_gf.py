@@ -6,7 +6,7 @@ from recsvc.errors import InvalidInput
 from recsvc.scoring import BlendScorer
 from training.strategies.als import ALSStrategy
 from training.strategies.base import TrainingData
-from training.strategies.blend import EASEALSStrategy, _typical_magnitude
+from training.strategies.blend import EASEALSStrategy, typical_magnitude
 from training.strategies.ease import EASEStrategy
 from training.strategies.gf_cf import GFCFStrategy
 
@@ -39,6 +39,6 @@ class EASEALSGFStrategy(EASEALSStrategy):
         weight_als = float(self.params["weight_als"])
         weights = {"ease": 1.0 - weight_als, "als": weight_als, "gf": float(self.params["weight_gf"])}
         parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in PARTS.items()}
-        scales = {name: _typical_magnitude(part, data) for name, part in parts.items()}
+        scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
         self.scorer = BlendScorer(parts, weights, scales)
         return self.scorer
