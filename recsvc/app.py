@@ -82,24 +82,34 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     auth.init_app(app)
     init_app(app)
+    from recsvc.api.fast_path import CachedRecommendations
+
+    app.wsgi_app = CachedRecommendations(app, app.wsgi_app)
     return app
+
+
+def request_id_for(supplied: str) -> str:
+    """The client's X-Request-ID when it is a sensible id, else a new one."""
+    return supplied if _CLIENT_REQUEST_ID.match(supplied) else new_request_id()
+
+
+def record_request(endpoint: str | None, method: str, path: str, status: int, seconds: float) -> None:
+    """Latency and status into the metrics, and one JSON access line (with the request id, see recsvc.logs)."""
+    metrics.observe_request(endpoint, method, status, seconds)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s %s %s", method, path, status,
+                        extra={"status": status, "duration_ms": round(seconds * 1000, 3), "endpoint": endpoint})
 
 
 def _assign_request_id() -> None:
     g.started = time.perf_counter()
-    supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else new_request_id()
+    g.request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER, ""))
 
 
 def _record_request(response):
-    """Latency and status into the metrics, and one JSON access line with the request id."""
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule is not None else None
-    metrics.observe_request(endpoint, request.method, response.status_code, seconds)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info("%s %s %s", request.method, request.path, response.status_code,
-                        extra={"status": response.status_code, "duration_ms": round(seconds * 1000, 3),
-                               "endpoint": endpoint})
+    record_request(endpoint, request.method, request.path, response.status_code, seconds)
     return response
 
 
