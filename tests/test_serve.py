@@ -30,6 +30,33 @@ def test_gunicorn_serves_recommendations(server):
     assert session.get(f"{server}/v1/customers/C000003/recommendations", timeout=5).status_code == 401
 
 
+def _sample(metrics: str, name: str, **labels) -> float:
+    """Sum of a metric's samples with these labels in a Prometheus text page (all workers' pids together)."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(name + "{") and all(w in line for w in wanted))
+
+
+def test_cached_answers_are_counted_by_every_worker_in_the_merged_metrics(server):
+    session = requests.Session()
+    route = "/v1/customers/<customer_id>/recommendations"
+    before = session.get(f"{server}/metrics", timeout=5).text
+    for n in range(40):  # after each worker's first (a miss), hits: answered by the fast path
+        response = session.get(f"{server}/v1/customers/C000004/recommendations?limit=2", timeout=5,
+                               headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": f"serve-test-{n:04d}"})
+        assert response.status_code == 200 and response.headers["X-Request-ID"] == f"serve-test-{n:04d}"
+        assert response.json()["request_id"] == f"serve-test-{n:04d}"
+    after = session.get(f"{server}/metrics", timeout=5).text
+
+    def counted(name: str, **labels) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert counted("recsvc_request_seconds_count", endpoint=route, method="GET") == 40
+    assert counted("recsvc_responses_total", endpoint=route, status="200") == 40
+    hits = counted("recsvc_cache_lookups_total", result="hit")
+    assert hits + counted("recsvc_cache_lookups_total", result="miss") == 40 and hits >= 38
+
+
 def test_bad_configuration_exits_2_before_serving(tmp_path):
     env = {**os.environ, "RECSVC_CACHE_TTL": "forever"}
     result = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve"], env=env, capture_output=True, text=True,
