@@ -82,9 +82,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     auth.init_app(app)
     init_app(app)
-    from recsvc.api.fast_path import CachedRecommendations
+    from recsvc.api.fast_path import RecommendationsFastPath
 
-    app.wsgi_app = CachedRecommendations(app, app.wsgi_app)
+    app.wsgi_app = RecommendationsFastPath(app, app.wsgi_app)
     return app
 
 

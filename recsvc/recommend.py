@@ -79,39 +79,21 @@ class Recommender:
     def recommend(self, query: RecommendationQuery, request_id: str) -> tuple[bytes, bool]:
         """(JSON body, served from cache). The body is assembled around a cached fragment so each
         response carries its own request_id without re-encoding the list."""
-        bundle, assignment, strategy, key = self._plan(query)
-        # Concurrent misses of one key compute once; hit means this call did not compute.
-        fragment, hit = self.cache.get_or_compute(key, query.customer_id,
-                                                  lambda: orjson.dumps(self.compute(bundle, strategy, query)),
-                                                  self.cache_ttl)
-        return self._answer(fragment, hit, assignment, query.customer_id, request_id), hit
-
-    def recommend_cached(self, query: RecommendationQuery, request_id: str) -> bytes | None:
-        """The body recommend would give when the list is in the cache, else None with nothing counted or
-        recorded (the caller then asks recommend). For the fast path, recsvc/api/fast_path.py."""
-        _bundle, assignment, _strategy, key = self._plan(query)
-        fragment, _generation = self.cache.lookup(key, query.customer_id)
-        if fragment is None:
-            return None
-        return self._answer(fragment, True, assignment, query.customer_id, request_id)
-
-    def _plan(self, query: RecommendationQuery):
-        """(bundle, experiment assignment or None, strategy, cache key) of a query."""
         bundle = self.bundle()
         assignment = self.experiments.assign(query.customer_id, query.strategy, bundle.scorers) \
             if self.experiments else None
         strategy = self._strategy(bundle, assignment.strategy if assignment else query.strategy)
-        return bundle, assignment, strategy, recommendation_key(bundle.version, strategy, query.customer_id,
-                                                                query.cache_params())
-
-    def _answer(self, fragment: bytes, hit: bool, assignment, customer_id: str, request_id: str) -> bytes:
-        """The response body around a list's fragment; counts the lookup and records the exposure."""
+        key = recommendation_key(bundle.version, strategy, query.customer_id, query.cache_params())
+        # Concurrent misses of one key compute once; hit means this call did not compute.
+        fragment, hit = self.cache.get_or_compute(key, query.customer_id,
+                                                  lambda: orjson.dumps(self.compute(bundle, strategy, query)),
+                                                  self.cache_ttl)
         metrics.observe_cache(hit)
         if assignment:  # also on cache hits: every serving counts
-            self.experiments.expose(assignment, customer_id, request_id)
+            self.experiments.expose(assignment, query.customer_id, request_id)
         # The experiment stays outside the cached fragment, so a cached list never carries a stale one.
         head = orjson.dumps({"request_id": request_id, "experiment": assignment.ref() if assignment else None})
-        return head[:-1] + b"," + fragment[1:]
+        return head[:-1] + b"," + fragment[1:], hit
 
     def recommend_batch(self, queries: list[RecommendationQuery], request_id: str) -> bytes:
         """One JSON body holding each query's answer, in order, all with the batch's request_id."""

@@ -1,4 +1,5 @@
-"""The cached-GET fast path (recsvc/api/fast_path.py) answers exactly as the Flask path does, or leaves it to Flask."""
+"""The fast path of the plain recommendations GET (recsvc/api/fast_path.py) answers exactly as Flask does, or leaves
+the request to Flask."""
 
 from __future__ import annotations
 
@@ -99,15 +100,31 @@ def test_without_a_client_request_id_each_answer_gets_a_new_one_in_header_and_bo
     assert fast[2].replace(ids[1].encode(), b"") == flask[2].replace(ids[0].encode(), b"")
 
 
-def test_a_miss_goes_to_flask_and_is_computed_once(paths, bundle):
+def test_a_miss_is_computed_once_and_answered_as_flask_answers_it(paths, bundle):
     url = f"/v1/customers/{customer(bundle, 5)}/recommendations?limit=4"
     recommender, cache = paths.app.extensions["recsvc"].recommender, paths.app.extensions["recsvc"].cache
     computed = recommender.computations
     miss_fast = paths.exchange("fast", url, request_id(1))
     cache.invalidate_customer(customer(bundle, 5))
     miss_flask = paths.exchange("flask", url, request_id(1))
-    assert miss_fast[3] == 0 and recommender.computations == computed + 2
-    assert miss_fast == miss_flask and miss_fast[0] == 200
+    assert miss_fast[3] == 1 and recommender.computations == computed + 2
+    assert miss_fast[:3] == miss_flask[:3] and miss_fast[0] == 200
+
+
+def test_a_failing_computation_is_left_to_flask_and_its_json_500(paths, bundle, monkeypatch):
+    def broken(*_args):
+        raise RuntimeError("scoring blew up")
+
+    monkeypatch.setattr(paths.app.extensions["recsvc"].recommender, "compute", broken)
+    flask, fast = paths.both(f"/v1/customers/{customer(bundle)}/recommendations", request_id(1), prime=False)
+    assert fast[3] == 0 and fast == flask
+    assert flask[0] == 500 and orjson.loads(flask[2])["error"]["code"] == "internal_error"
+
+
+def test_without_a_model_the_503_comes_from_flask(paths, bundle, monkeypatch):
+    monkeypatch.setattr(paths.app.extensions["recsvc"].store, "current", lambda: None)
+    flask, fast = paths.both(f"/v1/customers/{customer(bundle)}/recommendations", request_id(1), prime=False)
+    assert fast[3] == 0 and fast == flask and flask[0] == 503
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0000"}, {"Authorization": API_KEY},
@@ -170,11 +187,11 @@ def test_rate_limit_counts_each_request_once_hit_or_miss_and_refusals_come_from_
         app.extensions["recsvc.rate_limiter"].clock = FrozenClock()  # no refill during the test
         paths = Paths(app)
         url = f"/v1/customers/{customer(bundle)}/recommendations?limit=3"
-        # A miss (the token is taken once, before Flask computes), two hits, then refusals.
+        # A miss, two hits, then refusals: one token per request.
         answers[door] = [paths.exchange(door, url, request_id(n)) for n in range(5)]
         app.extensions["recsvc"].store.stop()
     assert [a[0] for a in answers["fast"]] == [200, 200, 200, 429, 429]
-    assert [a[3] for a in answers["fast"]] == [0, 1, 1, 0, 0]
+    assert [a[3] for a in answers["fast"]] == [1, 1, 1, 0, 0]
     assert [a[:3] for a in answers["fast"]] == [a[:3] for a in answers["flask"]]
 
 
@@ -248,13 +265,16 @@ def test_with_an_experiment_running_hits_name_the_variant_and_record_the_exposur
 
 def test_new_events_invalidate_the_cached_list_for_the_fast_path_too(experiment_app, bundle):
     paths = Paths(experiment_app)
+    recommender = experiment_app.extensions["recsvc"].recommender
     url = f"/v1/customers/{customer(bundle)}/recommendations?limit=3&strategy=als"
     first = paths.exchange("fast", url, AUTH)
-    assert paths.exchange("fast", url, AUTH)[3] == 1
+    computed = recommender.computations
+    assert paths.exchange("fast", url, AUTH)[3] == 1 and recommender.computations == computed  # a hit
     top = orjson.loads(first[2])["items"][0]["item_id"]
     response = paths.fast.post("/v1/events", headers=AUTH,
                                json=[{"customer_id": customer(bundle), "item_id": top, "event_type": "purchase"}])
     assert response.status_code == 202
     after = paths.exchange("fast", url, AUTH)
-    assert after[3] == 0 and top not in [item["item_id"] for item in orjson.loads(after[2])["items"]]
-    assert paths.exchange("fast", url, AUTH)[3] == 1
+    assert recommender.computations == computed + 1  # the cached list was dropped
+    assert after[3] == 1 and top not in [item["item_id"] for item in orjson.loads(after[2])["items"]]
+    assert paths.exchange("fast", url, AUTH)[3] == 1 and recommender.computations == computed + 1
