@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -161,3 +162,27 @@ def worker_exited(pid: int) -> None:
     """gunicorn child_exit hook: drop the live gauges of a worker that is gone."""
     if multiprocess_mode():
         multiprocess.mark_process_dead(pid)
+
+
+@contextmanager
+def taken_back():
+    """Whatever this process records inside is undone on exit. For the master's warm-up before forking
+    (recsvc.app.warm_up), which must not show as served requests. Multiprocess mode (the only one it is used in):
+    the directory's files are restored byte for byte and new ones removed; no other process writes them yet."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    saved = {name: _read(os.path.join(directory, name)) for name in os.listdir(directory)} if directory else {}
+    try:
+        yield
+    finally:
+        for name in os.listdir(directory) if directory else ():
+            path = os.path.join(directory, name)
+            if name not in saved:
+                os.unlink(path)
+                continue
+            with open(path, "r+b") as file:  # in place: this process keeps the file mapped
+                file.write(saved[name])
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()

@@ -90,6 +90,11 @@ class RateLimiter:
             self._buckets[bucket] = (tokens - 1.0, now)
             return 0.0
 
+    def clear(self) -> None:
+        """Forget every bucket: every key has its full burst again."""
+        with self._lock:
+            self._buckets.clear()
+
 
 def init_app(app: Flask) -> None:
     settings: Settings = app.extensions["recsvc"].settings
