@@ -1,9 +1,11 @@
 """make bench-serve: recsvc under gunicorn (2 workers) against a bare Flask hello app, with wrk, in one run.
 
 Prints: cached GET throughput as a ratio to the hello endpoint served with the same
-gunicorn settings (target >= 0.85); uncached p50/p99 on a 100k items x 100k customers
-x 64 factors model at 8 connections (target p99 <= 15 ms); RSS, PSS and private memory
-of each worker against the model's array size (target: a worker adds < 20% of it).
+gunicorn settings (target >= 0.85), the median of many short alternating pairs of runs
+with its spread; uncached p50/p99 on a 100k items x 100k customers x 64 factors model
+at 8 connections (target p99 <= 15 ms); RSS, PSS and private memory of each worker after
+the load against the model's array size, and what the private memory is made of
+(target: a worker adds < 20% of the arrays).
 """
 
 from __future__ import annotations
@@ -329,7 +331,7 @@ def _metric_sum(text: str, name: str, result: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=2, help="length of each hello or cached throughput run")
-    parser.add_argument("--rounds", type=int, default=12, help="pairs of hello and cached runs (order alternates)")
+    parser.add_argument("--rounds", type=int, default=15, help="pairs of hello and cached runs (order alternates)")
     parser.add_argument("--uncached-seconds", type=int, default=10, help="length of the uncached latency run")
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=100_000)
