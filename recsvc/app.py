@@ -93,7 +93,7 @@ def warm_up(app: Flask, rounds: int = 10) -> None:
 
     Code run for the first time writes to objects the workers would share with the master
     (Python 3.11 specialises bytecode in place; first requests build lazy state), so each
-    worker would copy those pages; run in the master, they stay shared: ~3 MiB less private
+    worker would copy those pages; run in the master, they stay shared: 2-3 MiB less private
     memory per worker (docs/operations.md, Memory). It leaves no trace: a scratch cache, no
     experiments, recent items or rate-limit tokens, no access lines, metrics taken back.
     """
