@@ -170,7 +170,8 @@ def run(args, workdir: Path, server: RedisServer) -> None:
     entry_bytes = int(np.mean([len(value) for value in client.mget(keys)]))
     raw = raw_write_rate(server.url, entry_bytes, warm.entries)
 
-    embedded = create_app(dataclasses.replace(base, local_cache_entries=10 * args.customers))
+    embedded = create_app(dataclasses.replace(base, local_cache_entries=10 * args.customers,
+                                              local_cache_bytes=2**40))  # room for every list
     uncached = create_app(dataclasses.replace(base, local_cache_entries=0))
     run_phase("(embedded cache, filling)", embedded, load)
     # Interleaved slices, so the machine's load at any moment weighs on every configuration alike.

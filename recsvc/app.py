@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flask import Flask, g, request
 
 from recsvc import __version__, logs, metrics
-from recsvc.cache import Cache, make_cache
+from recsvc.cache import Cache, LocalCache, make_cache
 from recsvc.config import Settings
 from recsvc.event_log import EventLog, RecentItems
 from recsvc.event_log import from_settings as event_log_from_settings
@@ -82,24 +82,81 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     auth.init_app(app)
     init_app(app)
+    from recsvc.api.fast_path import RecommendationsFastPath
+
+    app.wsgi_app = RecommendationsFastPath(app, app.wsgi_app)
     return app
+
+
+def warm_up(app: Flask, rounds: int = 10) -> None:
+    """Run requests of the usual kinds through the app in gunicorn's master, before it forks the workers.
+
+    Code run for the first time writes to objects the workers would share with the master
+    (Python 3.11 specialises bytecode in place; first requests build lazy state), so each
+    worker would copy those pages; run in the master, they stay shared: 2-3 MiB less private
+    memory per worker (docs/operations.md, Memory). It leaves no trace: a scratch cache, no
+    experiments, recent items or rate-limit tokens, no access lines, metrics taken back.
+    """
+    service: Service = app.extensions["recsvc"]
+    recommender = service.recommender
+    saved = (service.cache, recommender.experiments, recommender.recent_items, recommender.computations)
+    service.cache = recommender.cache = LocalCache()
+    recommender.experiments = recommender.recent_items = None
+    access_log.disabled = True
+    try:
+        with metrics.taken_back():
+            for _ in range(rounds):  # 3.11 specialises a function's bytecode after 8 calls
+                _warm_up_requests(app, service)
+    except Exception:  # noqa: BLE001 — a failed warm-up costs memory, never the start
+        logging.getLogger(__name__).warning("warm-up before forking the workers failed", exc_info=True)
+    finally:
+        access_log.disabled = False
+        service.cache = recommender.cache = saved[0]
+        recommender.experiments, recommender.recent_items, recommender.computations = saved[1:]
+        if app.extensions.get("recsvc.rate_limiter"):
+            app.extensions["recsvc.rate_limiter"].clear()
+
+
+def _warm_up_requests(app: Flask, service: Service) -> None:
+    client = app.test_client()
+    keys = sorted(service.settings.api_keys | service.settings.admin_keys)
+    auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    bundle = service.store.current()
+    known = bundle.customers.external(0) if bundle is not None and len(bundle.customers) else "warm-up"
+    item = bundle.items.external(0) if bundle is not None and len(bundle.items) else "warm-up"
+    client.get("/healthz")
+    client.get("/readyz")
+    for customer in (known, "warm-up-unknown-customer"):
+        client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)  # computed, then cached
+        client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)
+    client.post(f"/v1/customers/{known}/recommendations", json={"limit": 5}, headers=auth)
+    client.get(f"/v1/items/{item}/similar?limit=5", headers=auth)
+    client.get(f"/v1/customers/{known}/recommendations?limit=0", headers=auth)  # 400
+    client.get(f"/v1/customers/{known}/recommendations")  # 401
+
+
+def request_id_for(supplied: str) -> str:
+    """The client's X-Request-ID when it is a sensible id, else a new one."""
+    return supplied if _CLIENT_REQUEST_ID.match(supplied) else new_request_id()
+
+
+def record_request(endpoint: str | None, method: str, path: str, status: int, seconds: float) -> None:
+    """Latency and status into the metrics, and one JSON access line (with the request id, see recsvc.logs)."""
+    metrics.observe_request(endpoint, method, status, seconds)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s %s %s", method, path, status,
+                        extra={"status": status, "duration_ms": round(seconds * 1000, 3), "endpoint": endpoint})
 
 
 def _assign_request_id() -> None:
     g.started = time.perf_counter()
-    supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = supplied if _CLIENT_REQUEST_ID.match(supplied) else new_request_id()
+    g.request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER, ""))
 
 
 def _record_request(response):
-    """Latency and status into the metrics, and one JSON access line with the request id."""
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule is not None else None
-    metrics.observe_request(endpoint, request.method, response.status_code, seconds)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info("%s %s %s", request.method, request.path, response.status_code,
-                        extra={"status": response.status_code, "duration_ms": round(seconds * 1000, 3),
-                               "endpoint": endpoint})
+    record_request(endpoint, request.method, request.path, response.status_code, seconds)
     return response
 
 

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import uuid
+import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Callable
@@ -288,41 +289,72 @@ class Cache(ABC):
         return None
 
 
+class _Packed(bytes):
+    """A value LocalCache keeps zlib-compressed."""
+
+
 class LocalCache(Cache):
-    """Bounded in-process LRU with per-entry expiry; each worker has its own."""
+    """Bounded in-process LRU with per-entry expiry; each worker has its own.
+
+    Bounded both in entries and in bytes (keys, values and the bookkeeping around each),
+    so a worker's cache has a known ceiling whatever the size of the lists. Values above
+    COMPRESS_ABOVE bytes are kept zlib-compressed: a 10-item list is ~2 KB of JSON and
+    ~0.5 KB compressed, unpacked in ~5 us on a hit; the same memory holds 4x the lists.
+    """
 
     kind = "local"
+    COMPRESS_ABOVE = 256  # bytes; generations and tiny values are kept as they are
+    ENTRY_OVERHEAD = 260  # bytes per entry besides key and value: str/bytes headers, tuple, float, dict slot
 
-    def __init__(self, max_entries: int = 10_000, **options):
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 8 * 2**20, **options):
         super().__init__(**options)
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0  # what the entries take now, counted as max_bytes counts them
+        self._entries: OrderedDict[str, tuple[float, bytes, int]] = OrderedDict()  # key -> (expires, value, size)
         self._lock = threading.Lock()
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         now = time.monotonic()
         with self._lock:
-            return [self._get(key, now) for key in keys]
+            held = self.bytes
+            stored = [self._get(key, now) for key in keys]
+            if self.bytes != held:  # expired entries went
+                metrics.local_cache_size(len(self._entries), self.bytes)
+        return [zlib.decompress(value) if type(value) is _Packed else value for value in stored]
 
     def _get(self, key: str, now: float) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires, value = entry
-        if expires < now:
-            del self._entries[key]
+        if entry[0] < now:
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
-        return value
+        return entry[1]
 
     def set(self, key: str, value: bytes, ttl: float) -> None:
-        if self.max_entries <= 0:
+        if self.max_entries <= 0 or self.max_bytes <= 0:
             return
+        if len(value) > self.COMPRESS_ABOVE:  # outside the lock: compressing takes ~15 us
+            packed = zlib.compress(value, 1)
+            value = _Packed(packed) if len(packed) < len(value) else value
+        size = len(key) + len(value) + self.ENTRY_OVERHEAD
         with self._lock:
-            self._entries[key] = (time.monotonic() + ttl, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            if key in self._entries:
+                self._drop(key)
+            self._entries[key] = (time.monotonic() + ttl, value, size)
+            self.bytes += size
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+            entries, held = len(self._entries), self.bytes
+        metrics.local_cache_size(entries, held)
+
+    def _drop(self, key: str) -> None:
+        self.bytes -= self._entries.pop(key)[2]
+
+    def status(self) -> dict:
+        return {"kind": self.kind, "entries": len(self._entries), "bytes": self.bytes}
 
 
 class RedisCache(Cache):
@@ -393,6 +425,6 @@ def make_cache(settings: Settings) -> Cache:
     options = {"ttl": settings.cache_ttl, "max_entry_bytes": settings.cache_max_entry_bytes,
                "lock_wait": settings.cache_lock_wait}
     if not settings.redis_url:
-        return LocalCache(settings.local_cache_entries, **options)
+        return LocalCache(settings.local_cache_entries, settings.local_cache_bytes, **options)
     breaker = CircuitBreaker(settings.redis_breaker_failures, settings.redis_breaker_cooldown)
     return RedisCache(settings.redis_url, settings.redis_timeout, breaker, **options)

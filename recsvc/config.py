@@ -68,6 +68,7 @@ class Settings:
     cache_ttl: float = 300.0  # seconds a cached recommendation list lives
     redis_timeout: float = 0.05  # seconds, for connecting and for each command
     local_cache_entries: int = 10_000
+    local_cache_bytes: int = 8 * 2**20  # per worker: keys, compressed lists, bookkeeping
     cache_max_entry_bytes: int = 64 * 1024  # a larger list is served but not cached
     cache_lock_wait: float = 0.05  # seconds a miss waits for another request computing the same list
     redis_breaker_failures: int = 3  # consecutive Redis failures that open the circuit breaker
@@ -107,6 +108,8 @@ class Settings:
                                   maximum=10_000) / 1000,
             local_cache_entries=int(_number(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries,
                                             minimum=0, maximum=10_000_000)),
+            local_cache_bytes=int(_number(env, "RECSVC_LOCAL_CACHE_BYTES", cls.local_cache_bytes, minimum=0,
+                                          maximum=64 * 2**30)),
             cache_max_entry_bytes=int(_number(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
                                               minimum=1024, maximum=16 * 1024 * 1024)),
             cache_lock_wait=_number(env, "RECSVC_CACHE_LOCK_WAIT_MS", cls.cache_lock_wait * 1000, minimum=0,

@@ -57,9 +57,13 @@ def post_worker_init(worker):
 
 
 def when_ready(server):
-    # The master loaded the model while preloading; its gauges would be read as a live worker's forever.
     from recsvc import metrics
+    from recsvc.app import warm_up
 
+    # Before the first fork: the pages the first requests write to are then written once, here, not in each worker.
+    if server.cfg.preload_app and getattr(server.app.wsgi(), "extensions", {}).get("recsvc"):
+        warm_up(server.app.wsgi())
+    # The master loaded the model while preloading; its gauges would be read as a live worker's forever.
     metrics.worker_exited(os.getpid())
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+from contextvars import ContextVar
 
 import orjson
 from flask import g, has_request_context
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and goes into the line.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# The request id of a request answered outside Flask (recsvc/api/fast_path.py), where there is no `g`.
+REQUEST_ID: ContextVar[str | None] = ContextVar("recsvc_request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,6 +28,8 @@ class JsonFormatter(logging.Formatter):
         }
         if has_request_context() and "request_id" in g:
             line["request_id"] = g.request_id
+        elif REQUEST_ID.get() is not None:
+            line["request_id"] = REQUEST_ID.get()
         line.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

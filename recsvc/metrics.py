@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -31,6 +32,12 @@ CACHE_COALESCED = Counter("recsvc_cache_coalesced_total",
                           "Requests that waited for another request's computation of the same list")
 CACHE_OVERSIZE = Counter("recsvc_cache_oversize_total", "Lists not cached because they passed the entry size bound")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# The embedded cache (no Redis): what each worker holds; one series per live worker under gunicorn.
+LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries", "Lists in this worker's in-process cache",
+                            multiprocess_mode="liveall")
+LOCAL_CACHE_BYTES = Gauge("recsvc_local_cache_bytes",
+                          "Bytes this worker's in-process cache takes (keys, compressed lists, bookkeeping)",
+                          multiprocess_mode="liveall")
 FALLBACK_SOURCES = Counter("recsvc_recommendation_source_total",
                            "Computed recommendation lists by the step of the fallback chain that answered first",
                            ["source"])
@@ -67,8 +74,19 @@ def observe_request(endpoint: str | None, method: str, status: int, seconds: flo
     series[1].inc()
 
 
+_cache_series: dict[bool, Counter] = {}
+
+
 def observe_cache(hit: bool) -> None:
-    CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
+    series = _cache_series.get(hit)
+    if series is None:
+        series = _cache_series[hit] = CACHE_LOOKUPS.labels("hit" if hit else "miss")
+    series.inc()
+
+
+def local_cache_size(entries: int, held_bytes: int) -> None:
+    LOCAL_CACHE_ENTRIES.set(entries)
+    LOCAL_CACHE_BYTES.set(held_bytes)
 
 
 def redis_breaker(state: str) -> None:
@@ -144,3 +162,27 @@ def worker_exited(pid: int) -> None:
     """gunicorn child_exit hook: drop the live gauges of a worker that is gone."""
     if multiprocess_mode():
         multiprocess.mark_process_dead(pid)
+
+
+@contextmanager
+def taken_back():
+    """Whatever this process records inside is undone on exit. For the master's warm-up before forking
+    (recsvc.app.warm_up), which must not show as served requests. Multiprocess mode (the only one it is used in):
+    the directory's files are restored byte for byte and new ones removed; no other process writes them yet."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    saved = {name: _read(os.path.join(directory, name)) for name in os.listdir(directory)} if directory else {}
+    try:
+        yield
+    finally:
+        for name in os.listdir(directory) if directory else ():
+            path = os.path.join(directory, name)
+            if name not in saved:
+                os.unlink(path)
+                continue
+            with open(path, "r+b") as file:  # in place: this process keeps the file mapped
+                file.write(saved[name])
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
+import orjson
 import pytest
 
 from recsvc.app import create_app
@@ -82,6 +84,31 @@ def test_local_cache_expires_and_stays_bounded(monkeypatch):
     assert cache.get("a") is None and cache.get("c") == b"3"
     now[0] += 11
     assert cache.get("b") is None and cache.get("c") is None
+
+
+def test_local_cache_keeps_large_values_compressed_and_stays_within_its_byte_bound():
+    value = orjson.dumps({"items": [{"item_id": f"I{i:06d}", "reasons": ["Because the customer has Item 1"]}
+                                    for i in range(10)]})
+    per_entry = len("k0") + len(zlib.compress(value, 1)) + LocalCache.ENTRY_OVERHEAD
+    cache = LocalCache(max_entries=100, max_bytes=3 * per_entry)
+    for n in range(5):
+        cache.set(f"k{n}", value, ttl=60)
+    assert [cache.get(f"k{n}") for n in range(5)] == [None, None, value, value, value]  # least recently used went
+    assert cache.bytes == 3 * per_entry < 3 * len(value) and cache.status()["entries"] == 3
+    cache.set("small", b"g1", ttl=60)  # a generation: kept as it is, and it pushes out the oldest list
+    assert cache.get("small") == b"g1" and cache.get("k2") is None and cache.bytes <= 3 * per_entry
+    cache.set("k3", value, ttl=60)  # replacing an entry does not count it twice
+    assert cache.bytes == 2 * per_entry + len("small") + 2 + LocalCache.ENTRY_OVERHEAD
+
+
+def test_the_local_cache_size_is_a_metric(app, auth):
+    from prometheus_client import REGISTRY
+
+    client = app.test_client()
+    assert client.get("/v1/customers/C000002/recommendations", headers=auth).status_code == 200
+    cache = app.extensions["recsvc"].cache
+    assert REGISTRY.get_sample_value("recsvc_local_cache_bytes") == cache.bytes > 0
+    assert REGISTRY.get_sample_value("recsvc_local_cache_entries") == cache.status()["entries"] == 1
 
 
 def test_entry_codec_round_trips_and_rejects_foreign_bytes():

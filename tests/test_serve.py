@@ -30,6 +30,55 @@ def test_gunicorn_serves_recommendations(server):
     assert session.get(f"{server}/v1/customers/C000003/recommendations", timeout=5).status_code == 401
 
 
+def _sample(metrics: str, name: str, **labels) -> float:
+    """Sum of a metric's samples with these labels in a Prometheus text page (all workers' pids together)."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(name + "{") and all(w in line for w in wanted))
+
+
+def test_cached_answers_are_counted_by_every_worker_in_the_merged_metrics(server):
+    session = requests.Session()
+    route = "/v1/customers/<customer_id>/recommendations"
+    before = session.get(f"{server}/metrics", timeout=5).text
+    for n in range(40):  # after each worker's first (a miss), hits: answered by the fast path
+        response = session.get(f"{server}/v1/customers/C000004/recommendations?limit=2", timeout=5,
+                               headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": f"serve-test-{n:04d}"})
+        assert response.status_code == 200 and response.headers["X-Request-ID"] == f"serve-test-{n:04d}"
+        assert response.json()["request_id"] == f"serve-test-{n:04d}"
+    after = session.get(f"{server}/metrics", timeout=5).text
+
+    def counted(name: str, **labels) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert counted("recsvc_request_seconds_count", endpoint=route, method="GET") == 40
+    assert counted("recsvc_responses_total", endpoint=route, status="200") == 40
+    hits = counted("recsvc_cache_lookups_total", result="hit")
+    assert hits + counted("recsvc_cache_lookups_total", result="miss") == 40 and hits >= 38
+
+
+def test_the_masters_warm_up_leaves_no_trace_in_metrics_logs_or_cache(trained_registry, tmp_path):
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY, "RECSVC_LOG_LEVEL": "info",
+           "RECSVC_RATE_LIMIT": "0.01", "RECSVC_RATE_BURST": "2"}
+    with running_server(env, tmp_path / "server.log", workers=1) as base:
+        session = requests.Session()
+        metrics = session.get(f"{base}/metrics", timeout=5).text
+        for name in ("recsvc_cache_lookups_total", "recsvc_recommendation_source_total", "recsvc_local_cache_bytes"):
+            assert _sample(metrics, name) == 0, name
+        assert _sample(metrics, "recsvc_request_seconds_count") == _sample(
+            metrics, "recsvc_request_seconds_count", endpoint="/readyz")  # only running_server's polls
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        # The warm-up used this key, but its rate-limit burst is whole; the first list is computed (a miss).
+        for _ in range(2):
+            assert session.get(f"{base}/v1/customers/C000000/recommendations?limit=10", headers=auth,
+                               timeout=5).status_code == 200
+        metrics = session.get(f"{base}/metrics", timeout=5).text
+        assert _sample(metrics, "recsvc_cache_lookups_total", result="miss") == 1
+        assert _sample(metrics, "recsvc_cache_lookups_total", result="hit") == 1
+    access = [line for line in (tmp_path / "server.log").read_text().splitlines() if '"recsvc.access"' in line]
+    assert not [line for line in access if "/recommendations" in line][2:] and "warm-up" not in "".join(access)
+
+
 def test_bad_configuration_exits_2_before_serving(tmp_path):
     env = {**os.environ, "RECSVC_CACHE_TTL": "forever"}
     result = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve"], env=env, capture_output=True, text=True,

@@ -15,6 +15,9 @@ from recsvc.config import Settings
 
 PROTECTED_PREFIX = "/v1/"
 ADMIN_PREFIX = "/v1/admin/"
+# Set in the WSGI environ by recsvc/api/fast_path.py when it took this request's rate-limit token and then handed
+# the request to Flask (a cache miss): the request is not counted twice. Headers cannot set environ keys like it.
+RATE_TOKEN_TAKEN = "recsvc.rate_token_taken"
 
 
 def _matches(candidate: str, keys: frozenset[str]) -> bool:
@@ -25,9 +28,16 @@ def _matches(candidate: str, keys: frozenset[str]) -> bool:
     return found
 
 
-def _bearer_token() -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+def bearer_token(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header value, or None."""
+    scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_roles(token: str, settings: Settings) -> tuple[bool, bool]:
+    """(valid key, admin key), in constant time: every configured key is compared."""
+    is_admin = _matches(token, settings.admin_keys)
+    return is_admin or _matches(token, settings.api_keys), is_admin
 
 
 def check_request():
@@ -41,17 +51,17 @@ def check_request():
     if not settings.api_keys and not settings.admin_keys:
         return error_response(401, "unauthorized", "no API keys are configured on this server: set RECSVC_API_KEYS "
                               "(or RECSVC_AUTH=off for local development only)", headers=challenge)
-    token = _bearer_token()
+    token = bearer_token(request.headers.get("Authorization", ""))
     if token is None:
         return error_response(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
                               headers=challenge)
-    is_admin = _matches(token, settings.admin_keys)
-    if not (is_admin or _matches(token, settings.api_keys)):
+    valid, is_admin = key_roles(token, settings)
+    if not valid:
         return error_response(401, "unauthorized", "the API key is not valid", headers=challenge)
     if request.path.startswith(ADMIN_PREFIX) and not is_admin:
         return error_response(403, "forbidden", "this operation needs an admin key")
     limiter: RateLimiter | None = current_app.extensions.get("recsvc.rate_limiter")
-    wait = limiter.wait_for(token) if limiter else 0.0
+    wait = limiter.wait_for(token) if limiter and not request.environ.get(RATE_TOKEN_TAKEN) else 0.0
     if wait > 0:
         seconds = max(1, math.ceil(wait))
         return error_response(429, "rate_limited", "too many requests with this API key; retry later",
@@ -79,6 +89,11 @@ class RateLimiter:
                 return (1.0 - tokens) / self.rate
             self._buckets[bucket] = (tokens - 1.0, now)
             return 0.0
+
+    def clear(self) -> None:
+        """Forget every bucket: every key has its full burst again."""
+        with self._lock:
+            self._buckets.clear()
 
 
 def init_app(app: Flask) -> None:

@@ -8,6 +8,9 @@ from webargs.fields import DelimitedList
 
 MAX_ID = 128
 MAX_LIST = 100
+MAX_LIMIT = 100  # items in one list
+DEFAULT_LIMIT = 10
+MAX_STRATEGY = 64  # characters of a strategy name
 
 Id = lambda **kw: ma.fields.String(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
 
@@ -15,9 +18,9 @@ Id = lambda **kw: ma.fields.String(validate=validate.Length(min=1, max=MAX_ID), 
 class RecommendationArgsSchema(ma.Schema):
     """Query string of GET /v1/customers/{customer_id}/recommendations."""
 
-    limit = ma.fields.Integer(load_default=10, validate=validate.Range(min=1, max=100),
+    limit = ma.fields.Integer(load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT),
                               metadata={"description": "How many items to return (1-100)"})
-    strategy = ma.fields.String(validate=validate.Length(min=1, max=64),
+    strategy = ma.fields.String(validate=validate.Length(min=1, max=MAX_STRATEGY),
                                 metadata={"description": "A strategy of the current model; default: the model's best"})
     exclude = DelimitedList(Id(), load_default=list, validate=validate.Length(max=MAX_LIST),
                             metadata={"description": "Comma list of item ids never to suggest"})
@@ -29,7 +32,7 @@ class RecommendationArgsSchema(ma.Schema):
 
 MAX_BATCH = 50  # customers in one batch call: bounds the time one request can hold a worker
 
-_LIMIT = dict(load_default=10, validate=validate.Range(min=1, max=100),
+_LIMIT = dict(load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT),
               metadata={"description": "How many items to return (1-100)"})
 _STRATEGY = dict(validate=validate.Length(min=1, max=64),
                  metadata={"description": "A strategy of the current model; default: the model's best"})
