@@ -13,6 +13,7 @@ from recsvc.artifacts import ModelBundle
 from recsvc.cache import Cache, recommendation_key
 from recsvc.errors import InvalidInput, ModelUnavailable, NotFound
 from recsvc.model_store import ModelStore
+from recsvc.ranking import personal_top
 from recsvc.scoring import PopularityScorer, Scorer, top_k
 
 POPULAR = "popular"
@@ -138,23 +139,18 @@ class Recommender:
         scorer = bundle.scorers[strategy]
         ranked = Ranked()
         if customer is not None and scorer.personal and len(owned):
-            ranked.extend(*_evidence(scorer.scores(customer, owned), query.limit, excluded), "personal", query.limit)
+            ranked.extend(*_personal(scorer, customer, owned, query.limit, excluded), "personal", query.limit)
         if len(context) and scorer.personal and len(ranked.items) < query.limit:
             ranked.extend(*_evidence(scorer.scores(None, context), query.limit, excluded), "context", query.limit)
         # An explicitly requested non-personal strategy (popular, trending) is itself the last step.
         fallback = scorer if not scorer.personal else fallback_scorer(bundle)
         if len(ranked.items) < query.limit:
-            ranked.extend(*top_k(fallback.scores(None, owned), query.limit, excluded), "popular", query.limit)
+            ranked.extend(*popular_step(fallback, owned, query.limit, excluded), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
         metrics.observe_source(source)
-        return {
-            "customer_id": query.customer_id,
-            "model_version": bundle.version,
-            "strategy": strategy,
-            "source": source,
-            "items": [self._item(bundle, scorer, fallback, pos, score, source, owned, context)
-                      for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)],
-        }
+        items = [self._item(bundle, scorer, fallback, pos, score, source, owned, context)
+                 for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)]
+        return response_body(query.customer_id, bundle.version, strategy, source, items)
 
     @staticmethod
     def _excluded(bundle: ModelBundle, owned: np.ndarray, query: RecommendationQuery) -> np.ndarray:
@@ -199,17 +195,42 @@ class Recommender:
         basis = owned if source == "personal" else context
         weights = scorer.contributions(position, basis)
         order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]
-        names = [_label(bundle, int(basis[i])) for i in order if weights[i] > 0]
-        if not names:
-            return ["Matches this customer's history" if source == "personal" else "Fits what the customer is looking at"]
-        if source == "personal":
-            return [f"Because the customer has {name}" for name in names]
-        return [f"Goes with {name}, which the customer is looking at" for name in names]
+        return reason_texts(source, [_label(bundle, int(basis[i])) for i in order if weights[i] > 0])
+
+
+def response_body(customer_id: str, model_version: str, strategy: str, source: str, items: list[dict]) -> dict:
+    """A recommendations response less request_id and experiment (what the cache stores)."""
+    return {"customer_id": customer_id, "model_version": model_version, "strategy": strategy, "source": source,
+            "items": items}
+
+
+def reason_texts(source: str, names: list[str]) -> list[str]:
+    """The reasons of a personal or context suggestion, from the labels of the items that speak for it."""
+    if not names:
+        return ["Matches this customer's history" if source == "personal" else "Fits what the customer is looking at"]
+    if source == "personal":
+        return [f"Because the customer has {name}" for name in names]
+    return [f"Goes with {name}, which the customer is looking at" for name in names]
 
 
 def _label(bundle: ModelBundle, position: int) -> str:
     title = str(bundle.catalog.title[position])
     return f"{title} ({bundle.items.external(position)})" if title else bundle.items.external(position)
+
+
+def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int,
+              excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The customer's best items with a positive score, ranked by recsvc.ranking like the cache warm-up ranks them."""
+    scores = scorer.scores(customer, owned)
+    scores[excluded] = -np.inf
+    positions, best = personal_top(scorer, np.array([customer]), owned[None, :], scores[None, :], limit)
+    keep = positions[0] >= 0
+    return positions[0][keep], best[0][keep]
+
+
+def popular_step(fallback: Scorer, owned: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The last step of the chain: the best items by popularity that are not excluded."""
+    return top_k(fallback.scores(None, owned), limit, excluded)
 
 
 def _evidence(scores: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

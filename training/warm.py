@@ -8,25 +8,23 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import orjson
 import redis
 
 from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import (GENERATION_TTL, NO_GENERATION, encode_entry, generation_key, recent_items_key,
-                          recommendation_key)
+                          recommendation_keys)
 from recsvc.config import Settings
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
-from recsvc.model_store import ModelStore
-from recsvc.recommend import RecommendationQuery, Recommender
+from training.warm_batch import DEFAULT_QUERY, BatchRecommender
 
 DEFAULT_TOP = 10_000
 # A nightly warm-up must last until the next model: keys carry the version and events invalidate a
 # customer's entries, so a long TTL never serves a stale list.
 DEFAULT_TTL = 24 * 3600.0
 MAX_TTL = GENERATION_TTL / 2  # a customer's invalidation must outlive the entries it hides
-BATCH = 1000  # customers per Redis round trip
+BATCH = 1000  # customers per batch: one matrix product, one state read, one write
 TIMEOUT = 5.0  # seconds; the warm-up is offline, unlike the server's tens of milliseconds
 
 
@@ -56,21 +54,11 @@ class WarmResult:
 
 
 class PrefetchedRecentItems(RecentItems):
-    """The server's recent items (POST /v1/events), read for a whole batch in one round trip, not one per customer."""
+    """The server's recent items (POST /v1/events) of a batch of customers, read beforehand in one round trip."""
 
-    def __init__(self, redis_url: str):
-        super().__init__(redis_url, timeout=TIMEOUT)
-        self.items: dict[str, set[str]] = {}
-
-    def prefetch(self, customers: list[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for customer in customers:
-            pipe.smembers(recent_items_key(customer))
-        try:
-            found = pipe.execute()
-        except redis.RedisError as exc:
-            raise CacheUnavailable(f"reading recent items from Redis failed: {exc}") from None
-        self.items = {customer: {m.decode("utf-8") for m in members} for customer, members in zip(customers, found)}
+    def __init__(self, items: dict[str, set[str]]):
+        super().__init__(None)
+        self.items = items
 
     def get(self, customer_id: str) -> set[str]:
         return self.items.get(customer_id, set())
@@ -106,8 +94,9 @@ def warm_cache(registry: Path, redis_url: str, top: int = DEFAULT_TOP, ttl: floa
                log: Callable[[str], None] = print) -> WarmResult:
     """Write the default suggestions (what GET .../recommendations caches) of the `top` most active customers.
 
-    Entries are byte-identical to the server's: the same Recommender computes them
-    and the same codec tags them with each customer's current generation.
+    Entries are byte-identical to the server's: the same ranking (recsvc.ranking), reasons and
+    encoding, computed for a batch of customers at once (training/warm_batch.py), and the same
+    codec tags them with each customer's current generation.
     """
     if top < 1:
         raise InvalidInput("--top must be at least 1")
@@ -116,61 +105,101 @@ def warm_cache(registry: Path, redis_url: str, top: int = DEFAULT_TOP, ttl: floa
     client = connect(redis_url)
     bundle = load_bundle(Path(registry))
     max_bytes = Settings.from_env().cache_max_entry_bytes  # the servers' bound (RECSVC_CACHE_MAX_ENTRY_BYTES)
-    # The server's recent items too (POST /v1/events): they count as owned, so they change the list.
-    recent = PrefetchedRecentItems(redis_url)
-    recommender = Recommender(ModelStore(Path(registry)), cache=None, cache_ttl=ttl, recent_items=recent)
     strategy = bundle.default_strategy
-    customers = [bundle.customers.external(int(c)) for c in most_active(bundle, top)]
+    lists = BatchRecommender(bundle, strategy)
+    customers = most_active(bundle, top)
+    customer_ids = [c.decode("utf-8") for c in bundle.customers.ids[customers].tolist()]
+    keys = recommendation_keys(bundle.version, strategy, customer_ids, DEFAULT_QUERY.cache_params())
     result = WarmResult(bundle.version, strategy, 0, 0.0, 0.0)
-    for start in range(0, len(customers), BATCH):
-        t0 = time.perf_counter()
-        recent.prefetch(customers[start:start + BATCH])
-        entries = [_entry(recommender, bundle, strategy, customer) for customer in customers[start:start + BATCH]]
-        entries = [(key, customer, fragment) for key, customer, fragment in entries if len(fragment) <= max_bytes]
-        t1 = time.perf_counter()
-        _write(client, entries, ttl)
-        result.compute_seconds += t1 - t0
-        result.write_seconds += time.perf_counter() - t1
-        result.entries += len(entries)
-        log(f"warm-up: {result.entries}/{len(customers)} customers")
+    with RedisWriter(client, ttl) as writer:
+        for start in range(0, len(customers), BATCH):
+            batch = slice(start, start + BATCH)
+            t0 = time.perf_counter()
+            generations, recent = writer.customer_state(customer_ids[batch])
+            fragments = lists.fragments(customers[batch], customer_ids[batch], recent)
+            entries = [(key, generation, fragment) for key, generation, fragment
+                       in zip(keys[batch], generations, fragments) if len(fragment) <= max_bytes]
+            t1 = time.perf_counter()
+            writer.write(entries)
+            result.compute_seconds += t1 - t0
+            result.write_seconds += time.perf_counter() - t1
+            result.entries += len(entries)
+            log(f"warm-up: {min(start + BATCH, len(customers))}/{len(customers)} customers")
     return result
 
 
-def _entry(recommender: Recommender, bundle: ModelBundle, strategy: str, customer: str) -> tuple[str, str, bytes]:
-    """(key, customer, fragment) exactly as Recommender.recommend builds them for the default request."""
-    query = RecommendationQuery(customer_id=customer)
-    key = recommendation_key(bundle.version, strategy, customer, query.cache_params())
-    return key, customer, orjson.dumps(recommender.compute(bundle, strategy, query))
+class RedisWriter:
+    """A Redis connection of the warm-up's own, fed pre-encoded commands; replies are checked in bulk."""
+
+    def __init__(self, client: redis.Redis, ttl: float):
+        self.client = client
+        self.px = b"%d" % int(ttl * 1000)
+        self.recent_script = client.register_script(_RECENT_ITEMS)
+        self.connection = client.connection_pool.make_connection()
+
+    def __enter__(self) -> "RedisWriter":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.connection.disconnect()
+
+    def customer_state(self, customer_ids: list[str]) -> tuple[list[bytes], PrefetchedRecentItems]:
+        """(generations, recent items) of the customers, in one round trip. The generations are read first:
+        POST /v1/events adds recent items before it changes the generation, so an entry computed with
+        recent items older than its generation cannot be (it would be served when it is stale)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.mget([generation_key(customer) for customer in customer_ids])
+        self.recent_script(keys=[recent_items_key(customer) for customer in customer_ids], client=pipe)
+        try:
+            generations, found = pipe.execute()
+        except redis.RedisError as exc:
+            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
+        recent = PrefetchedRecentItems({customer_ids[int(index) - 1]: {m.decode("utf-8") for m in members}
+                                        for index, members in zip(found[::2], found[1::2])})
+        return [generation or NO_GENERATION for generation in generations], recent
+
+    def write(self, entries: list[tuple[str, bytes, bytes]]) -> None:
+        """SET each (key, generation, fragment) with the TTL, all sent at once; every reply must be +OK."""
+        if not entries:
+            return
+        px = self.px
+        payload = b"".join(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n$2\r\nPX\r\n$%d\r\n%b\r\n"
+                           % (len(key_bytes), key_bytes, len(tag) + len(fragment), tag, fragment, len(px), px)
+                           for key_bytes, tag, fragment in ((key.encode(), encode_entry(generation, b""), fragment)
+                                                             for key, generation, fragment in entries))
+        try:
+            self.connection.send_packed_command([payload])
+            self._expect_ok(len(entries))
+        except (redis.RedisError, OSError) as exc:
+            self.connection.disconnect()  # unread replies would be taken for the next command's
+            raise CacheUnavailable(f"writing to Redis failed: {exc}") from None
+
+    def _expect_ok(self, replies: int) -> None:
+        """Read the replies as bytes, not one parsed reply at a time: n SETs that all succeeded answer
+        exactly n times +OK; anything else holds an error reply (at least as long), which is reported."""
+        expected = b"+OK\r\n" * replies
+        received = bytearray()
+        sock = self.connection._sock  # redis-py's socket of this connection: AUTH, SELECT and TLS already done
+        while len(received) < len(expected):
+            chunk = sock.recv(max(65536, len(expected) - len(received)))
+            if not chunk:
+                raise redis.ConnectionError("Redis closed the connection")
+            received += chunk
+        if received != expected:
+            error = next((line for line in bytes(received).split(b"\r\n") if line.startswith(b"-")), bytes(received[:80]))
+            raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
 
 
-def _write(client: redis.Redis, entries: list[tuple[str, str, bytes]], ttl: float) -> None:
-    """Two round trips per batch: the customers' generations, then every SET pipelined in one send."""
-    px = b"%d" % int(ttl * 1000)
-    try:
-        generations = client.mget([generation_key(customer) for _key, customer, _fragment in entries])
-        payload = b"".join(_command(b"SET", key.encode(), encode_entry(generation or NO_GENERATION, fragment),
-                                    b"PX", px)
-                           for (key, _customer, fragment), generation in zip(entries, generations))
-        _pipeline(client, payload, len(entries))
-    except redis.RedisError as exc:
-        raise CacheUnavailable(f"writing to Redis failed: {exc}") from None
-
-
-def _command(*parts: bytes) -> bytes:
-    """One command in the Redis protocol. redis-py's pipeline encodes each command in Python at about a
-    third of this speed, which made the writes, not Redis, the warm-up's limit."""
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-
-
-def _pipeline(client: redis.Redis, payload: bytes, replies: int) -> None:
-    """Send the encoded commands at once, then read every reply (an error reply raises)."""
-    connection = client.connection_pool.get_connection()
-    try:
-        connection.send_packed_command([payload])
-        for _ in range(replies):
-            connection.read_response()
-    except BaseException:
-        connection.disconnect()  # unread replies would be taken for the next command's
-        raise
-    finally:
-        client.connection_pool.release(connection)
+# KEYS: the customers' recent-items sets. Returns index (1-based), members, ... for the non-empty ones only:
+# most customers have none, and one script call replaces a round trip (or a parsed reply) per customer.
+_RECENT_ITEMS = """
+local found = {}
+for i, key in ipairs(KEYS) do
+  local members = redis.call('SMEMBERS', key)
+  if #members > 0 then
+    found[#found + 1] = i
+    found[#found + 1] = members
+  end
+end
+return found
+"""
