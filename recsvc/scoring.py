@@ -265,7 +265,7 @@ class FactorScorer(Scorer):
         """Item x item float32 cosines, each row ended by one -inf (what a padding position -1 reads)."""
         n_items = len(self.item_factors)
         cosines = np.empty((n_items, n_items + 1), dtype=np.float32)
-        np.matmul(self._unit_factors, self._unit_factors.T, out=cosines[:, :n_items])
+        cosines[:, :n_items] = self._unit_factors @ self._unit_factors.T  # (matmul into a strided out skips BLAS)
         cosines[:, n_items] = -np.inf
         return cosines
 

@@ -13,6 +13,8 @@ own functions (popular_step, Ranked), one by one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import orjson
 import scipy.sparse as sp
@@ -91,9 +93,9 @@ class BatchRecommender:
         self.inactive = np.flatnonzero(~np.asarray(bundle.catalog.active, dtype=bool))
         self.pieces = Pieces(bundle, strategy, self.fallback)
 
-    def fragments(self, customers: np.ndarray, customer_ids: list[str], recent) -> list[bytes]:
+    def encode(self, customers: np.ndarray, customer_ids: list[str], recent) -> "EncodedLists":
         """The encoded response bodies (what Recommender.recommend caches) of customers (model positions);
-        `recent` gives their items from POST /v1/events, which count as owned."""
+        `recent` (a RecentItems) gives their items from POST /v1/events, which count as owned."""
         histories = self._histories(customers, customer_ids, recent)
         slots = np.full((len(customers), self.limit, PIECES_PER_ITEM), Pieces.EMPTY, dtype=np.int64)
         chosen = np.full((len(customers), self.limit), -1, dtype=np.int64)
@@ -137,7 +139,7 @@ class BatchRecommender:
         counts = valid.sum(axis=1)
         history = sp.csr_matrix((np.ones(int(counts.sum()), dtype=np.float32), histories[valid],
                                  np.concatenate([[0], np.cumsum(counts)])), shape=(len(customers), len(self.bundle.items)))
-        scores = np.array(self.scorer.scores_batch(customers, history), dtype=np.float32)
+        scores = np.asarray(self.scorer.scores_batch(customers, history), dtype=np.float32)  # a new array
         scores[np.nonzero(valid)[0], histories[valid]] = -np.inf  # owned, as Recommender._excluded
         scores[:, self.inactive] = -np.inf
         return personal_top(self.scorer, customers, histories, scores, self.limit)
@@ -196,21 +198,51 @@ class BatchRecommender:
                            self.pieces.item_tail[position])
 
     def _encode(self, slots: np.ndarray, scores: list[bytes], customer_ids: list[str],
-                sources: np.ndarray) -> list[bytes]:
-        """Join each row's pieces; a score's slot holds -k for scores[k - 1]."""
+                sources: np.ndarray) -> "EncodedLists":
+        """The rows' pieces as an EncodedLists; a score's slot holds -k for scores[k - 1]."""
         count = (slots[:, :, 0] != Pieces.EMPTY).sum(axis=1)
         rows = np.flatnonzero(count)
         slots[rows, count[rows] - 1, 4] += 1  # the last item's tail, without the comma (Pieces.items)
         table = self.pieces.table + scores[::-1]
-        flat = list(map(table.__getitem__, slots.ravel().tolist()))
-        width = self.limit * PIECES_PER_ITEM
-        heads = self.pieces.heads
-        out = []
-        for row, customer_id in enumerate(customer_ids):
-            before, between, after = heads[sources[row]]
-            out.append(b"".join((before, orjson.dumps(customer_id), between, *flat[row * width:(row + 1) * width],
-                                 after)))
-        return out
+        lengths = np.concatenate([np.array(self.pieces.lengths), np.fromiter(map(len, reversed(scores)), np.int64,
+                                                                              len(scores))])
+        heads, tails = [], []
+        for customer_id, source in zip(customer_ids, sources.tolist()):
+            before, between, after = self.pieces.heads[source]
+            heads.append(before + orjson.dumps(customer_id) + between)
+            tails.append(after)
+        slots = slots.reshape(len(slots), -1)
+        slots = np.where(slots < 0, len(table) + slots, slots)
+        sizes = lengths[slots].sum(axis=1) + np.fromiter(map(len, heads), np.int64, len(heads)) + \
+            np.fromiter(map(len, tails), np.int64, len(tails))
+        return EncodedLists(table, slots, heads, tails, sizes)
+
+
+@dataclass
+class EncodedLists:
+    """Encoded response bodies as pieces: row i is heads[i], then table[slots[i, 0]], table[slots[i, 1]], ...,
+    then tails[i]; sizes[i] is its length in bytes."""
+
+    table: list[bytes]
+    slots: np.ndarray
+    heads: list[bytes]
+    tails: list[bytes]
+    sizes: np.ndarray
+
+    def fragments(self) -> list[bytes]:
+        return [self.join(np.array([row]), [b""], [b""]) for row in range(len(self.slots))]
+
+    def join(self, rows: np.ndarray, before: list[bytes], after: list[bytes]) -> bytes:
+        """The given rows, each between before[i] and after[i] (e.g. the Redis command around it), as one
+        bytes: one join of all pieces, not one per row."""
+        first = len(self.table)
+        table = self.table + [b + h for b, h in zip(before, (self.heads[r] for r in rows.tolist()))] + \
+            [t + a for t, a in zip((self.tails[r] for r in rows.tolist()), after)]
+        ids = np.empty((len(rows), self.slots.shape[1] + 2), dtype=np.int64)
+        ids[:, 0] = first + np.arange(len(rows))
+        ids[:, 1:-1] = self.slots[rows]
+        ids[:, -1] = first + len(rows) + np.arange(len(rows))
+        return b"".join(map(table.__getitem__, ids.ravel().tolist()))
 
 
 def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray]:
