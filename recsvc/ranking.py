@@ -37,7 +37,8 @@ def personal_top(scorer: Scorer, customers: np.ndarray, histories: np.ndarray, s
     exact = scorer.exact_scores(customers, histories, np.maximum(candidates, 0))
     exact = np.where(candidates >= 0, exact, -np.inf)
     order = np.lexsort((candidates, -exact), axis=-1)[:, :limit]
-    positions, best = np.take_along_axis(candidates, order, 1), np.take_along_axis(exact, order, 1)
+    rows = np.arange(len(order))[:, None]
+    positions, best = candidates[rows, order], exact[rows, order]
     keep = best > 0
     return np.where(keep, positions, -1), reported(np.where(keep, best, 0.0))
 
@@ -62,6 +63,8 @@ def _candidates(scores: np.ndarray, limit: int, margin: np.ndarray) -> np.ndarra
     matrix cost several times more).
     """
     n, items = scores.shape
+    if n == 1:  # the server's one customer: one partition is cheaper than the groups' dozen steps
+        return _row_candidates(scores[0], limit, float(margin[0]))[None, :]
     groups = items // BLOCK
     if groups < 2 * limit:
         return _chosen(scores, np.arange(items), limit, margin)
@@ -77,6 +80,17 @@ def _candidates(scores: np.ndarray, limit: int, margin: np.ndarray) -> np.ndarra
     columns[(np.repeat(searched, BLOCK, axis=1) < 0) | (columns >= items)] = -1
     return _chosen(np.where(columns >= 0, np.take_along_axis(scores, np.maximum(columns, 0), 1), -np.inf),
                    columns, limit, margin)
+
+
+def _row_candidates(scores: np.ndarray, limit: int, margin: float) -> np.ndarray:
+    """_candidates of one row."""
+    if len(scores) > limit:
+        kth = np.partition(scores, len(scores) - limit)[len(scores) - limit]
+        if np.isfinite(kth):
+            found = np.flatnonzero(scores >= kth - margin)
+            return found if len(found) else np.full(1, -1)
+    found = np.flatnonzero(np.isfinite(scores))
+    return found if len(found) else np.full(1, -1)
 
 
 def _chosen(scores: np.ndarray, columns: np.ndarray, limit: int, margin: np.ndarray) -> np.ndarray:

@@ -148,7 +148,8 @@ class Recommender:
             ranked.extend(*popular_step(fallback, owned, query.limit, excluded), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
         metrics.observe_source(source)
-        items = [self._item(bundle, scorer, fallback, pos, score, source, owned, context)
+        weights = _reason_weights(scorer, ranked, owned, context)
+        items = [self._item(bundle, fallback, pos, score, source, owned, context, weights.get(pos))
                  for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)]
         return response_body(query.customer_id, bundle.version, strategy, source, items)
 
@@ -170,9 +171,10 @@ class Recommender:
             mask |= np.asarray(bundle.catalog.category) != category
         return mask
 
-    def _item(self, bundle: ModelBundle, scorer, fallback, position: int, score: float, source: str,
-              owned: np.ndarray, context: np.ndarray) -> dict:
-        reasons = self._reasons(bundle, scorer, fallback, position, source, owned, context)
+    def _item(self, bundle: ModelBundle, fallback, position: int, score: float, source: str,
+              owned: np.ndarray, context: np.ndarray, weights: np.ndarray | None) -> dict:
+        reasons = self._reasons(bundle, fallback, position, source, owned if source == "personal" else context,
+                                weights)
         return self._item_fields(bundle, position, score, reasons)
 
     @staticmethod
@@ -187,13 +189,13 @@ class Recommender:
         return item
 
     @staticmethod
-    def _reasons(bundle: ModelBundle, scorer, fallback, position: int, source: str, owned: np.ndarray,
-                 context: np.ndarray) -> list[str]:
-        """Sentences an agent can say aloud."""
+    def _reasons(bundle: ModelBundle, fallback, position: int, source: str, basis: np.ndarray,
+                 weights: np.ndarray | None) -> list[str]:
+        """Sentences an agent can say aloud; `weights`: how much each basis item speaks for the item."""
         if source == "popular":
             return [_popular_reason(fallback)]
-        basis = owned if source == "personal" else context
-        weights = scorer.contributions(position, basis)
+        if weights is None:
+            weights = np.empty(0)
         order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]
         return reason_texts(source, [_label(bundle, int(basis[i])) for i in order if weights[i] > 0])
 
@@ -226,6 +228,18 @@ def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int,
     positions, best = personal_top(scorer, np.array([customer]), owned[None, :], scores[None, :], limit)
     keep = positions[0] >= 0
     return positions[0][keep], best[0][keep]
+
+
+def _reason_weights(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: np.ndarray) -> dict[int, np.ndarray]:
+    """Each personal (context) item's contributions from the customer's items (the context items), all of
+    a step in one call: exact, so the cache warm-up names the same reasons."""
+    weights = {}
+    for source, basis in (("personal", owned), ("context", context)):
+        positions = [p for p, s in zip(ranked.items, ranked.sources) if s == source]
+        if positions and len(basis):
+            rows = scorer.contributions_batch(np.array(positions), np.broadcast_to(basis, (len(positions), len(basis))))
+            weights.update(zip(positions, rows))
+    return weights
 
 
 def popular_step(fallback: Scorer, owned: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

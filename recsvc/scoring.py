@@ -59,7 +59,7 @@ def sum_in_order(terms: np.ndarray, axis: int) -> np.ndarray:
     sums are computed alongside. The final + 0.0 turns a -0.0 into 0.0."""
     if terms.shape[axis] == 0:
         return np.zeros(np.delete(terms.shape, axis), dtype=np.float64)
-    return np.take(np.add.accumulate(terms, axis=axis, dtype=np.float64), -1, axis=axis) + 0.0
+    return np.add.accumulate(terms, axis=axis, dtype=np.float64).take(-1, axis=axis) + 0.0
 
 
 def index_of(positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
