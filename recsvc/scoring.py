@@ -249,7 +249,7 @@ class FactorScorer(Scorer):
             # Row by row of the cached matrix (one row per pair stays in cache). Padding's -1 reads the -inf
             # that ends the row before (the last row's, for item 0).
             flat = items[:, None] * (n_items + 1) + histories
-            return np.take(self._cosines.ravel(), flat), self._reason_error
+            return np.take(self._cosine_rows(items), flat), self._reason_error
         rows = np.where(histories >= 0, histories, 0)
         row_items, row_index = index_of(rows, n_items)
         col_items, col_index = index_of(items, n_items)
@@ -262,12 +262,22 @@ class FactorScorer(Scorer):
 
     @cached_property
     def _cosines(self) -> np.ndarray:
-        """Item x item float32 cosines, each row ended by one -inf (what a padding position -1 reads)."""
-        n_items = len(self.item_factors)
-        cosines = np.empty((n_items, n_items + 1), dtype=np.float32)
-        cosines[:, :n_items] = self._unit_factors @ self._unit_factors.T  # (matmul into a strided out skips BLAS)
-        cosines[:, n_items] = -np.inf
-        return cosines
+        """Item x item float32 cosines, each row ended by one -inf (what a padding position -1 reads); rows
+        are filled on first use (_cosine_rows), so only items that are suggested cost anything."""
+        return np.empty((len(self.item_factors), len(self.item_factors) + 1), dtype=np.float32)
+
+    @cached_property
+    def _cosines_filled(self) -> np.ndarray:
+        return np.zeros(len(self.item_factors), dtype=bool)
+
+    def _cosine_rows(self, items: np.ndarray) -> np.ndarray:
+        """The flat cosine matrix, with the rows of these items filled."""
+        missing = np.flatnonzero((np.bincount(items, minlength=len(self.item_factors)) > 0) & ~self._cosines_filled)
+        if len(missing):
+            self._cosines[missing, :-1] = self._unit_factors[missing] @ self._unit_factors.T
+            self._cosines[missing, -1] = -np.inf
+            self._cosines_filled[missing] = True
+        return self._cosines.ravel()
 
     @cached_property
     def _max_item_norm(self) -> float:

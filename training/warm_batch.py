@@ -230,18 +230,20 @@ class EncodedLists:
     sizes: np.ndarray
 
     def fragments(self) -> list[bytes]:
-        return [self.join(np.array([row]), [b""], [b""]) for row in range(len(self.slots))]
+        return [self.join(np.array([row]), [b""], b"") for row in range(len(self.slots))]
 
-    def join(self, rows: np.ndarray, before: list[bytes], after: list[bytes]) -> bytes:
-        """The given rows, each between before[i] and after[i] (e.g. the Redis command around it), as one
-        bytes: one join of all pieces, not one per row."""
+    def join(self, rows: np.ndarray, before: list[bytes], after: bytes) -> bytes:
+        """The given rows, each after before[i] and followed by `after` (e.g. the Redis command around
+        it), as one bytes: one join of all pieces, not one per row."""
         first = len(self.table)
-        table = self.table + [b + h for b, h in zip(before, (self.heads[r] for r in rows.tolist()))] + \
-            [t + a for t, a in zip((self.tails[r] for r in rows.tolist()), after)]
-        ids = np.empty((len(rows), self.slots.shape[1] + 2), dtype=np.int64)
+        table = self.table + before + [self.heads[row] for row in rows.tolist()] + \
+            [self.tails[row] for row in rows.tolist()] + [after]
+        ids = np.empty((len(rows), self.slots.shape[1] + 4), dtype=np.int64)
         ids[:, 0] = first + np.arange(len(rows))
-        ids[:, 1:-1] = self.slots[rows]
-        ids[:, -1] = first + len(rows) + np.arange(len(rows))
+        ids[:, 1] = ids[:, 0] + len(rows)
+        ids[:, 2:-2] = self.slots[rows]
+        ids[:, -2] = ids[:, 1] + len(rows)
+        ids[:, -1] = len(table) - 1
         return b"".join(map(table.__getitem__, ids.ravel().tolist()))
 
 
