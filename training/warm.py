@@ -197,6 +197,11 @@ def _join(child) -> tuple[int, float, float]:
     return outcome
 
 
+def command(*parts: bytes) -> bytes:
+    """One command in the Redis protocol (redis-py packs one at a third of this speed)."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts)
+
+
 class StateReader:
     """Reads the customers' generations and recent items on a connection of its own, one batch ahead:
     the request goes out before the batch before it is computed, the replies are read after."""
@@ -220,10 +225,11 @@ class StateReader:
         so an entry is never computed from recent items older than the generation it is tagged with (it
         would be served, stale)."""
         self.customer_ids = customer_ids
-        commands = [("MGET", *(generation_key(c) for c in customer_ids)),
-                    ("EVALSHA", self.script, len(customer_ids), *(recent_items_key(c) for c in customer_ids))]
+        commands = command(b"MGET", *(generation_key(c).encode() for c in customer_ids)) + \
+            command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
+                    *(recent_items_key(c).encode() for c in customer_ids))
         try:
-            self.connection.send_packed_command(self.connection.pack_commands(commands))
+            self.connection.send_packed_command([commands])
         except (redis.RedisError, OSError) as exc:
             raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
 
