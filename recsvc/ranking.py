@@ -18,9 +18,9 @@ import numpy as np
 from recsvc.scoring import Scorer
 
 DECIMALS = 6  # of a reported score
-# Below this magnitude a float64 rounded to 6 decimals by numpy is exactly what Python's round() gives (its
-# ulp stays under 1e-6 / 2), so round(score, 6) applied again when the response is built changes nothing.
-EXACT_ROUNDING_LIMIT = 2.0**33
+# Below this magnitude a double's ulp is under 1e-6, so round(score, 6), applied again when the response is
+# built (Recommender._item_fields), gives back a score numpy rounded to 6 decimals unchanged.
+EXACT_ROUNDING_LIMIT = 2.0**32
 BLOCK = 16  # items per block when looking for candidates
 
 
@@ -44,7 +44,7 @@ def personal_top(scorer: Scorer, customers: np.ndarray, histories: np.ndarray, s
 
 
 def reported(scores: np.ndarray) -> np.ndarray:
-    """Scores as a response shows them: rounded to 6 decimals (what round(score, 6) gives, see above)."""
+    """Scores as a response shows them: rounded to 6 decimals, so that round(score, 6) changes them no more."""
     rounded = np.round(scores, DECIMALS)
     large = np.abs(rounded) >= EXACT_ROUNDING_LIMIT
     if large.any():

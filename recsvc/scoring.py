@@ -264,7 +264,9 @@ class FactorScorer(Scorer):
     def _cosines(self) -> np.ndarray:
         """Item x item float32 cosines, each row ended by one -inf (what a padding position -1 reads); rows
         are filled on first use (_cosine_rows), so only items that are suggested cost anything."""
-        return np.empty((len(self.item_factors), len(self.item_factors) + 1), dtype=np.float32)
+        cosines = np.empty((len(self.item_factors), len(self.item_factors) + 1), dtype=np.float32)
+        cosines[:, -1] = -np.inf  # every row's, filled or not: a padding position reads the one before its row
+        return cosines
 
     @cached_property
     def _cosines_filled(self) -> np.ndarray:
@@ -275,7 +277,6 @@ class FactorScorer(Scorer):
         missing = np.flatnonzero((np.bincount(items, minlength=len(self.item_factors)) > 0) & ~self._cosines_filled)
         if len(missing):
             self._cosines[missing, :-1] = self._unit_factors[missing] @ self._unit_factors.T
-            self._cosines[missing, -1] = -np.inf
             self._cosines_filled[missing] = True
         return self._cosines.ravel()
 

@@ -268,7 +268,8 @@ def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray
         for rank in range(MAX_REASON_ITEMS):
             value, following = values[rank], values[rank + 1]
             not_positive = value + error <= 0
-            clear = (value - error > 0) & (value - following > 2 * error)
+            with np.errstate(invalid="ignore"):  # -inf - -inf: a rank without weight, not_positive already
+                clear = (value - error > 0) & (value - following > 2 * error)
             unsure |= ~(settled | not_positive | clear)
             settled |= not_positive
     return picks, unsure
