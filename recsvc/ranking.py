@@ -78,8 +78,8 @@ def _candidates(scores: np.ndarray, limit: int, margin: np.ndarray) -> np.ndarra
     columns = np.where(searched[:, :, None] < groups, searched[:, :, None] + members,
                        BLOCK * groups + np.arange(BLOCK)).reshape(n, -1)
     columns[(np.repeat(searched, BLOCK, axis=1) < 0) | (columns >= items)] = -1
-    return _chosen(np.where(columns >= 0, np.take_along_axis(scores, np.maximum(columns, 0), 1), -np.inf),
-                   columns, limit, margin)
+    flat = np.arange(n)[:, None] * items + np.maximum(columns, 0)
+    return _chosen(np.where(columns >= 0, scores.ravel()[flat], -np.inf), columns, limit, margin)
 
 
 def _row_candidates(scores: np.ndarray, limit: int, margin: float) -> np.ndarray:
@@ -105,14 +105,15 @@ def _chosen(scores: np.ndarray, columns: np.ndarray, limit: int, margin: np.ndar
             chosen &= np.isfinite(scores)
     else:
         chosen = np.isfinite(scores)
-    slots = _padded(chosen)
-    columns = np.broadcast_to(columns, scores.shape)
-    return np.where(slots >= 0, np.take_along_axis(columns, np.maximum(slots, 0), 1), -1)
+    return _padded(chosen, columns)
 
 
-def _padded(chosen: np.ndarray) -> np.ndarray:
-    """Per row, the indices of the True entries, padded with -1 to the longest row."""
+def _padded(chosen: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """Per row, the indices of the True entries (or the `columns` there: per row, or one row for all),
+    padded with -1 to the longest row."""
     rows, indices = np.nonzero(chosen)
+    if columns is not None:
+        indices = columns[indices] if columns.ndim == 1 else columns[rows, indices]
     counts = np.bincount(rows, minlength=len(chosen))
     slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
     padded = np.full((len(chosen), max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
