@@ -103,8 +103,8 @@ def test_every_warmed_entry_is_what_the_server_caches(kinds_registry, settings, 
 
 
 def test_a_redis_refusing_writes_fails_the_warm_up_with_its_message(trained_registry, own_redis):
-    client = own_redis.client()
-    client.config_set("maxmemory", 1)  # with the default noeviction policy, every SET is refused: OOM
+    with own_redis.client() as client:
+        client.config_set("maxmemory", 1)  # with the default noeviction policy, every SET is refused: OOM
     with pytest.raises(CacheUnavailable, match="OOM"):
         warm_cache(trained_registry, own_redis.url, top=50, log=lambda _line: None)
 

@@ -6,6 +6,7 @@ import multiprocessing
 import queue
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -150,7 +151,7 @@ def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) ->
     lists = BatchRecommender(plan.bundle, plan.strategy)
     client = connect(plan.redis_url)  # connections of this process's own
     entries, computing = 0, 0.0
-    with StateReader(client) as reader, CommandWriter(client, plan.ttl) as writer:
+    with closing(client), StateReader(client) as reader, CommandWriter(client, plan.ttl) as writer:
         if batches:
             reader.request(plan.customer_ids[batches[0]])
         for number, batch in enumerate(batches):
