@@ -53,13 +53,23 @@ def top_k_batch(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
-def sum_in_order(terms: np.ndarray, axis: int) -> np.ndarray:
-    """Float64 sum of `terms` along `axis`, strictly first to last (add.accumulate is sequential by definition,
-    unlike sum, which may pair terms differently for different shapes): the same bits however many other
-    sums are computed alongside. The final + 0.0 turns a -0.0 into 0.0."""
-    if terms.shape[axis] == 0:
-        return np.zeros(np.delete(terms.shape, axis), dtype=np.float64)
-    return np.add.accumulate(terms, axis=axis, dtype=np.float64).take(-1, axis=axis) + 0.0
+def fixed_sum(terms: np.ndarray, axis: int) -> np.ndarray:
+    """Float64 sums of `terms` along `axis` in a fixed order: padded with zeros to a power of two, then
+    neighbours added pairwise, level by level (log2 steps, not one per term). A sum's operations depend
+    on its own terms only: neither on the sums computed alongside nor on zeros padding it further (they
+    only add exact zeros at the top), so a batch and one customer alone give the same bits, unlike sum
+    or a matrix product, whose order varies with shapes. The final + 0.0 turns a -0.0 into 0.0."""
+    terms = np.asarray(terms, dtype=np.float64)
+    if axis != 0:
+        terms = np.moveaxis(terms, axis, 0)
+    if len(terms) == 0:
+        return np.zeros(terms.shape[1:], dtype=np.float64)
+    size = 1 << (len(terms) - 1).bit_length()
+    if size > len(terms):
+        terms = np.concatenate([terms, np.zeros((size - len(terms), *terms.shape[1:]))])
+    while len(terms) > 1:
+        terms = terms[0::2] + terms[1::2]
+    return terms[0] + 0.0
 
 
 def index_of(positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,10 +236,11 @@ class FactorScorer(Scorer):
         return (self.item_factors @ self.item_factors[item]) / (norms * norms[item])
 
     def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
-        vectors = np.asarray(self.user_factors[customers], dtype=np.float64)
+        vectors = np.asarray(self.user_factors[customers], dtype=np.float64).T
         # float32 x float32 products are exact in float64; only the sum rounds, always in the same order.
-        terms = vectors[:, None, :] * np.asarray(self.item_factors[items], dtype=np.float64)
-        return sum_in_order(terms, axis=2)
+        # Factor first: each step of the sum adds one contiguous slice.
+        terms = np.asarray(self.item_factors.T[:, items], dtype=np.float64) * vectors[:, :, None]
+        return fixed_sum(terms, axis=0)
 
     def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # |u . v| <= |u| |v| (Cauchy-Schwarz) bounds the score and the sum of absolute products alike.
@@ -239,9 +250,9 @@ class FactorScorer(Scorer):
 
     def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
         rows = np.where(histories >= 0, histories, 0)
-        terms = np.asarray(self.item_factors[rows], dtype=np.float64) * \
-            np.asarray(self.item_factors[items], dtype=np.float64)[:, None, :]
-        return sum_in_order(terms, axis=2) / (self._reason_norms[rows] * self._reason_norms[items][:, None])
+        factors = self.item_factors.T  # factor first, as in exact_scores
+        terms = np.asarray(factors[:, rows], dtype=np.float64) * np.asarray(factors[:, items], dtype=np.float64)[:, :, None]
+        return fixed_sum(terms, axis=0) / (self._reason_norms[rows] * self._reason_norms[items][:, None])
 
     def approx_contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, float]:
         """Cosines of float32 unit vectors, from one matrix product (exact sums cost ten times more)."""
@@ -352,7 +363,7 @@ class ItemSimilarityScorer(Scorer):
         return row.toarray().ravel() if sp.issparse(row) else np.array(row, dtype=np.float32)
 
     def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return sum_in_order(self._entries(histories, items), axis=1)
+        return fixed_sum(self._entries(histories, items), axis=1)
 
     def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # A score sums one entry per history item, each at most its row's largest in absolute value.

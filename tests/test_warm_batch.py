@@ -13,7 +13,7 @@ from recsvc.app import create_app
 from recsvc.cache import KEY_PREFIX, decode_entry
 from recsvc.ranking import personal_top, reported
 from recsvc.recommend import RecommendationQuery
-from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer
+from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, fixed_sum
 from training.config import TrainConfig
 from training.pipeline import fit_and_publish
 from training.warm import CacheUnavailable, most_active, warm_cache
@@ -177,3 +177,14 @@ def test_approximate_contributions_stay_within_their_bound_and_pad_with_minus_in
     exact = scorer.contributions_batch(items, histories)
     assert np.all(approx[histories < 0] == -np.inf)
     assert 0 < error < 1e-4 and np.all(np.abs(approx - exact)[histories >= 0] <= error)
+
+
+def test_fixed_sums_do_not_depend_on_padding_nor_on_the_other_sums():
+    rng = np.random.default_rng(8)
+    terms = rng.standard_normal((37, 50)) * 10.0 ** rng.integers(-12, 12, (37, 50))  # wide range: rounding matters
+    alone = [fixed_sum(terms[:, [j]], axis=0)[0] for j in range(50)]
+    for padding in (0, 1, 27, 91):
+        padded = np.concatenate([terms, np.zeros((padding, 50))])
+        assert fixed_sum(padded, axis=0).tolist() == alone
+    assert fixed_sum(terms.T, axis=1).tolist() == alone
+    assert alone != terms.sum(axis=0).tolist()  # a plain sum rounds differently: the order is what is fixed
