@@ -46,7 +46,13 @@ def params_digest(params: dict) -> str:
 
 def recommendation_key(model_version: str, strategy: str, customer_id: str, params: dict) -> str:
     """The cache key of one recommendation list."""
-    return f"{KEY_PREFIX}:rec:{model_version}:{strategy}:{customer_id}:{params_digest(params)}"
+    return recommendation_keys(model_version, strategy, [customer_id], params)[0]
+
+
+def recommendation_keys(model_version: str, strategy: str, customer_ids: list[str], params: dict) -> list[str]:
+    """The cache keys of several customers' lists with the same parameters (the digest computed once)."""
+    digest = params_digest(params)
+    return [f"{KEY_PREFIX}:rec:{model_version}:{strategy}:{customer_id}:{digest}" for customer_id in customer_ids]
 
 
 def generation_key(customer_id: str) -> str:

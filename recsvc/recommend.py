@@ -13,6 +13,7 @@ from recsvc.artifacts import ModelBundle
 from recsvc.cache import Cache, recommendation_key
 from recsvc.errors import InvalidInput, ModelUnavailable, NotFound
 from recsvc.model_store import ModelStore
+from recsvc.ranking import personal_top
 from recsvc.scoring import PopularityScorer, Scorer, top_k
 
 POPULAR = "popular"
@@ -138,23 +139,19 @@ class Recommender:
         scorer = bundle.scorers[strategy]
         ranked = Ranked()
         if customer is not None and scorer.personal and len(owned):
-            ranked.extend(*_evidence(scorer.scores(customer, owned), query.limit, excluded), "personal", query.limit)
+            ranked.extend(*_personal(scorer, customer, owned, query.limit, excluded), "personal", query.limit)
         if len(context) and scorer.personal and len(ranked.items) < query.limit:
             ranked.extend(*_evidence(scorer.scores(None, context), query.limit, excluded), "context", query.limit)
         # An explicitly requested non-personal strategy (popular, trending) is itself the last step.
         fallback = scorer if not scorer.personal else fallback_scorer(bundle)
         if len(ranked.items) < query.limit:
-            ranked.extend(*top_k(fallback.scores(None, owned), query.limit, excluded), "popular", query.limit)
+            ranked.extend(*popular_step(fallback, owned, query.limit, excluded), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
         metrics.observe_source(source)
-        return {
-            "customer_id": query.customer_id,
-            "model_version": bundle.version,
-            "strategy": strategy,
-            "source": source,
-            "items": [self._item(bundle, scorer, fallback, pos, score, source, owned, context)
-                      for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)],
-        }
+        weights = _reason_weights(scorer, ranked, owned, context)
+        items = [self._item(bundle, fallback, pos, score, source, owned, context, weights.get(pos))
+                 for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)]
+        return response_body(query.customer_id, bundle.version, strategy, source, items)
 
     @staticmethod
     def _excluded(bundle: ModelBundle, owned: np.ndarray, query: RecommendationQuery) -> np.ndarray:
@@ -174,9 +171,10 @@ class Recommender:
             mask |= np.asarray(bundle.catalog.category) != category
         return mask
 
-    def _item(self, bundle: ModelBundle, scorer, fallback, position: int, score: float, source: str,
-              owned: np.ndarray, context: np.ndarray) -> dict:
-        reasons = self._reasons(bundle, scorer, fallback, position, source, owned, context)
+    def _item(self, bundle: ModelBundle, fallback, position: int, score: float, source: str,
+              owned: np.ndarray, context: np.ndarray, weights: np.ndarray | None) -> dict:
+        reasons = self._reasons(bundle, fallback, position, source, owned if source == "personal" else context,
+                                weights)
         return self._item_fields(bundle, position, score, reasons)
 
     @staticmethod
@@ -191,25 +189,62 @@ class Recommender:
         return item
 
     @staticmethod
-    def _reasons(bundle: ModelBundle, scorer, fallback, position: int, source: str, owned: np.ndarray,
-                 context: np.ndarray) -> list[str]:
-        """Sentences an agent can say aloud."""
+    def _reasons(bundle: ModelBundle, fallback, position: int, source: str, basis: np.ndarray,
+                 weights: np.ndarray | None) -> list[str]:
+        """Sentences an agent can say aloud; `weights`: how much each basis item speaks for the item."""
         if source == "popular":
             return [_popular_reason(fallback)]
-        basis = owned if source == "personal" else context
-        weights = scorer.contributions(position, basis)
+        if weights is None:
+            weights = np.empty(0)
         order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]
-        names = [_label(bundle, int(basis[i])) for i in order if weights[i] > 0]
-        if not names:
-            return ["Matches this customer's history" if source == "personal" else "Fits what the customer is looking at"]
-        if source == "personal":
-            return [f"Because the customer has {name}" for name in names]
-        return [f"Goes with {name}, which the customer is looking at" for name in names]
+        return reason_texts(source, [_label(bundle, int(basis[i])) for i in order if weights[i] > 0])
+
+
+def response_body(customer_id: str, model_version: str, strategy: str, source: str, items: list[dict]) -> dict:
+    """A recommendations response less request_id and experiment (what the cache stores)."""
+    return {"customer_id": customer_id, "model_version": model_version, "strategy": strategy, "source": source,
+            "items": items}
+
+
+def reason_texts(source: str, names: list[str]) -> list[str]:
+    """The reasons of a personal or context suggestion, from the labels of the items that speak for it."""
+    if not names:
+        return ["Matches this customer's history" if source == "personal" else "Fits what the customer is looking at"]
+    if source == "personal":
+        return [f"Because the customer has {name}" for name in names]
+    return [f"Goes with {name}, which the customer is looking at" for name in names]
 
 
 def _label(bundle: ModelBundle, position: int) -> str:
     title = str(bundle.catalog.title[position])
     return f"{title} ({bundle.items.external(position)})" if title else bundle.items.external(position)
+
+
+def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int,
+              excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The customer's best items with a positive score, ranked by recsvc.ranking like the cache warm-up ranks them."""
+    scores = scorer.scores(customer, owned)
+    scores[excluded] = -np.inf
+    positions, best = personal_top(scorer, np.array([customer]), owned[None, :], scores[None, :], limit)
+    keep = positions[0] >= 0
+    return positions[0][keep], best[0][keep]
+
+
+def _reason_weights(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: np.ndarray) -> dict[int, np.ndarray]:
+    """Each personal (context) item's contributions from the customer's items (the context items), all of
+    a step in one call: exact, so the cache warm-up names the same reasons."""
+    weights = {}
+    for source, basis in (("personal", owned), ("context", context)):
+        positions = [p for p, s in zip(ranked.items, ranked.sources) if s == source]
+        if positions and len(basis):
+            rows = scorer.contributions_batch(np.array(positions), np.broadcast_to(basis, (len(positions), len(basis))))
+            weights.update(zip(positions, rows))
+    return weights
+
+
+def popular_step(fallback: Scorer, owned: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The last step of the chain: the best items by popularity that are not excluded."""
+    return top_k(fallback.scores(None, owned), limit, excluded)
 
 
 def _evidence(scores: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +24,8 @@ import scipy.sparse as sp
 from recsvc.errors import ArtifactError
 
 SCORER_FILE = "scorer.json"
+# Up to this many items, approximate cosines for reasons come from one cached item x item matrix (64 MB).
+GRAM_ITEMS = 4096
 
 
 def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +53,42 @@ def top_k_batch(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+def fixed_sum(terms: np.ndarray, axis: int) -> np.ndarray:
+    """Float64 sums of `terms` along `axis` in a fixed order: padded with zeros to a power of two, then
+    neighbours added pairwise, level by level (log2 steps, not one per term). A sum's operations depend
+    on its own terms only: neither on the sums computed alongside nor on zeros padding it further (they
+    only add exact zeros at the top), so a batch and one customer alone give the same bits, unlike sum
+    or a matrix product, whose order varies with shapes. The final + 0.0 turns a -0.0 into 0.0."""
+    terms = np.asarray(terms, dtype=np.float64)
+    if axis != 0:
+        terms = np.moveaxis(terms, axis, 0)
+    if len(terms) == 0:
+        return np.zeros(terms.shape[1:], dtype=np.float64)
+    size = 1 << (len(terms) - 1).bit_length()
+    if size > len(terms):
+        terms = np.concatenate([terms, np.zeros((size - len(terms), *terms.shape[1:]))])
+    while len(terms) > 1:
+        terms = terms[0::2] + terms[1::2]
+    return terms[0] + 0.0
+
+
+def index_of(positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct positions, sorted; each position's index among them): np.unique with return_inverse,
+    without its sort (positions are below `size`)."""
+    present = np.zeros(size, dtype=bool)
+    present[positions] = True
+    distinct = np.flatnonzero(present)
+    index = np.cumsum(present) - 1
+    return distinct, index[positions]
+
+
+def rounding_bound(terms: int) -> float:
+    """Relative error bound of a float32 sum or dot product of `terms` terms, in any order of operations
+    (BLAS kernels, FMA): twice the classic gamma_n = n u / (1 - n u), u = 2**-24, with room for the
+    float64 arithmetic of the exact side."""
+    return 2.0 * (terms + 2) * 2.0**-24
+
+
 class Scorer(ABC):
     """Scores items for a customer (known by position, or described by a list of items)."""
 
@@ -58,7 +97,8 @@ class Scorer(ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        Scorer.registry[cls.kind] = cls
+        if "kind" in cls.__dict__:  # a subclass keeping its parent's kind (a test's variant) must not replace it
+            Scorer.registry[cls.kind] = cls
 
     @abstractmethod
     def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
@@ -74,13 +114,42 @@ class Scorer(ABC):
     def similar(self, item: int) -> np.ndarray:
         """Similarity of every item to `item`."""
 
-    @abstractmethod
     def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        """How much each history item speaks for recommending `item` (same order as history)."""
+        """How much each history item speaks for recommending `item` (same order as history), float64:
+        contributions_batch for one item, so the server and the cache warm-up weigh reasons alike."""
+        history = np.asarray(history)
+        if not len(history):
+            return np.empty(0, dtype=np.float64)
+        return self.contributions_batch(np.array([item]), history[None, :])[0]
 
     @abstractmethod
     def arrays(self) -> dict[str, np.ndarray]:
         ...
+
+    # --- exact arithmetic for the final ranking (recsvc/ranking.py) ---
+    # `histories` are item positions, one row per customer, padded with -1 at the end.
+
+    @abstractmethod
+    def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Float64 (customers x candidates) scores of items[j] for customers[j] (all known to the model).
+        Each is one fixed sequence of float64 operations on the stored arrays, so it has the same bits
+        whatever else is computed in the same call, on any machine."""
+
+    @abstractmethod
+    def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(magnitude, error) per customer: every exact score is at most `magnitude` in absolute value,
+        and scores() and scores_batch() differ from it by at most `error`."""
+
+    @abstractmethod
+    def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
+        """Float64 (pairs x history) contributions of histories[p] to items[p], exact like exact_scores;
+        the padding's columns hold anything."""
+
+    def approx_contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, float]:
+        """(contributions, error bound): cheaper ones where they can be, within `error` of the exact ones;
+        -inf in the padding's columns. For the cache warm-up, which decides with the exact ones where the
+        error could matter."""
+        return np.where(histories >= 0, self.contributions_batch(items, histories), -np.inf), 0.0
 
     @property
     def personal(self) -> bool:
@@ -166,13 +235,80 @@ class FactorScorer(Scorer):
         norms = np.where(self.item_norms > 0, self.item_norms, 1.0)
         return (self.item_factors @ self.item_factors[item]) / (norms * norms[item])
 
-    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        if not len(history):
-            return np.empty(0, dtype=np.float32)
-        # Only the history's rows: similar(item) would cost a pass over every item per reason.
-        norms = np.where(self.item_norms[history] > 0, self.item_norms[history], 1.0)
-        item_norm = self.item_norms[item] if self.item_norms[item] > 0 else 1.0
-        return (self.item_factors[history] @ self.item_factors[item]) / (norms * item_norm)
+    def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(self.user_factors[customers], dtype=np.float64).T
+        # float32 x float32 products are exact in float64; only the sum rounds, always in the same order.
+        # Factor first: each step of the sum adds one contiguous slice.
+        terms = np.asarray(self.item_factors.T[:, items], dtype=np.float64) * vectors[:, :, None]
+        return fixed_sum(terms, axis=0)
+
+    def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # |u . v| <= |u| |v| (Cauchy-Schwarz) bounds the score and the sum of absolute products alike.
+        vectors = np.asarray(self.user_factors[customers], dtype=np.float64)
+        magnitude = np.sqrt(np.square(vectors).sum(axis=1)) * self._max_item_norm * (1 + 1e-9)
+        return magnitude, rounding_bound(self.item_factors.shape[1]) * magnitude
+
+    def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
+        rows = np.where(histories >= 0, histories, 0)
+        factors = self.item_factors.T  # factor first, as in exact_scores
+        terms = np.asarray(factors[:, rows], dtype=np.float64) * np.asarray(factors[:, items], dtype=np.float64)[:, :, None]
+        return fixed_sum(terms, axis=0) / (self._reason_norms[rows] * self._reason_norms[items][:, None])
+
+    def approx_contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, float]:
+        """Cosines of float32 unit vectors, from one matrix product (exact sums cost ten times more)."""
+        n_items = len(self.item_factors)
+        if n_items <= GRAM_ITEMS:
+            # Row by row of the cached matrix (one row per pair stays in cache). Padding's -1 reads the -inf
+            # that ends the row before (the last row's, for item 0).
+            flat = items[:, None] * (n_items + 1) + histories
+            return np.take(self._cosine_rows(items), flat), self._reason_error
+        rows = np.where(histories >= 0, histories, 0)
+        row_items, row_index = index_of(rows, n_items)
+        col_items, col_index = index_of(items, n_items)
+        cosines = self._unit_factors[row_items] @ self._unit_factors[col_items].T
+        return np.where(histories >= 0, cosines[row_index, col_index[:, None]], -np.inf), self._reason_error
+
+    @cached_property
+    def _unit_factors(self) -> np.ndarray:
+        return (np.asarray(self.item_factors, dtype=np.float64) / self._reason_norms[:, None]).astype(np.float32)
+
+    @cached_property
+    def _cosines(self) -> np.ndarray:
+        """Item x item float32 cosines, each row ended by one -inf (what a padding position -1 reads); rows
+        are filled on first use (_cosine_rows), so only items that are suggested cost anything."""
+        cosines = np.empty((len(self.item_factors), len(self.item_factors) + 1), dtype=np.float32)
+        cosines[:, -1] = -np.inf  # every row's, filled or not: a padding position reads the one before its row
+        return cosines
+
+    @cached_property
+    def _cosines_filled(self) -> np.ndarray:
+        return np.zeros(len(self.item_factors), dtype=bool)
+
+    def _cosine_rows(self, items: np.ndarray) -> np.ndarray:
+        """The flat cosine matrix, with the rows of these items filled."""
+        missing = np.flatnonzero((np.bincount(items, minlength=len(self.item_factors)) > 0) & ~self._cosines_filled)
+        if len(missing):
+            self._cosines[missing, :-1] = self._unit_factors[missing] @ self._unit_factors.T
+            self._cosines_filled[missing] = True
+        return self._cosines.ravel()
+
+    @cached_property
+    def _max_item_norm(self) -> float:
+        return float(np.sqrt(np.square(np.asarray(self.item_factors, dtype=np.float64)).sum(axis=1)).max(initial=0.0))
+
+    @cached_property
+    def _reason_norms(self) -> np.ndarray:
+        """Each item's stored norm, 1 for a zero vector (its cosines are 0 anyway)."""
+        norms = np.asarray(self.item_norms, dtype=np.float64)
+        return np.where(norms > 0, norms, 1.0)
+
+    @cached_property
+    def _reason_error(self) -> float:
+        """Bound of |approximate cosine - exact cosine|: the rounding of the unit vectors (one per factor each)
+        and of their float32 dot, scaled by how far true norms exceed the stored ones they are divided by."""
+        true = np.sqrt(np.square(np.asarray(self.item_factors, dtype=np.float64)).sum(axis=1))
+        ratio = float((true / self._reason_norms).max(initial=0.0))
+        return rounding_bound(self.item_factors.shape[1] + 2) * ratio * ratio + 1e-12
 
 
 def _row_norms(matrix: np.ndarray) -> np.ndarray:
@@ -226,11 +362,41 @@ class ItemSimilarityScorer(Scorer):
         row = self.matrix[item]
         return row.toarray().ravel() if sp.issparse(row) else np.array(row, dtype=np.float32)
 
-    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        if len(history) == 0:
-            return np.empty(0, dtype=np.float32)
-        column = self.matrix[history, item]
-        return np.asarray(column.toarray() if sp.issparse(column) else column, dtype=np.float32).ravel()
+    def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return fixed_sum(self._entries(histories, items), axis=1)
+
+    def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # A score sums one entry per history item, each at most its row's largest in absolute value.
+        peaks = np.where(histories >= 0, self._row_peaks[np.where(histories >= 0, histories, 0)], 0.0)
+        magnitude = peaks.sum(axis=1) * (1 + 1e-9)
+        return magnitude, rounding_bound(histories.shape[1]) * magnitude
+
+    def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
+        return self._entries(histories, items[:, None])[:, :, 0]
+
+    def _entries(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Float64 (n x rows x columns) matrix entries S[rows[j, a], columns[j, b]]; 0 where rows[j, a] is -1."""
+        valid = rows >= 0
+        row_items, row_index = index_of(np.where(valid, rows, 0), self.matrix.shape[0])
+        col_items, col_index = index_of(columns, self.matrix.shape[1])
+        if self.dense:
+            block = np.asarray(self.matrix[np.ix_(row_items, col_items)], dtype=np.float64)
+        else:
+            block = self.matrix[row_items][:, col_items].toarray().astype(np.float64)
+        values = block[row_index[:, :, None], col_index[:, None, :]]
+        values[~valid] = 0.0
+        return values
+
+    @cached_property
+    def _row_peaks(self) -> np.ndarray:
+        """Largest absolute entry of each row, float64."""
+        if self.dense:
+            return np.abs(np.asarray(self.matrix, dtype=np.float64)).max(axis=1, initial=0.0)
+        m = self.matrix
+        peaks = np.zeros(m.shape[0], dtype=np.float64)
+        filled = np.diff(m.indptr) > 0
+        peaks[filled] = np.maximum.reduceat(np.abs(np.asarray(m.data, dtype=np.float64)), m.indptr[:-1][filled])
+        return peaks
 
 
 class PopularityScorer(Scorer):
@@ -265,8 +431,15 @@ class PopularityScorer(Scorer):
     def similar(self, item: int) -> np.ndarray:
         return np.array(self.popularity, dtype=np.float32)
 
-    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        return np.zeros(len(history), dtype=np.float32)
+    def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.asarray(self.popularity, dtype=np.float64)[items] + 0.0
+
+    def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        peak = float(np.abs(np.asarray(self.popularity, dtype=np.float64)).max(initial=0.0))
+        return np.full(len(customers), peak), np.zeros(len(customers))
+
+    def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
+        return np.zeros(histories.shape, dtype=np.float64)
 
 
 class BlendScorer(Scorer):
@@ -318,10 +491,30 @@ class BlendScorer(Scorer):
     def similar(self, item: int) -> np.ndarray:
         return self._weighted({name: part.similar(item) for name, part in self.parts.items()})
 
-    def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        if len(history) == 0:
-            return np.empty(0, dtype=np.float32)
-        return self._weighted({name: part.contributions(item, history) for name, part in self.parts.items()})
+    def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
+        total = 0.0
+        for name, part in self.parts.items():
+            total = total + self.factors[name] * part.exact_scores(customers, histories, items)
+        return total + 0.0
+
+    def score_bounds(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        magnitude = error = 0.0
+        for name, part in self.parts.items():
+            part_magnitude, part_error = part.score_bounds(customers, histories)
+            magnitude = magnitude + abs(self.factors[name]) * (part_magnitude + part_error)
+            error = error + abs(self.factors[name]) * part_error
+        # float32 products and sums of the parts' scores (scores()) add their own rounding.
+        return magnitude, 2 * error + rounding_bound(2 * len(self.parts)) * magnitude
+
+    def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
+        """_weighted for many pairs: each part's contributions scaled by their largest magnitude in the history."""
+        valid = histories >= 0
+        total = np.zeros(histories.shape, dtype=np.float64)
+        for name, part in self.parts.items():
+            values = part.contributions_batch(items, histories)
+            peak = np.where(valid, np.abs(values), 0.0).max(axis=1, initial=0.0)
+            total = total + self.weights[name] * values / np.where(peak > 0, peak, 1.0)[:, None]
+        return total
 
     def _weighted(self, measured: dict[str, np.ndarray]) -> np.ndarray:
         """Weighted sum of per-part values, each scaled to a largest magnitude of 1 (the parts'

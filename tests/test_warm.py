@@ -20,7 +20,7 @@ TOP = 60
 
 @pytest.fixture
 def redis_app(settings, redis_url, redis_client):
-    app = create_app(dataclasses.replace(settings, redis_url=redis_url))
+    app = create_app(dataclasses.replace(settings, redis_url=redis_url, redis_timeout=2.0))  # busy machines: no lost events
     yield app
     app.extensions["recsvc"].store.stop()
 

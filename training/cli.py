@@ -310,12 +310,14 @@ def tune(interactions_path: Path, strategy: str, trials: int, metric: str, searc
               help="How many of the most active customers to precompute.")
 @click.option("--ttl", type=float, default=24 * 3600.0, show_default=True,
               help="Seconds the entries live, at most 86400 (until the next nightly model, by default).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes computing lists at once; the warm-up is bound by computation, so up to the cores.")
 @user_errors
-def warm_cache(registry: Path, redis_url: str, top: int, ttl: float) -> None:
+def warm_cache(registry: Path, redis_url: str, top: int, ttl: float, workers: int) -> None:
     """Precompute the default suggestions of the most active customers into Redis (exit 1: Redis unreachable)."""
     from training.warm import warm_cache as warm
 
-    result = warm(registry, redis_url, top, ttl=ttl, log=lambda line: click.echo(line, err=True))
+    result = warm(registry, redis_url, top, ttl=ttl, log=lambda line: click.echo(line, err=True), workers=workers)
     click.echo(result.summary())
 
 

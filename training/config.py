@@ -55,6 +55,7 @@ class NightlyPaths:
     registry: Path | None = None
     redis_url: str | None = None  # unset: no cache warm-up
     warm_top: int = 10_000  # customers whose suggestions are precomputed after publishing
+    warm_workers: int = 1  # processes computing them (training/warm.py)
 
     @classmethod
     def from_dict(cls, raw: dict, base: Path) -> "NightlyPaths":
@@ -62,7 +63,8 @@ class NightlyPaths:
             return base / Path(raw[key]).expanduser() if raw.get(key) else None
 
         return cls(interactions=path("interactions"), catalog=path("catalog"), registry=path("registry"),
-                   redis_url=raw.get("redis_url") or None, warm_top=int(raw.get("warm_top", 10_000)))
+                   redis_url=raw.get("redis_url") or None, warm_top=int(raw.get("warm_top", 10_000)),
+                   warm_workers=int(raw.get("warm_workers", 1)))
 
 
 @dataclass

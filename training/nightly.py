@@ -84,7 +84,7 @@ def up_to_date(registry: Path, config: TrainConfig) -> str | None:
     return current if manifest.get("config_digest") == digest else None
 
 
-def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog) -> str:
+def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog, workers: int = 1) -> str:
     """Precompute suggestions into Redis with training.warm (skipped without a redis_url).
 
     A failed warm-up does not undo the publication: servers answer from the model and fill the cache.
@@ -94,7 +94,7 @@ def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog
     from training.warm import warm_cache
 
     try:
-        result = warm_cache(registry, redis_url, top, log=log.info)
+        result = warm_cache(registry, redis_url, top, log=log.info, workers=workers)
     except RecsvcError as exc:
         log.warning(f"cache warm-up failed, the new model serves without it: {exc.message}")
         return f"failed: {exc.message}"
@@ -116,5 +116,6 @@ def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyR
         if not result.published:
             return NightlyResult("refused", f"quality gate refused the new model: {result.gate.reason}", result)
         with log.step("warm_cache"):
-            warm = warm_cache_step(registry, config.nightly.redis_url, config.nightly.warm_top, log)
+            warm = warm_cache_step(registry, config.nightly.redis_url, config.nightly.warm_top, log,
+                                   config.nightly.warm_workers)
         return NightlyResult("published", f"published {result.version}: {result.gate.reason}", result, warm)

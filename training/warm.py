@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
+import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import orjson
 import redis
 
 from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import (GENERATION_TTL, NO_GENERATION, encode_entry, generation_key, recent_items_key,
-                          recommendation_key)
+                          recommendation_keys)
 from recsvc.config import Settings
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
-from recsvc.model_store import ModelStore
-from recsvc.recommend import RecommendationQuery, Recommender
+from training.warm_batch import DEFAULT_QUERY, BatchRecommender, EncodedLists
 
 DEFAULT_TOP = 10_000
 # A nightly warm-up must last until the next model: keys carry the version and events invalidate a
 # customer's entries, so a long TTL never serves a stale list.
 DEFAULT_TTL = 24 * 3600.0
 MAX_TTL = GENERATION_TTL / 2  # a customer's invalidation must outlive the entries it hides
-BATCH = 1000  # customers per Redis round trip
+BATCH = 1000  # customers per batch: one matrix product, one state read, one write
 TIMEOUT = 5.0  # seconds; the warm-up is offline, unlike the server's tens of milliseconds
 
 
@@ -41,36 +43,26 @@ class WarmResult:
     version: str
     strategy: str
     entries: int
-    compute_seconds: float
-    write_seconds: float
-
-    @property
-    def seconds(self) -> float:
-        return self.compute_seconds + self.write_seconds
+    seconds: float  # wall clock, from the loaded model to the last reply
+    compute_seconds: float  # computing and encoding the lists (of the busiest process)
+    write_seconds: float  # sending the commands and reading their replies, alongside (all processes together)
+    workers: int = 1
 
     def summary(self) -> str:
         rate = self.entries / self.seconds if self.seconds else 0.0
         write_rate = self.entries / self.write_seconds if self.write_seconds else 0.0
-        return (f"warmed {self.entries} entries ({self.version}, {self.strategy}) in {self.seconds:.2f}s: "
-                f"{rate:,.0f} entries/s end to end, {write_rate:,.0f} entries/s written")
+        processes = f" by {self.workers} processes" if self.workers > 1 else ""
+        return (f"warmed {self.entries} entries ({self.version}, {self.strategy}) in {self.seconds:.2f}s{processes}: "
+                f"{rate:,.0f} entries/s end to end; computing took {self.compute_seconds:.2f}s, writing "
+                f"{self.write_seconds:.2f}s alongside it ({write_rate:,.0f} entries/s written)")
 
 
 class PrefetchedRecentItems(RecentItems):
-    """The server's recent items (POST /v1/events), read for a whole batch in one round trip, not one per customer."""
+    """The server's recent items (POST /v1/events) of a batch of customers, read beforehand in one round trip."""
 
-    def __init__(self, redis_url: str):
-        super().__init__(redis_url, timeout=TIMEOUT)
-        self.items: dict[str, set[str]] = {}
-
-    def prefetch(self, customers: list[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for customer in customers:
-            pipe.smembers(recent_items_key(customer))
-        try:
-            found = pipe.execute()
-        except redis.RedisError as exc:
-            raise CacheUnavailable(f"reading recent items from Redis failed: {exc}") from None
-        self.items = {customer: {m.decode("utf-8") for m in members} for customer, members in zip(customers, found)}
+    def __init__(self, items: dict[str, set[str]]):
+        super().__init__(None)
+        self.items = items
 
     def get(self, customer_id: str) -> set[str]:
         return self.items.get(customer_id, set())
@@ -103,74 +95,235 @@ def load_bundle(registry: Path) -> ModelBundle:
 
 
 def warm_cache(registry: Path, redis_url: str, top: int = DEFAULT_TOP, ttl: float = DEFAULT_TTL,
-               log: Callable[[str], None] = print) -> WarmResult:
+               log: Callable[[str], None] = print, workers: int = 1) -> WarmResult:
     """Write the default suggestions (what GET .../recommendations caches) of the `top` most active customers.
 
-    Entries are byte-identical to the server's: the same Recommender computes them
-    and the same codec tags them with each customer's current generation.
+    Entries are byte-identical to the server's: the same ranking (recsvc.ranking), reasons and
+    encoding, computed for a batch of customers at once (training/warm_batch.py), and the same
+    codec tags them with each customer's current generation. `workers` processes (forked once the
+    model is loaded) take turns at the batches.
     """
     if top < 1:
         raise InvalidInput("--top must be at least 1")
     if not 1 <= ttl <= MAX_TTL:
         raise InvalidInput(f"--ttl must be between 1 and {MAX_TTL:g} seconds")
-    client = connect(redis_url)
+    if workers < 1:
+        raise InvalidInput("--workers must be at least 1")
+    connect(redis_url).close()
     bundle = load_bundle(Path(registry))
-    max_bytes = Settings.from_env().cache_max_entry_bytes  # the servers' bound (RECSVC_CACHE_MAX_ENTRY_BYTES)
-    # The server's recent items too (POST /v1/events): they count as owned, so they change the list.
-    recent = PrefetchedRecentItems(redis_url)
-    recommender = Recommender(ModelStore(Path(registry)), cache=None, cache_ttl=ttl, recent_items=recent)
-    strategy = bundle.default_strategy
-    customers = [bundle.customers.external(int(c)) for c in most_active(bundle, top)]
-    result = WarmResult(bundle.version, strategy, 0, 0.0, 0.0)
-    for start in range(0, len(customers), BATCH):
-        t0 = time.perf_counter()
-        recent.prefetch(customers[start:start + BATCH])
-        entries = [_entry(recommender, bundle, strategy, customer) for customer in customers[start:start + BATCH]]
-        entries = [(key, customer, fragment) for key, customer, fragment in entries if len(fragment) <= max_bytes]
-        t1 = time.perf_counter()
-        _write(client, entries, ttl)
-        result.compute_seconds += t1 - t0
-        result.write_seconds += time.perf_counter() - t1
-        result.entries += len(entries)
-        log(f"warm-up: {result.entries}/{len(customers)} customers")
-    return result
+    started = time.perf_counter()  # everything after the model is loaded counts
+    plan = Plan.of(bundle, top, ttl, redis_url)
+    shares = [plan.batches[rank::workers] for rank in range(workers)]
+    children = [_fork(plan, share) for share in shares[1:] if share]
+    outcomes = [_warm_share(plan, shares[0], log)] + [_join(child) for child in children]
+    return WarmResult(bundle.version, plan.strategy, sum(o[0] for o in outcomes), time.perf_counter() - started,
+                      max(o[1] for o in outcomes), sum(o[2] for o in outcomes), len(outcomes))
 
 
-def _entry(recommender: Recommender, bundle: ModelBundle, strategy: str, customer: str) -> tuple[str, str, bytes]:
-    """(key, customer, fragment) exactly as Recommender.recommend builds them for the default request."""
-    query = RecommendationQuery(customer_id=customer)
-    key = recommendation_key(bundle.version, strategy, customer, query.cache_params())
-    return key, customer, orjson.dumps(recommender.compute(bundle, strategy, query))
+@dataclass
+class Plan:
+    """Who is warmed, under which keys, in which batches, and where to."""
+
+    bundle: ModelBundle
+    strategy: str
+    customers: np.ndarray  # model positions, most active first
+    customer_ids: list[str]
+    keys: list[str]
+    batches: list[slice]
+    ttl: float
+    redis_url: str
+    max_bytes: int  # the servers' bound (RECSVC_CACHE_MAX_ENTRY_BYTES): they would not cache a larger list
+
+    @classmethod
+    def of(cls, bundle: ModelBundle, top: int, ttl: float, redis_url: str) -> "Plan":
+        customers = most_active(bundle, top)
+        customer_ids = [c.decode("utf-8") for c in bundle.customers.ids[customers].tolist()]
+        strategy = bundle.default_strategy
+        keys = recommendation_keys(bundle.version, strategy, customer_ids, DEFAULT_QUERY.cache_params())
+        batches = [slice(start, start + BATCH) for start in range(0, len(customers), BATCH)]
+        return cls(bundle, strategy, customers, customer_ids, keys, batches, ttl, redis_url,
+                   Settings.from_env().cache_max_entry_bytes)
 
 
-def _write(client: redis.Redis, entries: list[tuple[str, str, bytes]], ttl: float) -> None:
-    """Two round trips per batch: the customers' generations, then every SET pipelined in one send."""
-    px = b"%d" % int(ttl * 1000)
+def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) -> tuple[int, float, float]:
+    """(entries written, seconds computing, seconds writing) of these batches. Redis reads the next batch's
+    customer state and stores the previous batch while one is computed."""
+    lists = BatchRecommender(plan.bundle, plan.strategy)
+    client = connect(plan.redis_url)  # connections of this process's own
+    entries, computing = 0, 0.0
+    with closing(client), StateReader(client) as reader, CommandWriter(client, plan.ttl) as writer:
+        if batches:
+            reader.request(plan.customer_ids[batches[0]])
+        for number, batch in enumerate(batches):
+            started = time.perf_counter()
+            generations, recent = reader.receive()
+            if number + 1 < len(batches):
+                reader.request(plan.customer_ids[batches[number + 1]])
+            encoded = lists.encode(plan.customers[batch], plan.customer_ids[batch], recent)
+            rows = np.flatnonzero(encoded.sizes <= plan.max_bytes)
+            writer.submit(writer.commands(encoded, rows, plan.keys[batch], generations), len(rows))
+            computing += time.perf_counter() - started
+            entries += len(rows)
+            log(f"warm-up: {min(batch.stop, len(plan.customers))}/{len(plan.customers)} customers computed")
+    return entries, computing, writer.busy
+
+
+def _fork(plan: Plan, batches: list[slice]):
+    """A child process warming these batches (forked: it shares the loaded model's memory)."""
+    receiver, sender = multiprocessing.get_context("fork").Pipe(duplex=False)
+    process = multiprocessing.get_context("fork").Process(target=_child, args=(plan, batches, sender), daemon=True)
+    process.start()
+    sender.close()
+    return process, receiver
+
+
+def _child(plan: Plan, batches: list[slice], sender) -> None:
     try:
-        generations = client.mget([generation_key(customer) for _key, customer, _fragment in entries])
-        payload = b"".join(_command(b"SET", key.encode(), encode_entry(generation or NO_GENERATION, fragment),
-                                    b"PX", px)
-                           for (key, _customer, fragment), generation in zip(entries, generations))
-        _pipeline(client, payload, len(entries))
-    except redis.RedisError as exc:
-        raise CacheUnavailable(f"writing to Redis failed: {exc}") from None
+        sender.send(("ok", _warm_share(plan, batches, log=lambda _line: None)))
+    except RecsvcError as exc:
+        sender.send(("failed", exc.message))
+    except Exception as exc:  # reported by the parent, which exits with a message, not a child's traceback
+        sender.send(("failed", f"{exc.__class__.__name__}: {exc}"))
 
 
-def _command(*parts: bytes) -> bytes:
-    """One command in the Redis protocol. redis-py's pipeline encodes each command in Python at about a
-    third of this speed, which made the writes, not Redis, the warm-up's limit."""
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-
-
-def _pipeline(client: redis.Redis, payload: bytes, replies: int) -> None:
-    """Send the encoded commands at once, then read every reply (an error reply raises)."""
-    connection = client.connection_pool.get_connection()
+def _join(child) -> tuple[int, float, float]:
+    process, receiver = child
     try:
-        connection.send_packed_command([payload])
-        for _ in range(replies):
-            connection.read_response()
-    except BaseException:
-        connection.disconnect()  # unread replies would be taken for the next command's
-        raise
-    finally:
-        client.connection_pool.release(connection)
+        status, outcome = receiver.recv()
+    except EOFError:
+        status, outcome = "failed", f"a warm-up process ended with exit code {process.join() or process.exitcode}"
+    process.join()
+    if status != "ok":
+        raise CacheUnavailable(f"a warm-up process failed: {outcome}")
+    return outcome
+
+
+def command(*parts: bytes) -> bytes:
+    """One command in the Redis protocol (redis-py packs one at a third of this speed)."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts)
+
+
+class StateReader:
+    """Reads the customers' generations and recent items on a connection of its own, one batch ahead:
+    the request goes out before the batch before it is computed, the replies are read after."""
+
+    def __init__(self, client: redis.Redis):
+        try:
+            self.script = client.script_load(_RECENT_ITEMS)
+        except redis.RedisError as exc:
+            raise CacheUnavailable(f"loading a script into Redis failed: {exc}") from None
+        self.connection = client.connection_pool.make_connection()
+        self.customer_ids: list[str] = []
+
+    def __enter__(self) -> "StateReader":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.connection.disconnect()
+
+    def request(self, customer_ids: list[str]) -> None:
+        """Ask for the generations first: POST /v1/events adds recent items before it changes the generation,
+        so an entry is never computed from recent items older than the generation it is tagged with (it
+        would be served, stale)."""
+        self.customer_ids = customer_ids
+        commands = command(b"MGET", *(generation_key(c).encode() for c in customer_ids)) + \
+            command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
+                    *(recent_items_key(c).encode() for c in customer_ids))
+        try:
+            self.connection.send_packed_command([commands])
+        except (redis.RedisError, OSError) as exc:
+            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
+
+    def receive(self) -> tuple[list[bytes], PrefetchedRecentItems]:
+        """(generations, recent items) of the customers last requested."""
+        try:
+            generations, found = self.connection.read_response(), self.connection.read_response()
+        except (redis.RedisError, OSError) as exc:
+            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
+        ids = self.customer_ids
+        recent = PrefetchedRecentItems({ids[int(index) - 1]: {m.decode("utf-8") for m in members}
+                                        for index, members in zip(found[::2], found[1::2])})
+        return [generation or NO_GENERATION for generation in generations], recent
+
+
+class CommandWriter:
+    """Sends pre-encoded SET commands on a connection of its own, from a thread, so Redis stores one batch
+    while the next is computed; replies are checked in bulk, not parsed one by one."""
+
+    def __init__(self, client: redis.Redis, ttl: float):
+        px = b"%d" % int(ttl * 1000)
+        self.trailer = b"\r\n$2\r\nPX\r\n$%d\r\n%b\r\n" % (len(px), px)  # ends each SET after its value
+        self.connection = client.connection_pool.make_connection()
+        self.pending: queue.Queue = queue.Queue(maxsize=2)
+        self.failure: CacheUnavailable | None = None
+        self.busy = 0.0  # seconds spent sending commands and reading their replies
+        self.thread = threading.Thread(target=self._run, name="warm-cache-writer", daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> "CommandWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pending.put(None)
+        self.thread.join()
+        self.connection.disconnect()
+        if self.failure is not None and exc[0] is None:
+            raise self.failure
+
+    def commands(self, encoded: EncodedLists, rows: np.ndarray, keys: list[str], generations: list[bytes]) -> bytes:
+        """SET each row's list under its key, tagged with its customer's generation (cache.encode_entry), with
+        the TTL: the Redis protocol, written here (redis-py encodes a command in Python at a third of the speed)."""
+        tags = {generation: encode_entry(generation, b"") for generation in set(generations)}
+        before = [b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b" % (len(key), key, len(tag) + size, tag)
+                  for key, tag, size in ((keys[row].encode(), tags[generations[row]], size)
+                                         for row, size in zip(rows.tolist(), encoded.sizes[rows].tolist()))]
+        return encoded.join(rows, before, self.trailer)
+
+    def submit(self, payload: bytes, replies: int) -> None:
+        """Queue commands that answer `replies` times; raises the writer's failure, if any."""
+        if self.failure is not None:
+            raise self.failure
+        if replies:
+            self.pending.put((payload, replies))
+
+    def _run(self) -> None:
+        while (work := self.pending.get()) is not None:
+            if self.failure is not None:
+                continue  # drain: the main thread raises at its next submit
+            started = time.perf_counter()
+            try:
+                self.connection.send_packed_command([work[0]])
+                self._expect_ok(work[1])
+            except (redis.RedisError, OSError) as exc:
+                self.connection.disconnect()  # unread replies would be taken for the next command's
+                self.failure = CacheUnavailable(f"writing to Redis failed: {exc}")
+            self.busy += time.perf_counter() - started
+
+    def _expect_ok(self, replies: int) -> None:
+        """n SETs that all succeeded answer exactly n times +OK; anything else holds an error reply (at least
+        as long as +OK), which is reported."""
+        expected = b"+OK\r\n" * replies
+        received = bytearray()
+        sock = self.connection._sock  # redis-py's socket of this connection: AUTH, SELECT and TLS already done
+        while len(received) < len(expected):
+            chunk = sock.recv(max(65536, len(expected) - len(received)))
+            if not chunk:
+                raise redis.ConnectionError("Redis closed the connection")
+            received += chunk
+        if received != expected:
+            error = next((line for line in bytes(received).split(b"\r\n") if line.startswith(b"-")), bytes(received[:80]))
+            raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
+
+# KEYS: the customers' recent-items sets. Returns index (1-based), members, ... for the non-empty ones only:
+# most customers have none, and one script call replaces a round trip (or a parsed reply) per customer.
+_RECENT_ITEMS = """
+local found = {}
+for i, key in ipairs(KEYS) do
+  local members = redis.call('SMEMBERS', key)
+  if #members > 0 then
+    found[#found + 1] = i
+    found[#found + 1] = members
+  end
+end
+return found
+"""

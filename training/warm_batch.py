@@ -1,0 +1,275 @@
+"""Default recommendation lists of many customers at once, byte-identical to what the server computes one by one.
+
+The server's Recommender.compute, for the default request, per customer:
+personal items ranked by recsvc.ranking.personal_top, each with reasons from
+scorer.contributions; when fewer than `limit` have a positive score, the
+popular step fills up. Here the same steps run for a batch: one scores_batch,
+personal_top for all rows, one contributions product for all (customer, item)
+pairs, and the JSON assembled from pieces that the server's own functions
+encode (_item_fields, reason_texts, response_body), cut once per item.
+Customers whose list needs the popular step take it through the server's
+own functions (popular_step, Ranked), one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import scipy.sparse as sp
+
+from recsvc.artifacts import ModelBundle
+from recsvc.ranking import personal_top
+from recsvc.recommend import (MAX_REASON_ITEMS, Ranked, RecommendationQuery, Recommender, _label, _popular_reason,
+                              fallback_scorer, popular_step, reason_texts, response_body)
+from recsvc.scoring import Scorer
+
+REASON_CHUNK = 2048  # (customer, item) pairs whose reasons are picked together
+PIECES_PER_ITEM = 5  # item head with "score":, score, first reason, second reason, item tail
+DEFAULT_QUERY = RecommendationQuery(customer_id="")
+CUSTOMER_MARK = "\x01"  # a customer id no real one equals; cut out of the encoded template
+
+
+class Pieces:
+    """Byte pieces of encoded lists: an item is head + score + reasons + tail; built once per item, on first use."""
+
+    EMPTY = 0
+
+    def __init__(self, bundle: ModelBundle, strategy: str, fallback: Scorer):
+        self.bundle = bundle
+        self.table: list[bytes] = [b""]
+        self.lengths: list[int] = [0]
+        n_items = len(bundle.items)
+        self.item_head, self.item_tail = (np.full(n_items, -1, dtype=np.int64) for _ in range(2))
+        self.first_reason, self.next_reason = (np.full(n_items, -1, dtype=np.int64) for _ in range(2))
+        self.popular_reason = self.add(b',"reasons":[' + orjson.dumps(_popular_reason(fallback)))
+        self.no_names_reason = self.add(b',"reasons":[' + orjson.dumps(reason_texts("personal", [])[0]))
+        self.heads = {source: self._head(bundle, strategy, source) for source in ("personal", "popular")}
+
+    def add(self, piece: bytes) -> int:
+        self.table.append(piece)
+        self.lengths.append(len(piece))
+        return len(self.table) - 1
+
+    @staticmethod
+    def _head(bundle: ModelBundle, strategy: str, source: str) -> tuple[bytes, bytes, bytes]:
+        """(before the customer id, between it and the items, after the items) of a response body."""
+        encoded = orjson.dumps(response_body(CUSTOMER_MARK, bundle.version, strategy, source, []))
+        before, mark, rest = encoded.partition(orjson.dumps(CUSTOMER_MARK))
+        between, items, after = rest.partition(b'"items":[]')
+        if not mark or not items:
+            raise AssertionError(f"unexpected response layout: {encoded!r}")
+        return before, between + b'"items":[', b"]" + after
+
+    def items(self, positions: np.ndarray) -> None:
+        """Build the head and tails of these items, cut from the server's own encoding of each."""
+        for position in np.unique(positions[self.item_head[positions] < 0]).tolist():
+            encoded = orjson.dumps(Recommender._item_fields(self.bundle, position, 0.0, []))
+            head, mark, tail = encoded.partition(b'"score":0.0,"reasons":[]')
+            if not mark:
+                raise AssertionError(f"unexpected item layout: {encoded!r}")
+            self.item_head[position] = self.add(head + b'"score":')
+            self.item_tail[position] = self.add(b"]" + tail + b",")
+            self.add(b"]" + tail)  # the last item's tail: always item_tail + 1
+
+    def reasons(self, positions: np.ndarray) -> None:
+        """Build 'Because the customer has ...' for these history items."""
+        for position in np.unique(positions[self.first_reason[positions] < 0]).tolist():
+            text = orjson.dumps(reason_texts("personal", [_label(self.bundle, position)])[0])
+            self.first_reason[position] = self.add(b',"reasons":[' + text)
+            self.next_reason[position] = self.add(b"," + text)
+
+
+class BatchRecommender:
+    """The default list (GET /v1/customers/<id>/recommendations) of a batch of known customers, encoded."""
+
+    def __init__(self, bundle: ModelBundle, strategy: str):
+        self.bundle = bundle
+        self.strategy = strategy
+        self.scorer = bundle.scorers[strategy]
+        self.fallback = self.scorer if not self.scorer.personal else fallback_scorer(bundle)
+        self.limit = DEFAULT_QUERY.limit
+        self.inactive = np.flatnonzero(~np.asarray(bundle.catalog.active, dtype=bool))
+        self.pieces = Pieces(bundle, strategy, self.fallback)
+
+    def encode(self, customers: np.ndarray, customer_ids: list[str], recent) -> "EncodedLists":
+        """The encoded response bodies (what Recommender.recommend caches) of customers (model positions);
+        `recent` (a RecentItems) gives their items from POST /v1/events, which count as owned."""
+        histories = self._histories(customers, customer_ids, recent)
+        slots = np.full((len(customers), self.limit, PIECES_PER_ITEM), Pieces.EMPTY, dtype=np.int64)
+        chosen = np.full((len(customers), self.limit), -1, dtype=np.int64)
+        scores: list[bytes] = []
+        personal = self._personal_rows(histories)
+        if len(personal):
+            positions, best = self._personal(customers[personal], histories[personal])
+            chosen[personal, :positions.shape[1]] = positions
+            scores = self._fill_personal(slots, personal, positions, best, histories[personal])
+        picked = (chosen >= 0).sum(axis=1)
+        for row in np.flatnonzero(picked < self.limit).tolist():
+            self._top_up(slots[row], chosen[row, :picked[row]].tolist(), histories[row], scores)
+        return self._encode(slots, scores, customer_ids, np.where(picked > 0, "personal", "popular"))
+
+    def _histories(self, customers: np.ndarray, customer_ids: list[str], recent) -> np.ndarray:
+        """Each customer's items as the server sees them (model's items, then recent ones merged in the same
+        way), one row each, padded with -1."""
+        owned = self.bundle.owned
+        starts, counts = owned.indptr[customers], np.diff(owned.indptr)[customers]
+        index = {customer_id: i for i, customer_id in enumerate(customer_ids)} if recent.items else {}
+        rows = {index[customer_id]: recent.merge(self.bundle, customer_id,
+                                                 self.bundle.owned_items(int(customers[index[customer_id]])))
+                for customer_id in recent.items if customer_id in index}
+        width = max([int(counts.max(initial=0))] + [len(r) for r in rows.values()])
+        columns = np.arange(width)
+        valid = columns[None, :] < counts[:, None]
+        histories = np.where(valid, owned.indices[np.minimum(starts[:, None] + columns, max(owned.nnz - 1, 0))], -1)
+        for i, row in rows.items():
+            histories[i] = -1
+            histories[i, :len(row)] = row
+        return histories.astype(np.int64)
+
+    def _personal_rows(self, histories: np.ndarray) -> np.ndarray:
+        """Rows the server would rank personally: a personal strategy and at least one item."""
+        if not self.scorer.personal:
+            return np.empty(0, dtype=np.int64)
+        return np.flatnonzero((histories >= 0).any(axis=1))
+
+    def _personal(self, customers: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        valid = histories >= 0
+        counts = valid.sum(axis=1)
+        history = sp.csr_matrix((np.ones(int(counts.sum()), dtype=np.float32), histories[valid],
+                                 np.concatenate([[0], np.cumsum(counts)])), shape=(len(customers), len(self.bundle.items)))
+        scores = np.asarray(self.scorer.scores_batch(customers, history), dtype=np.float32)  # a new array
+        scores[np.nonzero(valid)[0], histories[valid]] = -np.inf  # owned, as Recommender._excluded
+        scores[:, self.inactive] = -np.inf
+        return personal_top(self.scorer, customers, histories, scores, self.limit)
+
+    def _fill_personal(self, slots: np.ndarray, rows: np.ndarray, positions: np.ndarray, best: np.ndarray,
+                       histories: np.ndarray) -> list[bytes]:
+        """Personal items' pieces into slots[rows]; returns the encoded scores, in slot order."""
+        pieces = self.pieces
+        pair_rows, pair_slots = np.nonzero(positions >= 0)
+        items = positions[pair_rows, pair_slots]
+        pieces.items(items)
+        first, second = self._reason_items(items, histories[pair_rows])
+        pieces.reasons(np.concatenate([first[first >= 0], second[second >= 0]]))
+        scores = orjson.dumps(best[pair_rows, pair_slots].tolist())[1:-1].split(b",") if len(items) else []
+        target = slots[rows[pair_rows], pair_slots]  # a copy: fancy indexing
+        target[:, 0] = pieces.item_head[items]
+        target[:, 1] = -1 - np.arange(len(items))  # scores: negative ids, resolved in _encode
+        target[:, 2] = np.where(first >= 0, pieces.first_reason[np.maximum(first, 0)], pieces.no_names_reason)
+        target[:, 3] = np.where(second >= 0, pieces.next_reason[np.maximum(second, 0)], Pieces.EMPTY)
+        target[:, 4] = pieces.item_tail[items]
+        slots[rows[pair_rows], pair_slots] = target
+        return scores
+
+    def _reason_items(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The history items named as reasons for each (customer, item) pair, -1 for none: what the server's
+        _reasons picks from scorer.contributions. Fast approximate contributions decide where their error
+        bound cannot change the pick; the exact ones decide the rest. In chunks of pairs with histories of
+        similar length (customers come most active first), so little of the work is padding."""
+        named = np.full((len(items), MAX_REASON_ITEMS), -1, dtype=np.int64)
+        for start in range(0, len(items), REASON_CHUNK):
+            chunk = slice(start, start + REASON_CHUNK)
+            width = max(int((histories[chunk] >= 0).sum(axis=1).max(initial=0)), 1)
+            named[chunk] = self._reason_chunk(items[chunk], histories[chunk, :width])
+        return named[:, 0], named[:, 1]
+
+    def _reason_chunk(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
+        approx, error = self.scorer.approx_contributions_batch(items, histories)
+        picks, unsure = strongest(approx, error)
+        if unsure.any():
+            exact = self.scorer.contributions_batch(items[unsure], histories[unsure])
+            picks[unsure], _ = strongest(np.where(histories[unsure] >= 0, exact, -np.inf), 0.0)
+        named = np.take_along_axis(histories, np.maximum(picks, 0), axis=1)
+        return np.where(picks >= 0, named, -1)
+
+    def _top_up(self, slots: np.ndarray, personal: list[int], history: np.ndarray, scores: list[bytes]) -> None:
+        """Fill a short list from the popular step, through the server's own Ranked and popular_step."""
+        owned = history[history >= 0]
+        ranked = Ranked(list(personal), [0.0] * len(personal), ["personal"] * len(personal))
+        excluded = Recommender._excluded(self.bundle, owned, DEFAULT_QUERY)
+        ranked.extend(*popular_step(self.fallback, owned, self.limit, excluded), "popular", self.limit)
+        popular = list(zip(ranked.items, ranked.scores))[len(personal):]
+        self.pieces.items(np.array([position for position, _score in popular], dtype=np.int64))
+        for slot, (position, score) in enumerate(popular, start=len(personal)):
+            scores.append(orjson.dumps(round(float(score), 6)))  # as _item_fields rounds it
+            slots[slot] = (self.pieces.item_head[position], -len(scores), self.pieces.popular_reason, Pieces.EMPTY,
+                           self.pieces.item_tail[position])
+
+    def _encode(self, slots: np.ndarray, scores: list[bytes], customer_ids: list[str],
+                sources: np.ndarray) -> "EncodedLists":
+        """The rows' pieces as an EncodedLists; a score's slot holds -k for scores[k - 1]."""
+        count = (slots[:, :, 0] != Pieces.EMPTY).sum(axis=1)
+        rows = np.flatnonzero(count)
+        slots[rows, count[rows] - 1, 4] += 1  # the last item's tail, without the comma (Pieces.items)
+        table = self.pieces.table + scores[::-1]
+        lengths = np.concatenate([np.array(self.pieces.lengths), np.fromiter(map(len, reversed(scores)), np.int64,
+                                                                              len(scores))])
+        heads, tails = [], []
+        for customer_id, source in zip(customer_ids, sources.tolist()):
+            before, between, after = self.pieces.heads[source]
+            heads.append(before + orjson.dumps(customer_id) + between)
+            tails.append(after)
+        slots = slots.reshape(len(slots), -1)
+        slots = np.where(slots < 0, len(table) + slots, slots)
+        sizes = lengths[slots].sum(axis=1) + np.fromiter(map(len, heads), np.int64, len(heads)) + \
+            np.fromiter(map(len, tails), np.int64, len(tails))
+        return EncodedLists(table, slots, heads, tails, sizes)
+
+
+@dataclass
+class EncodedLists:
+    """Encoded response bodies as pieces: row i is heads[i], then table[slots[i, 0]], table[slots[i, 1]], ...,
+    then tails[i]; sizes[i] is its length in bytes."""
+
+    table: list[bytes]
+    slots: np.ndarray
+    heads: list[bytes]
+    tails: list[bytes]
+    sizes: np.ndarray
+
+    def fragments(self) -> list[bytes]:
+        return [self.join(np.array([row]), [b""], b"") for row in range(len(self.slots))]
+
+    def join(self, rows: np.ndarray, before: list[bytes], after: bytes) -> bytes:
+        """The given rows, each after before[i] and followed by `after` (e.g. the Redis command around
+        it), as one bytes: one join of all pieces, not one per row."""
+        first = len(self.table)
+        table = self.table + before + [self.heads[row] for row in rows.tolist()] + \
+            [self.tails[row] for row in rows.tolist()] + [after]
+        ids = np.empty((len(rows), self.slots.shape[1] + 4), dtype=np.int64)
+        ids[:, 0] = first + np.arange(len(rows))
+        ids[:, 1] = ids[:, 0] + len(rows)
+        ids[:, 2:-2] = self.slots[rows]
+        ids[:, -2] = ids[:, 1] + len(rows)
+        ids[:, -1] = len(table) - 1
+        return b"".join(map(table.__getitem__, ids.ravel().tolist()))
+
+
+def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray]:
+    """(picks, unsure): per row, the columns of the MAX_REASON_ITEMS largest positive weights, largest first,
+    ties to the lower column (what Recommender._reasons takes: a stable argsort, positive ones), -1 when
+    there are fewer; unsure marks rows whose picks an error of `error` per weight could change.
+    Padding columns hold -inf; `weights` is overwritten."""
+    rows = np.arange(len(weights))
+    picks = np.full((len(weights), MAX_REASON_ITEMS), -1, dtype=np.int64)
+    values = []
+    for rank in range(MAX_REASON_ITEMS):
+        column = weights.argmax(axis=1)
+        value = weights[rows, column].astype(np.float64)
+        picks[:, rank] = np.where(value > 0, column, -1)
+        values.append(value)
+        weights[rows, column] = -np.inf
+    values.append(weights.max(axis=1).astype(np.float64))
+    unsure = np.zeros(len(weights), dtype=bool)
+    if error > 0:
+        settled = np.zeros(len(weights), dtype=bool)  # a rank surely not positive: later ones do not matter
+        for rank in range(MAX_REASON_ITEMS):
+            value, following = values[rank], values[rank + 1]
+            not_positive = value + error <= 0
+            with np.errstate(invalid="ignore"):  # -inf - -inf: a rank without weight, not_positive already
+                clear = (value - error > 0) & (value - following > 2 * error)
+            unsure |= ~(settled | not_positive | clear)
+            settled |= not_positive
+    return picks, unsure
