@@ -25,21 +25,64 @@ from recsvc.errors import ArtifactError
 SCORER_FILE = "scorer.json"
 
 
-def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k best item positions by score, best first, never an excluded or -inf one.
+# top_k looks for its answer among the items scoring at least a threshold estimated from a strided sample of
+# this many scores, instead of ordering all of them (see _thresholds).
+SAMPLE_SIZE = 2048
 
-    `scores` is modified in place when `exclude` is given. May return fewer than k
-    items when fewer have a finite score.
+
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None, *, blocked: np.ndarray | None = None,
+          among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best item positions by score and their scores, best first; equal scores: lower position first.
+
+    Never an `exclude`d position, one `blocked` is True for (a bool per item), or one with a non-finite
+    score; only positions in `among` (sorted) when given. `scores` is modified in place when `exclude` is
+    given. May return fewer than k items when fewer are left. Exact: the same answer as sorting every
+    eligible item, from a few hundred candidates in the usual case.
     """
     if exclude is not None and len(exclude):
         scores[exclude] = -np.inf
-    k = min(k, len(scores))
+    values = scores if among is None else scores[among]
+    if among is not None and blocked is not None:
+        blocked = blocked[among]
+    chosen = _best(values, k, blocked)
+    return (chosen if among is None else among[chosen]), values[chosen]
+
+
+def _best(values: np.ndarray, k: int, blocked: np.ndarray | None) -> np.ndarray:
+    """Indexes into `values` of its k best finite, unblocked entries, best first (ties: lower index first)."""
+    k = min(k, len(values))
     if k <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    best = best[np.argsort(-scores[best], kind="stable")]
-    best = best[np.isfinite(scores[best])]
-    return best, scores[best]
+        return np.empty(0, dtype=np.int64)
+    for threshold in _thresholds(values, 4 * k + 128):
+        candidates = np.flatnonzero(values >= threshold)  # every entry this good: ties with the k-th are in
+        if blocked is not None:
+            candidates = candidates[~blocked[candidates]]
+        candidates = candidates[np.isfinite(values[candidates])]
+        if len(candidates) >= k:
+            break
+    picked = values[candidates]
+    if len(candidates) > 8 * k:  # many (a wide threshold): keep the k-th best value and better, ties included
+        kth = np.partition(picked, len(picked) - k)[len(picked) - k]
+        candidates, picked = candidates[picked >= kth], picked[picked >= kth]
+    # candidates ascend, so a stable sort orders equal scores by position
+    return candidates[np.argsort(-picked, kind="stable")[:k]]
+
+
+def _thresholds(values: np.ndarray, want: int):
+    """Decreasing score thresholds to try: the first is expected to let about `want` entries through (the
+    matching quantile of a strided sample), the next 32 times as many; the last, -inf, lets everything through.
+    A threshold only decides how many candidates are looked at, never which of them win, so a poor sample
+    (scores that follow the item order) costs time, not exactness."""
+    n = len(values)
+    stride = n // SAMPLE_SIZE
+    if stride >= 4 and want * 8 < n:
+        sample = values[::stride]
+        for aim in (want, 32 * want):
+            above = -(-aim * len(sample) // n)  # sample entries expected at or above the threshold (ceiling)
+            if above >= len(sample):
+                break
+            yield np.partition(sample, len(sample) - above)[len(sample) - above]
+    yield -np.inf
 
 
 def top_k_batch(scores: np.ndarray, k: int) -> np.ndarray:
@@ -61,10 +104,12 @@ class Scorer(ABC):
         Scorer.registry[cls.kind] = cls
 
     @abstractmethod
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Float32 scores for every item. `customer` is the customer's row in the model, or None
         for a customer the model does not know; `history` holds item positions that describe them
-        (their items, or the items in the current conversation)."""
+        (their items, or the items in the current conversation). Written into `out` (float32, one
+        per item) and returned when given, so a server thread can reuse one buffer (a model whose arrays
+        are not float32 returns a new array of its own dtype instead)."""
 
     @abstractmethod
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
@@ -77,6 +122,11 @@ class Scorer(ABC):
     @abstractmethod
     def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
         """How much each history item speaks for recommending `item` (same order as history)."""
+
+    def contributions_many(self, items: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """contributions() of several items: a (len(items) x len(history)) array."""
+        rows = [self.contributions(int(item), history) for item in items]
+        return np.array(rows, dtype=np.float32).reshape(len(items), len(history))
 
     @abstractmethod
     def arrays(self) -> dict[str, np.ndarray]:
@@ -155,9 +205,11 @@ class FactorScorer(Scorer):
         b = 2.0 * y.sum(axis=0)
         return np.linalg.solve(a, b).astype(np.float32)
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         vector = self.user_factors[customer] if customer is not None else self.fold_in(history)
-        return self.item_factors @ vector
+        if out is None or np.result_type(self.item_factors, vector) != out.dtype:
+            return _into(self.item_factors @ vector, out)
+        return np.matmul(self.item_factors, vector, out=out)  # the same product, without a fresh array
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray(self.user_factors[customers] @ self.item_factors.T)
@@ -167,12 +219,26 @@ class FactorScorer(Scorer):
         return (self.item_factors @ self.item_factors[item]) / (norms * norms[item])
 
     def contributions(self, item: int, history: np.ndarray) -> np.ndarray:
-        if not len(history):
-            return np.empty(0, dtype=np.float32)
-        # Only the history's rows: similar(item) would cost a pass over every item per reason.
-        norms = np.where(self.item_norms[history] > 0, self.item_norms[history], 1.0)
-        item_norm = self.item_norms[item] if self.item_norms[item] > 0 else 1.0
-        return (self.item_factors[history] @ self.item_factors[item]) / (norms * item_norm)
+        return self.contributions_many(np.array([item]), history)[0]
+
+    def contributions_many(self, items: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """Cosines of the items with the history's items, in one product (only those rows: similar()
+        would cost a pass over every item per reason)."""
+        if not len(history) or not len(items):
+            return np.empty((len(items), len(history)), dtype=np.float32)
+        history_norms = np.where(self.item_norms[history] > 0, self.item_norms[history], 1.0)
+        item_norms = np.where(self.item_norms[items] > 0, self.item_norms[items], 1.0)
+        products = self.item_factors[items] @ self.item_factors[history].T
+        return products / (item_norms[:, None] * history_norms[None, :])
+
+
+def _into(scores: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`scores`, copied into `out` when one is given (see Scorer.scores); scores of another dtype are
+    returned as they are, so a float64 model ranks by its own arithmetic."""
+    if out is None or scores.dtype != out.dtype:
+        return scores
+    np.copyto(out, scores)
+    return out
 
 
 def _row_norms(matrix: np.ndarray) -> np.ndarray:
@@ -210,11 +276,11 @@ class ItemSimilarityScorer(Scorer):
         if self.matrix.shape != (n_items, n_items):
             raise ArtifactError(f"{name}: similarity shape {self.matrix.shape} does not match {n_items} items")
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if len(history) == 0:
-            return np.zeros(self.matrix.shape[1], dtype=np.float32)
+            return _into(np.zeros(self.matrix.shape[1], dtype=np.float32), out)
         rows = self.matrix[history]
-        return np.asarray(rows.sum(axis=0), dtype=np.float32).ravel()
+        return _into(np.asarray(rows.sum(axis=0), dtype=np.float32).ravel(), out)
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         indicator = history.copy()
@@ -231,6 +297,13 @@ class ItemSimilarityScorer(Scorer):
             return np.empty(0, dtype=np.float32)
         column = self.matrix[history, item]
         return np.asarray(column.toarray() if sp.issparse(column) else column, dtype=np.float32).ravel()
+
+    def contributions_many(self, items: np.ndarray, history: np.ndarray) -> np.ndarray:
+        if len(history) == 0 or len(items) == 0:
+            return np.empty((len(items), len(history)), dtype=np.float32)
+        # One block of the matrix (history rows, item columns): one sparse slice instead of one per item.
+        block = self.matrix[history][:, items] if sp.issparse(self.matrix) else self.matrix[np.ix_(history, items)]
+        return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32).T
 
 
 class PopularityScorer(Scorer):
@@ -256,8 +329,11 @@ class PopularityScorer(Scorer):
         if len(self.popularity) != n_items:
             raise ArtifactError(f"{name}: popularity has {len(self.popularity)} entries for {n_items} items")
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
-        return np.array(self.popularity, dtype=np.float32)
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return np.array(self.popularity, dtype=np.float32)
+        np.copyto(out, self.popularity)
+        return out
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         return np.broadcast_to(np.asarray(self.popularity, dtype=np.float32), (len(customers), len(self.popularity))).copy()
@@ -308,8 +384,9 @@ class BlendScorer(Scorer):
         for part_name, part in self.parts.items():
             part.check_shape(n_customers, n_items, f"{name}.{part_name}")
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
-        return sum(f * self.parts[n].scores(customer, history) for n, f in self.factors.items()).astype(np.float32)
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        total = sum(f * self.parts[n].scores(customer, history) for n, f in self.factors.items())
+        return _into(total.astype(np.float32), out)
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         total = sum(f * np.asarray(self.parts[n].scores_batch(customers, history)) for n, f in self.factors.items())
