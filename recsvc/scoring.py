@@ -26,8 +26,9 @@ SCORER_FILE = "scorer.json"
 
 
 # top_k looks for its answer among the items scoring at least a threshold estimated from a strided sample of
-# this many scores, instead of ordering all of them (see _thresholds).
+# SAMPLE_SIZE scores, instead of ordering all of them: it aims at 4 k + MIN_CANDIDATES candidates (see _thresholds).
 SAMPLE_SIZE = 2048
+MIN_CANDIDATES = 128
 
 
 def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None, *, blocked: np.ndarray | None = None,
@@ -53,7 +54,7 @@ def _best(values: np.ndarray, k: int, blocked: np.ndarray | None) -> np.ndarray:
     k = min(k, len(values))
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    for threshold in _thresholds(values, 4 * k + 128):
+    for threshold in _thresholds(values, 4 * k + MIN_CANDIDATES):
         candidates = np.flatnonzero(values >= threshold)  # every entry this good: ties with the k-th are in
         if blocked is not None:
             candidates = candidates[~blocked[candidates]]
