@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,32 @@ class Catalog:
     def empty(cls, n_items: int) -> "Catalog":
         return cls(np.full(n_items, "", dtype="U1"), np.full(n_items, "", dtype="U1"), np.ones(n_items, dtype=bool))
 
+    # The server's filters, derived once per version (load_version builds them before gunicorn forks, so the
+    # workers share them) instead of comparing every item's category on each request.
+
+    @cached_property
+    def inactive(self) -> np.ndarray:
+        """True for each item that is never suggested."""
+        return ~np.asarray(self.active, dtype=bool)
+
+    def active_in(self, category: str) -> np.ndarray:
+        """Sorted positions of the active items of `category`; empty for a category no item has."""
+        # np.str_ compares as numpy does: trailing NUL characters do not count.
+        return self._active_by_category.get(str(np.str_(category)), np.empty(0, dtype=np.int64))
+
+    @cached_property
+    def _active_by_category(self) -> dict[str, np.ndarray]:
+        names, codes = np.unique(np.asarray(self.category), return_inverse=True)
+        active = np.flatnonzero(~self.inactive)
+        order = np.argsort(codes[active], kind="stable")  # grouped by category, positions ascending within
+        grouped, group_codes = active[order], codes[active][order]
+        bounds = np.searchsorted(group_codes, np.arange(len(names) + 1))
+        return {str(name): grouped[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+
+    def prepare_filters(self) -> None:
+        """Build the derived filter arrays now rather than on the first request."""
+        self._active_by_category  # noqa: B018 (computed and kept by cached_property)
+
 
 @dataclass
 class ModelBundle:
@@ -261,6 +288,7 @@ def load_version(registry: Path, version_id: str, *, mmap: bool = True) -> Model
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"version {version_id} is inconsistent: {exc}") from exc
     bundle.validate()
+    bundle.catalog.prepare_filters()
     return bundle
 
 

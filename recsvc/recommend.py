@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,56 @@ class Ranked:
                 self.items.append(position)
                 self.scores.append(score)
                 self.sources.append(source)
+
+
+@dataclass(frozen=True)
+class Eligible:
+    """The items one request may be suggested: the catalog's rules, prepared once per model version
+    (inactive items; a category's active items), less a few positions of this request (asked to exclude,
+    owned, on the customer's screen). Ranking looks these up for its candidates only, so no request
+    builds a mask over every item."""
+
+    excluded: np.ndarray
+    blocked: np.ndarray | None = None  # True for each inactive item; None when `among` is given
+    among: np.ndarray | None = None  # sorted positions to choose from: the requested category's active items
+
+    @classmethod
+    def of(cls, bundle: ModelBundle, category: str | None, excluded) -> "Eligible":
+        excluded = np.asarray(excluded, dtype=np.int64)
+        if category is None:
+            return cls(excluded, blocked=bundle.catalog.inactive)
+        return cls(excluded, among=bundle.catalog.active_in(category))
+
+    def best(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best eligible (positions, scores), best first; `scores` is modified in place."""
+        return top_k(scores, k, self.excluded, blocked=self.blocked, among=self.among)
+
+    def mask(self, scores: np.ndarray) -> np.ndarray:
+        """`scores` with -inf for every item this request may not be suggested, in place (for
+        recsvc.ranking.personal_top, which ranks the whole row)."""
+        scores[self.excluded] = -np.inf
+        if self.blocked is not None:
+            scores[self.blocked] = -np.inf
+        if self.among is not None:
+            keep = scores[self.among]
+            scores.fill(-np.inf)
+            scores[self.among] = keep
+        return scores
+
+
+class _ScoreBuffers(threading.local):
+    """One float32 array of item scores per server thread, reused by every step of every request it serves.
+    A fresh one per step costs more than ranking it: at 400 KB (100k items) glibc maps it (the server sets
+    MALLOC_MMAP_THRESHOLD_), faults in every page and unmaps it again."""
+
+    def get(self, n_items: int) -> np.ndarray:
+        buffer = getattr(self, "buffer", None)
+        if buffer is None or len(buffer) != n_items:
+            buffer = self.buffer = np.empty(n_items, dtype=np.float32)
+        return buffer
+
+
+_score_buffers = _ScoreBuffers()
 
 
 def new_request_id() -> str:
@@ -108,10 +159,9 @@ class Recommender:
         position = bundle.items.position(item_id)
         if position is None:
             raise NotFound(f"item {item_id!r} is not in the current model", details={"item_id": item_id})
-        mask = self._filter_mask(bundle, (), category)
-        mask[position] = True
         scorer = bundle.scorers[strategy]
-        positions, scores = top_k(np.array(scorer.similar(position), dtype=np.float32), limit, np.flatnonzero(mask))
+        eligible = Eligible.of(bundle, category, [position])
+        positions, scores = eligible.best(np.array(scorer.similar(position), dtype=np.float32), limit)
         if scorer.personal:  # zero or negative similarity is not "like this one"
             positions, scores = positions[scores > 0], scores[scores > 0]
         reason = [f"Often chosen together with {_label(bundle, position)}"] if scorer.personal \
@@ -135,17 +185,20 @@ class Recommender:
         if self.recent_items is not None:  # items from POST /v1/events count as owned straight away
             owned = self.recent_items.merge(bundle, query.customer_id, owned)
         context = np.asarray(bundle.items.positions(query.context_items), dtype=np.int64)
-        excluded = self._excluded(bundle, owned, query)
+        eligible = self._eligible(bundle, owned, context, query)
         scorer = bundle.scorers[strategy]
+        buffer = _score_buffers.get(len(bundle.items))
         ranked = Ranked()
         if customer is not None and scorer.personal and len(owned):
-            ranked.extend(*_personal(scorer, customer, owned, query.limit, excluded), "personal", query.limit)
+            ranked.extend(*_personal(scorer, customer, owned, query.limit, eligible, buffer), "personal",
+                          query.limit)
         if len(context) and scorer.personal and len(ranked.items) < query.limit:
-            ranked.extend(*_evidence(scorer.scores(None, context), query.limit, excluded), "context", query.limit)
+            ranked.extend(*_evidence(scorer.scores(None, context, buffer), query.limit, eligible), "context",
+                          query.limit)
         # An explicitly requested non-personal strategy (popular, trending) is itself the last step.
         fallback = scorer if not scorer.personal else fallback_scorer(bundle)
         if len(ranked.items) < query.limit:
-            ranked.extend(*popular_step(fallback, owned, query.limit, excluded), "popular", query.limit)
+            ranked.extend(*popular_step(fallback, owned, query.limit, eligible, buffer), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
         metrics.observe_source(source)
         weights = _reason_weights(scorer, ranked, owned, context)
@@ -154,22 +207,13 @@ class Recommender:
         return response_body(query.customer_id, bundle.version, strategy, source, items)
 
     @staticmethod
-    def _excluded(bundle: ModelBundle, owned: np.ndarray, query: RecommendationQuery) -> np.ndarray:
-        """Item positions never to suggest: inactive, asked to exclude, outside the category, owned."""
-        mask = Recommender._filter_mask(bundle, query.exclude, query.category)
-        if not query.include_owned:
-            mask[owned] = True
-            mask[bundle.items.positions(query.context_items)] = True  # already on the customer's screen
-        return np.flatnonzero(mask)
-
-    @staticmethod
-    def _filter_mask(bundle: ModelBundle, exclude, category: str | None) -> np.ndarray:
-        """True for item positions no endpoint may suggest: inactive, excluded, outside the category."""
-        mask = ~np.asarray(bundle.catalog.active, dtype=bool)
-        mask[bundle.items.positions(exclude)] = True
-        if category is not None:
-            mask |= np.asarray(bundle.catalog.category) != category
-        return mask
+    def _eligible(bundle: ModelBundle, owned: np.ndarray, context: np.ndarray,
+                  query: RecommendationQuery) -> Eligible:
+        """What this query may be suggested: active, in the category, not excluded, not owned, not on screen."""
+        excluded = bundle.items.positions(query.exclude)
+        if not query.include_owned:  # the context items are already on the customer's screen
+            excluded = np.concatenate([np.asarray(excluded, dtype=np.int64), owned, context])
+        return Eligible.of(bundle, query.category, excluded)
 
     def _item(self, bundle: ModelBundle, fallback, position: int, score: float, source: str,
               owned: np.ndarray, context: np.ndarray, weights: np.ndarray | None) -> dict:
@@ -220,11 +264,10 @@ def _label(bundle: ModelBundle, position: int) -> str:
     return f"{title} ({bundle.items.external(position)})" if title else bundle.items.external(position)
 
 
-def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int,
-              excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int, eligible: Eligible,
+              buffer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The customer's best items with a positive score, ranked by recsvc.ranking like the cache warm-up ranks them."""
-    scores = scorer.scores(customer, owned)
-    scores[excluded] = -np.inf
+    scores = eligible.mask(scorer.scores(customer, owned, buffer))
     positions, best = personal_top(scorer, np.array([customer]), owned[None, :], scores[None, :], limit)
     keep = positions[0] >= 0
     return positions[0][keep], best[0][keep]
@@ -242,15 +285,16 @@ def _reason_weights(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: 
     return weights
 
 
-def popular_step(fallback: Scorer, owned: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The last step of the chain: the best items by popularity that are not excluded."""
-    return top_k(fallback.scores(None, owned), limit, excluded)
+def popular_step(fallback: Scorer, owned: np.ndarray, limit: int, eligible: Eligible,
+                 buffer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The last step of the chain: the best eligible items by popularity."""
+    return eligible.best(fallback.scores(None, owned, buffer), limit)
 
 
-def _evidence(scores: np.ndarray, limit: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """top_k keeping only positive scores: zero or less means the customer's items say nothing for an
-    item, so the next step of the chain (popularity) should fill that place instead."""
-    positions, best = top_k(scores, limit, excluded)
+def _evidence(scores: np.ndarray, limit: int, eligible: Eligible) -> tuple[np.ndarray, np.ndarray]:
+    """The best eligible items keeping only positive scores: zero or less means the customer's items say
+    nothing for an item, so the next step of the chain (popularity) should fill that place instead."""
+    positions, best = eligible.best(scores, limit)
     keep = best > 0
     return positions[keep], best[keep]
 

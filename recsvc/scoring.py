@@ -28,21 +28,65 @@ SCORER_FILE = "scorer.json"
 GRAM_ITEMS = 4096
 
 
-def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k best item positions by score, best first, never an excluded or -inf one.
+# top_k looks for its answer among the items scoring at least a threshold estimated from a strided sample of
+# SAMPLE_SIZE scores, instead of ordering all of them: it aims at 4 k + MIN_CANDIDATES candidates (see _thresholds).
+SAMPLE_SIZE = 2048
+MIN_CANDIDATES = 128
 
-    `scores` is modified in place when `exclude` is given. May return fewer than k
-    items when fewer have a finite score.
+
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None, *, blocked: np.ndarray | None = None,
+          among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best item positions by score and their scores, best first; equal scores: lower position first.
+
+    Never an `exclude`d position, one `blocked` is True for (a bool per item), or one with a non-finite
+    score; only positions in `among` (sorted) when given. `scores` is modified in place when `exclude` is
+    given. May return fewer than k items when fewer are left. Exact: the same answer as sorting every
+    eligible item, from a few hundred candidates in the usual case.
     """
     if exclude is not None and len(exclude):
         scores[exclude] = -np.inf
-    k = min(k, len(scores))
+    values = scores if among is None else scores[among]
+    if among is not None and blocked is not None:
+        blocked = blocked[among]
+    chosen = _best(values, k, blocked)
+    return (chosen if among is None else among[chosen]), values[chosen]
+
+
+def _best(values: np.ndarray, k: int, blocked: np.ndarray | None) -> np.ndarray:
+    """Indexes into `values` of its k best finite, unblocked entries, best first (ties: lower index first)."""
+    k = min(k, len(values))
     if k <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    best = best[np.argsort(-scores[best], kind="stable")]
-    best = best[np.isfinite(scores[best])]
-    return best, scores[best]
+        return np.empty(0, dtype=np.int64)
+    for threshold in _thresholds(values, 4 * k + MIN_CANDIDATES):
+        candidates = np.flatnonzero(values >= threshold)  # every entry this good: ties with the k-th are in
+        if blocked is not None:
+            candidates = candidates[~blocked[candidates]]
+        candidates = candidates[np.isfinite(values[candidates])]
+        if len(candidates) >= k:
+            break
+    picked = values[candidates]
+    if len(candidates) > 8 * k:  # many (a wide threshold): keep the k-th best value and better, ties included
+        kth = np.partition(picked, len(picked) - k)[len(picked) - k]
+        candidates, picked = candidates[picked >= kth], picked[picked >= kth]
+    # candidates ascend, so a stable sort orders equal scores by position
+    return candidates[np.argsort(-picked, kind="stable")[:k]]
+
+
+def _thresholds(values: np.ndarray, want: int):
+    """Decreasing score thresholds to try: the first is expected to let about `want` entries through (the
+    matching quantile of a strided sample), the next 32 times as many; the last, -inf, lets everything through.
+    A threshold only decides how many candidates are looked at, never which of them win, so a poor sample
+    (scores that follow the item order) costs time, not exactness."""
+    n = len(values)
+    stride = n // SAMPLE_SIZE
+    if stride >= 4 and want * 8 < n:
+        sample = values[::stride]
+        for aim in (want, 32 * want):
+            above = -(-aim * len(sample) // n)  # sample entries expected at or above the threshold (ceiling)
+            if above >= len(sample):
+                break
+            yield np.partition(sample, len(sample) - above)[len(sample) - above]
+    yield -np.inf
 
 
 def top_k_batch(scores: np.ndarray, k: int) -> np.ndarray:
@@ -101,10 +145,12 @@ class Scorer(ABC):
             Scorer.registry[cls.kind] = cls
 
     @abstractmethod
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Float32 scores for every item. `customer` is the customer's row in the model, or None
         for a customer the model does not know; `history` holds item positions that describe them
-        (their items, or the items in the current conversation)."""
+        (their items, or the items in the current conversation). Written into `out` (float32, one
+        per item) and returned when given, so a server thread can reuse one buffer (a model whose arrays
+        are not float32 returns a new array of its own dtype instead)."""
 
     @abstractmethod
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
@@ -188,24 +234,37 @@ def load_scorer(directory: Path, *, mmap: bool = True) -> Scorer:
 
 
 class FactorScorer(Scorer):
-    """Latent factors. Unknown customers are folded in from their history by one ALS least-squares step."""
+    """Latent factors. Unknown customers are folded in from their history by one ALS least-squares step.
+
+    The item factors are kept (and saved) transposed, factors x items, one row per factor: a customer's
+    scores are then one pass of axpy-like updates over contiguous rows, which OpenBLAS runs about 40%
+    faster than one dot product per item row (measured: 0.46 against 0.76 ms for 100k items x 64 factors).
+    Versions saved before this layout hold `item_factors` (items x factors) and are transposed once at load.
+    """
 
     kind = "factors"
 
-    def __init__(self, user_factors: np.ndarray, item_factors: np.ndarray, item_norms: np.ndarray | None = None,
-                 regularization: float = 0.01):
+    def __init__(self, user_factors: np.ndarray, item_factors: np.ndarray | None = None,
+                 item_norms: np.ndarray | None = None, regularization: float = 0.01, *,
+                 item_factors_t: np.ndarray | None = None):
         self.user_factors = user_factors
-        self.item_factors = item_factors
-        self.item_norms = item_norms if item_norms is not None else _row_norms(item_factors)
+        # A copy only when given items x factors (a fitted model, an old version); a loaded one stays mapped.
+        self.item_factors_t = np.ascontiguousarray(item_factors.T if item_factors_t is None else item_factors_t)
+        self.item_norms = item_norms if item_norms is not None else _row_norms(self.item_factors)
         self.regularization = float(regularization)
         # Small (factors x factors), cheap to compute per process.
-        self._gram = (item_factors.T @ item_factors).astype(np.float64)
+        self._gram = (self.item_factors_t @ self.item_factors_t.T).astype(np.float64)
+
+    @property
+    def item_factors(self) -> np.ndarray:
+        """Items x factors (a view of the stored transposed array)."""
+        return self.item_factors_t.T
 
     def params(self) -> dict:
         return {"regularization": self.regularization}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.user_factors, "item_factors": self.item_factors, "item_norms": self.item_norms}
+        return {"user_factors": self.user_factors, "item_factors_t": self.item_factors_t, "item_norms": self.item_norms}
 
     def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
         if self.user_factors.shape[0] != n_customers or self.item_factors.shape[0] != n_items:
@@ -224,16 +283,18 @@ class FactorScorer(Scorer):
         b = 2.0 * y.sum(axis=0)
         return np.linalg.solve(a, b).astype(np.float32)
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         vector = self.user_factors[customer] if customer is not None else self.fold_in(history)
-        return self.item_factors @ vector
+        if out is None or np.result_type(self.item_factors_t, vector) != out.dtype:
+            return _into(vector @ self.item_factors_t, out)
+        return np.matmul(vector, self.item_factors_t, out=out)  # the same product, without a fresh array
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        return np.asarray(self.user_factors[customers] @ self.item_factors.T)
+        return np.asarray(self.user_factors[customers] @ self.item_factors_t)
 
     def similar(self, item: int) -> np.ndarray:
         norms = np.where(self.item_norms > 0, self.item_norms, 1.0)
-        return (self.item_factors @ self.item_factors[item]) / (norms * norms[item])
+        return (self.item_factors[item] @ self.item_factors_t) / (norms * norms[item])
 
     def exact_scores(self, customers: np.ndarray, histories: np.ndarray, items: np.ndarray) -> np.ndarray:
         vectors = np.asarray(self.user_factors[customers], dtype=np.float64).T
@@ -311,6 +372,15 @@ class FactorScorer(Scorer):
         return rounding_bound(self.item_factors.shape[1] + 2) * ratio * ratio + 1e-12
 
 
+def _into(scores: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`scores`, copied into `out` when one is given (see Scorer.scores); scores of another dtype are
+    returned as they are, so a float64 model ranks by its own arithmetic."""
+    if out is None or scores.dtype != out.dtype:
+        return scores
+    np.copyto(out, scores)
+    return out
+
+
 def _row_norms(matrix: np.ndarray) -> np.ndarray:
     return np.linalg.norm(matrix, axis=1).astype(np.float32)
 
@@ -346,11 +416,11 @@ class ItemSimilarityScorer(Scorer):
         if self.matrix.shape != (n_items, n_items):
             raise ArtifactError(f"{name}: similarity shape {self.matrix.shape} does not match {n_items} items")
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if len(history) == 0:
-            return np.zeros(self.matrix.shape[1], dtype=np.float32)
+            return _into(np.zeros(self.matrix.shape[1], dtype=np.float32), out)
         rows = self.matrix[history]
-        return np.asarray(rows.sum(axis=0), dtype=np.float32).ravel()
+        return _into(np.asarray(rows.sum(axis=0), dtype=np.float32).ravel(), out)
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         indicator = history.copy()
@@ -422,8 +492,11 @@ class PopularityScorer(Scorer):
         if len(self.popularity) != n_items:
             raise ArtifactError(f"{name}: popularity has {len(self.popularity)} entries for {n_items} items")
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
-        return np.array(self.popularity, dtype=np.float32)
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return np.array(self.popularity, dtype=np.float32)
+        np.copyto(out, self.popularity)
+        return out
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         return np.broadcast_to(np.asarray(self.popularity, dtype=np.float32), (len(customers), len(self.popularity))).copy()
@@ -481,8 +554,9 @@ class BlendScorer(Scorer):
         for part_name, part in self.parts.items():
             part.check_shape(n_customers, n_items, f"{name}.{part_name}")
 
-    def scores(self, customer: int | None, history: np.ndarray) -> np.ndarray:
-        return sum(f * self.parts[n].scores(customer, history) for n, f in self.factors.items()).astype(np.float32)
+    def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        total = sum(f * self.parts[n].scores(customer, history) for n, f in self.factors.items())
+        return _into(total.astype(np.float32), out)
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         total = sum(f * np.asarray(self.parts[n].scores_batch(customers, history)) for n, f in self.factors.items())

@@ -95,7 +95,7 @@ def test_pointer_to_a_missing_version_is_refused(tmp_path):
 
 def test_a_damaged_version_is_refused(tmp_path):
     path = artifacts.write_version(tmp_path, make_bundle())
-    (path / "strategies" / "als" / "item_factors.npy").write_bytes(b"not an array")
+    (path / "strategies" / "als" / "item_factors_t.npy").write_bytes(b"not an array")
     with pytest.raises(ArtifactError, match="cannot load strategy arrays"):
         artifacts.load_version(tmp_path, "v1")
 
@@ -113,3 +113,16 @@ def test_manifest_of_another_format_is_refused(tmp_path):
     (path / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(ArtifactError, match="artifact format 99"):
         artifacts.load_version(tmp_path, "v1")
+
+
+def test_a_version_with_item_factors_saved_items_first_still_loads_and_scores_the_same(tmp_path):
+    """Versions written before the transposed layout hold item_factors.npy (items x factors)."""
+    path = artifacts.write_version(tmp_path, make_bundle())
+    new = artifacts.load_version(tmp_path, "v1").scorers["als"]
+    als = path / "strategies" / "als"
+    np.save(als / "item_factors.npy", np.load(als / "item_factors_t.npy").T.copy(), allow_pickle=False)
+    (als / "item_factors_t.npy").unlink()
+    old = artifacts.load_version(tmp_path, "v1").scorers["als"]
+    np.testing.assert_array_equal(old.item_factors, new.item_factors)
+    for customer, history in ((0, np.array([1])), (None, np.array([0, 2]))):
+        np.testing.assert_array_equal(old.scores(customer, history), new.scores(customer, history))

@@ -140,7 +140,7 @@ class BatchRecommender:
         history = sp.csr_matrix((np.ones(int(counts.sum()), dtype=np.float32), histories[valid],
                                  np.concatenate([[0], np.cumsum(counts)])), shape=(len(customers), len(self.bundle.items)))
         scores = np.asarray(self.scorer.scores_batch(customers, history), dtype=np.float32)  # a new array
-        scores[np.nonzero(valid)[0], histories[valid]] = -np.inf  # owned, as Recommender._excluded
+        scores[np.nonzero(valid)[0], histories[valid]] = -np.inf  # owned, as Recommender._eligible
         scores[:, self.inactive] = -np.inf
         return personal_top(self.scorer, customers, histories, scores, self.limit)
 
@@ -188,8 +188,8 @@ class BatchRecommender:
         """Fill a short list from the popular step, through the server's own Ranked and popular_step."""
         owned = history[history >= 0]
         ranked = Ranked(list(personal), [0.0] * len(personal), ["personal"] * len(personal))
-        excluded = Recommender._excluded(self.bundle, owned, DEFAULT_QUERY)
-        ranked.extend(*popular_step(self.fallback, owned, self.limit, excluded), "popular", self.limit)
+        eligible = Recommender._eligible(self.bundle, owned, np.empty(0, dtype=np.int64), DEFAULT_QUERY)
+        ranked.extend(*popular_step(self.fallback, owned, self.limit, eligible), "popular", self.limit)
         popular = list(zip(ranked.items, ranked.scores))[len(personal):]
         self.pieces.items(np.array([position for position, _score in popular], dtype=np.int64))
         for slot, (position, score) in enumerate(popular, start=len(personal)):
