@@ -310,8 +310,9 @@ def tune(interactions_path: Path, strategy: str, trials: int, metric: str, searc
               help="How many of the most active customers to precompute.")
 @click.option("--ttl", type=float, default=24 * 3600.0, show_default=True,
               help="Seconds the entries live, at most 86400 (until the next nightly model, by default).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes computing lists at once; the warm-up is bound by computation, so up to the cores.")
+@click.option("--workers", type=click.IntRange(min=1), default=min(4, os.cpu_count() or 1), show_default="the cores, "
+              "at most 4", help="Processes computing lists at once (forked once the model is loaded); the warm-up "
+              "is bound by computation.")
 @user_errors
 def warm_cache(registry: Path, redis_url: str, top: int, ttl: float, workers: int) -> None:
     """Precompute the default suggestions of the most active customers into Redis (exit 1: Redis unreachable)."""
