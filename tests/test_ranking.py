@@ -292,3 +292,35 @@ def test_category_filters_are_built_once_per_loaded_version(tmp_path):
         np.testing.assert_array_equal(loaded.catalog.active_in(category), expected)
     assert len(loaded.catalog.active_in("Unknown")) == 0
     np.testing.assert_array_equal(loaded.catalog.active_in("TV\x00"), loaded.catalog.active_in("TV"))
+
+
+class FixedStore:
+    def __init__(self, bundle: ModelBundle):
+        self.bundle = bundle
+
+    def current(self) -> ModelBundle:
+        return self.bundle
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("category", [None, "Phones", "Unknown"])
+def test_similar_items_equal_the_brute_force_ranking(kind, category):
+    bundle = random_bundle(kind, 8, 50)
+    recommender = Recommender(store=FixedStore(bundle), cache=None, cache_ttl=0)
+    scorer = bundle.scorers["main"]
+    for item in range(0, 50, 7):
+        similarity = np.array(scorer.similar(item), dtype=np.float32)
+        blocked = ~np.asarray(bundle.catalog.active, dtype=bool)
+        blocked[item] = True
+        if category is not None:
+            blocked |= np.asarray(bundle.catalog.category) != category
+        similarity[blocked] = -np.inf
+        order = np.argsort(-similarity, kind="stable")
+        order = order[np.isfinite(similarity[order])][:6]
+        if scorer.personal:
+            order = order[similarity[order] > 0]
+        for sampled in (small_sample, contextlib.nullcontext):
+            with sampled():
+                answer = recommender.similar(bundle.items.external(item), 6, "main", category)
+            assert [i["item_id"] for i in answer["items"]] == [bundle.items.external(int(p)) for p in order]
+            assert [i["score"] for i in answer["items"]] == [round(float(similarity[p]), 6) for p in order]
