@@ -25,7 +25,7 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), help="gunicorn workers (default: cores, at most 4)")
-@click.option("--threads", type=click.IntRange(1, 64), help="threads per worker (default 4)")
+@click.option("--threads", type=click.IntRange(1, 64), help="threads per worker (default 2)")
 def serve(host: str, port: int, workers: int | None, threads: int | None) -> None:
     """Run the API under gunicorn with recsvc/gunicorn_conf.py."""
     # Checking the experiments file loads the metrics module, which in multiprocess mode writes into this

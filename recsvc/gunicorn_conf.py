@@ -27,7 +27,8 @@ from recsvc.logs import gunicorn_logconfig  # noqa: E402
 bind = os.environ.get("RECSVC_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("RECSVC_WORKERS", min(4, multiprocessing.cpu_count())))
 worker_class = "gthread"
-threads = int(os.environ.get("RECSVC_THREADS", 4))
+# 2, not more: threads of one worker contend for the GIL, which lengthened the uncached p99 (docs/operations.md).
+threads = int(os.environ.get("RECSVC_THREADS", 2))
 preload_app = True
 timeout = 30
 graceful_timeout = 20
