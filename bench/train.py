@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--interactions", type=int, default=10_000_000)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating implicit / recsvc pairs; the median "
+    parser.add_argument("--rounds", type=int, default=3, help="alternating implicit / recsvc pairs; the median "
                         "ratio counts, so load from elsewhere on the machine weighs on both sides alike")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--implicit-fit", type=Path, help=argparse.SUPPRESS)  # the child process's job
