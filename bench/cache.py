@@ -9,8 +9,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # set before numpy loads
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -28,6 +26,8 @@ from training.config import TrainConfig  # noqa: E402
 from training.demo_data import DemoSizes, write  # noqa: E402
 from training.pipeline import fit_and_publish  # noqa: E402
 from training.warm import most_active, warm_cache  # noqa: E402
+
+from redis_server import RedisServer  # noqa: E402
 
 KEY = "bench-cache-key-0001"
 WARM_TARGET = 50_000  # entries per second, the issue's target
@@ -49,32 +49,6 @@ class Phase:
             ref99 = float(np.percentile(reference.latencies, 99)) * 1000
             text += f"  p99 x{p99 / ref99:.2f} of {reference.name}"
         return text
-
-
-class RedisServer:
-    """A redis-server of the benchmark's own on a free port, so it can be killed."""
-
-    def __init__(self, workdir: Path):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind",
-                                         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise SystemExit("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def build_registry(workdir: Path, customers: int, items: int, interactions: int) -> Path:

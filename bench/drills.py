@@ -18,7 +18,6 @@ import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -32,6 +31,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from redis_server import RedisServer  # noqa: E402
 from serve import API_KEY, REPO, free_port, start_gunicorn, stop, worker_pids  # noqa: E402
 
 from recsvc import artifacts  # noqa: E402
@@ -159,36 +159,6 @@ class Load:
 # --- the system under test -----------------------------------------------------------------------------
 
 
-class Redis:
-    """A redis-server of our own with AOF (appendfsync everysec, as in docker-compose.yml), killable."""
-
-    def __init__(self, workdir: Path):
-        self.port, self.dir = free_port(), workdir / "redis"
-        self.dir.mkdir()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind",
-                                         "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync",
-                                         "everysec", "--dir", str(self.dir)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.RedisError:  # also "loading the dataset in memory" after a restart
-                time.sleep(0.05)
-        raise SystemExit("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-
 @dataclass
 class Row:
     drill: str
@@ -203,7 +173,8 @@ class Drills:
         self.work, self.seconds = work, seconds
         self.registry = work / "registry"
         self.first_version = publish_model(self.registry, 1)
-        self.redis = Redis(work)
+        (work / "redis").mkdir()
+        self.redis = RedisServer(work / "redis", appendonly=True)
         self.streams = RedisStreams(redis.Redis.from_url(self.redis.url, socket_timeout=10), 86400)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"

@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 import redis  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache import RedisServer  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
 from serve import API_KEY, REPO, find_wrk, free_port, parse_wrk, start_gunicorn, stop, write_model  # noqa: E402
 
 from recsvc.cache import event_stream_key  # noqa: E402
