@@ -26,7 +26,8 @@ from recsvc.logs import gunicorn_logconfig  # noqa: E402
 
 bind = os.environ.get("RECSVC_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("RECSVC_WORKERS", min(4, multiprocessing.cpu_count())))
-worker_class = "gthread"
+# gthread, balancing kept-alive connections across the workers (recsvc/worker.py).
+worker_class = "recsvc.worker.BalancedThreadWorker"
 # 2, not more: threads of one worker contend for the GIL, which lengthened the uncached p99 (docs/operations.md).
 threads = int(os.environ.get("RECSVC_THREADS", 2))
 preload_app = True
@@ -70,8 +71,10 @@ def when_ready(server):
 
 def child_exit(server, worker):
     from recsvc import metrics
+    from recsvc.worker import release_slot
 
     metrics.worker_exited(worker.pid)
+    release_slot(worker)
 
 
 def on_exit(server):

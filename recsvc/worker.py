@@ -1,0 +1,93 @@
+"""gunicorn's gthread worker, taking new connections only while no other worker holds fewer.
+
+Agent desktops (behind a load balancer) and load generators keep their connections
+alive for a long time, and gunicorn's workers race for each new one: the worker
+that wakes first takes it, so eight connections can land 6/2 or 8/0 on two workers.
+One worker's queue then grows while another core idles, and the slowest answers
+(p99) wait behind it. As nginx does with its accept_disabled, a worker that holds
+more connections than the least loaded one waits a moment before accepting, so a
+less loaded worker takes the connection instead; a connection is never kept
+waiting longer than ACCEPT_DEFER_SECONDS for that (the others may be busy or stuck).
+
+The workers' connection counts live on a board in shared memory, made in the
+master before any fork; the master gives each worker a slot when it creates it
+(the worker object is built in the master) and frees the slot when it exits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+from gunicorn.workers.gthread import ThreadWorker
+
+ACCEPT_DEFER_SECONDS = 0.005  # at most, per connection taken while ahead; a GIL switch interval
+DEFER_STEP_SECONDS = 0.0005
+FREE = -1  # a slot no live worker holds
+
+
+class ConnectionBoard:
+    """Open-connection counts of a server's workers, one int32 slot each, in memory every fork shares."""
+
+    def __init__(self, slots: int = 256):
+        self._memory = mmap.mmap(-1, 4 * slots)  # anonymous and MAP_SHARED: writes are seen by every fork
+        self.counts = memoryview(self._memory).cast("i")
+        for slot in range(slots):
+            self.counts[slot] = FREE
+
+    def claim(self) -> int | None:
+        """A free slot, marked in use (0 connections); None when all are taken. Called in the master only."""
+        for slot, count in enumerate(self.counts):
+            if count == FREE:
+                self.counts[slot] = 0
+                return slot
+        return None
+
+    def release(self, slot: int | None) -> None:
+        if slot is not None:
+            self.counts[slot] = FREE
+
+    def fewest_besides(self, slot: int) -> int | None:
+        """The fewest connections any other live worker holds; None when there is no other."""
+        others = [count for other, count in enumerate(self.counts) if other != slot and count != FREE]
+        return min(others, default=None)
+
+
+BOARD = ConnectionBoard()  # made at import, which gunicorn does in the master when it reads worker_class
+
+
+class BalancedThreadWorker(ThreadWorker):
+    """ThreadWorker that publishes its connection count and defers accepting while it holds the most."""
+
+    def __init__(self, *args, **kwargs):
+        self.board_slot = BOARD.claim()  # in the master: gunicorn builds the worker object before forking it
+        super().__init__(*args, **kwargs)
+
+    @property
+    def nr_conns(self) -> int:
+        return self._nr_conns
+
+    @nr_conns.setter
+    def nr_conns(self, value: int) -> None:
+        # gthread counts every accepted connection until it is closed, kept-alive ones included.
+        self._nr_conns = value
+        if self.board_slot is not None:
+            BOARD.counts[self.board_slot] = value
+
+    def ahead(self) -> bool:
+        """True while another live worker holds fewer connections than this one."""
+        if self.board_slot is None:
+            return False
+        fewest = BOARD.fewest_besides(self.board_slot)
+        return fewest is not None and fewest < self._nr_conns
+
+    def accept(self, listener):
+        deadline = time.monotonic() + ACCEPT_DEFER_SECONDS
+        while self.ahead() and time.monotonic() < deadline:
+            time.sleep(DEFER_STEP_SECONDS)  # a less loaded worker, woken by the same connection, may take it
+        super().accept(listener)  # EAGAIN (another took it) is handled there
+
+
+def release_slot(worker) -> None:
+    """For gunicorn's child_exit hook (in the master): the exited worker's slot is free for its successor."""
+    BOARD.release(getattr(worker, "board_slot", None))
