@@ -65,13 +65,14 @@ class Eligible:
 
     excluded: np.ndarray
     blocked: np.ndarray | None = None  # True for each inactive item; None when `among` is given
+    blocked_positions: np.ndarray | None = None  # the same items by position, for mask()
     among: np.ndarray | None = None  # sorted positions to choose from: the requested category's active items
 
     @classmethod
     def of(cls, bundle: ModelBundle, category: str | None, excluded) -> "Eligible":
         excluded = np.asarray(excluded, dtype=np.int64)
         if category is None:
-            return cls(excluded, blocked=bundle.catalog.inactive)
+            return cls(excluded, blocked=bundle.catalog.inactive, blocked_positions=bundle.catalog.inactive_positions)
         return cls(excluded, among=bundle.catalog.active_in(category))
 
     def best(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,8 +83,8 @@ class Eligible:
         """`scores` with -inf for every item this request may not be suggested, in place (for
         recsvc.ranking.personal_top, which ranks the whole row)."""
         scores[self.excluded] = -np.inf
-        if self.blocked is not None:
-            scores[self.blocked] = -np.inf
+        if self.blocked_positions is not None:  # a few thousand writes, not a pass over a mask of every item
+            scores[self.blocked_positions] = -np.inf
         if self.among is not None:
             keep = scores[self.among]
             scores.fill(-np.inf)

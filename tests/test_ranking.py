@@ -330,7 +330,9 @@ def test_category_filters_are_built_once_per_loaded_version(tmp_path):
     bundle = random_bundle("factors", 1, 40)
     artifacts.write_version(tmp_path, bundle)
     loaded = artifacts.load_version(tmp_path, bundle.version)
-    assert "_active_by_category" in vars(loaded.catalog)  # built at load: before gunicorn forks its workers
+    assert {"_active_by_category", "inactive_positions"} <= set(vars(loaded.catalog))  # built at load: before
+    # gunicorn forks its workers
+    np.testing.assert_array_equal(loaded.catalog.inactive_positions, np.flatnonzero(~bundle.catalog.active))
     for category in CATEGORIES:
         expected = np.flatnonzero((np.asarray(bundle.catalog.category) == category) & bundle.catalog.active)
         np.testing.assert_array_equal(loaded.catalog.active_in(category), expected)
