@@ -33,9 +33,13 @@ RUN pip install --no-deps . \
 
 USER 10001:10001
 # The spool keeps accepted feedback and events while Redis is down: it must be writable by this user.
+# gunicorn runs without `recsvc serve` here, so the malloc settings it would give (recsvc/cli.py) are set here.
 ENV RECSVC_REGISTRY=/registry \
     RECSVC_SPOOL_DIR=/var/lib/recsvc/spool \
-    RECSVC_BIND=0.0.0.0:8000
+    RECSVC_BIND=0.0.0.0:8000 \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072 \
+    MALLOC_TRIM_THRESHOLD_=1048576
 EXPOSE 8000
 VOLUME ["/registry"]
 

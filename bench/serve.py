@@ -3,7 +3,7 @@
 Prints: cached GET throughput as a ratio to the hello endpoint served with the same
 gunicorn settings (target >= 0.85), the median of many short alternating pairs of runs
 with its spread; uncached p50/p99 on a 100k items x 100k customers x 64 factors model
-at 8 connections (target p99 <= 15 ms); RSS, PSS and private memory of each worker after
+at 8 connections (target p99 <= 15 ms), with the workers' CPU time per request; RSS, PSS and private memory of each worker after
 the load against the model's array size, and what the private memory is made of
 (target: a worker adds < 20% of the arrays).
 """
@@ -223,7 +223,8 @@ def measure(wrk: str, work: Path, env: dict, args: argparse.Namespace) -> dict:
             hello.append(result["hello"])
             cached.append(result["cached"])
         stop(hello_server)
-        uncached = measure_uncached(wrk, work, f"http://127.0.0.1:{port}", args.uncached_seconds, args.customers)
+        uncached = measure_uncached(wrk, work, f"http://127.0.0.1:{port}", args.uncached_seconds, args.customers,
+                                    worker_pids(server.pid))
         memory = {pid: memory_kib(pid) for pid in worker_pids(server.pid)}
         return {"hello": hello, "cached": cached, "uncached": uncached, "memory": memory,
                 "metrics": _fetch(f"http://127.0.0.1:{port}/metrics")}
@@ -245,17 +246,29 @@ def with_worker_cpu(server: subprocess.Popen, run) -> dict:
 
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far, from /proc/<pid>/stat."""
+    return sum(usage(pid)[:2])
+
+
+def usage(pid: int) -> tuple[float, float, int]:
+    """(user CPU seconds, system CPU seconds, minor page faults) of a process so far, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
 
 
-def measure_uncached(wrk: str, work: Path, base: str, seconds: int, customers: int) -> dict:
-    result = {}
+def measure_uncached(wrk: str, work: Path, base: str, seconds: int, customers: int, workers: list[int]) -> dict:
+    """The measured run's wrk result, with the workers' CPU milliseconds (all, and system) and minor page faults
+    per request."""
+    result, before = {}, []
     for name, start in (("warm-up", customers // 2), ("measured", 0)):
         script = work / f"uncached-{name}.lua"
         script.write_text(UNCACHED_SCRIPT % {"start": start, "threads": 2, "customers": customers, "key": API_KEY})
+        before = [usage(pid) for pid in workers]
         result = run_wrk(wrk, base, 2 if name == "warm-up" else seconds, 8, script=script)
-    return result
+    used = [sum(now[i] - then[i] for now, then in zip(map(usage, workers), before)) for i in range(3)]
+    per_request = [value / max(result["requests"], 1) for value in used]
+    return {**result, "cpu_ms": 1000 * (per_request[0] + per_request[1]), "system_ms": 1000 * per_request[1],
+            "faults": per_request[2]}
 
 
 def _fetch(url: str) -> str:
@@ -300,6 +313,8 @@ def report(served: dict, model_bytes: int) -> bool:
              else "no pair without one"))
     print(f"recsvc uncached GET, 8 connections: {uncached['rps']:.0f} req/s  p50 {uncached['p50']:.2f} ms  "
           f"p99 {uncached['p99']:.2f} ms  (target p99 <= {TARGET_P99_MS} ms)")
+    print(f"  workers' CPU per request {uncached['cpu_ms']:.3f} ms (system {uncached['system_ms']:.3f} ms), "
+          f"{uncached['faults']:.1f} minor page faults per request")
     runs = [*hello, *cached, uncached]
     print(f"  non-2xx responses in all runs: {sum(r['non_2xx'] for r in runs)}; socket errors: "
           f"{[r['socket_errors'] for r in runs if r['socket_errors']] or 'none'}")

@@ -183,6 +183,12 @@ class Catalog:
         """True for each item that is never suggested."""
         return ~np.asarray(self.active, dtype=bool)
 
+    @cached_property
+    def inactive_positions(self) -> np.ndarray:
+        """Sorted positions of the inactive items: a request sets their few scores instead of reading a mask of
+        every item."""
+        return np.flatnonzero(self.inactive)
+
     def active_in(self, category: str) -> np.ndarray:
         """Sorted positions of the active items of `category`; empty for a category no item has."""
         # np.str_ compares as numpy does: trailing NUL characters do not count.
@@ -200,6 +206,7 @@ class Catalog:
     def prepare_filters(self) -> None:
         """Build the derived filter arrays now rather than on the first request."""
         self._active_by_category  # noqa: B018 (computed and kept by cached_property)
+        self.inactive_positions  # noqa: B018
 
 
 @dataclass

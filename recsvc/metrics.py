@@ -105,8 +105,14 @@ def cache_oversize() -> None:
     CACHE_OVERSIZE.inc()
 
 
+_source_series: dict[str, Counter] = {}
+
+
 def observe_source(source: str) -> None:
-    FALLBACK_SOURCES.labels(source).inc()
+    series = _source_series.get(source)
+    if series is None:  # resolved once per source, as in observe_request
+        series = _source_series[source] = FALLBACK_SOURCES.labels(source)
+    series.inc()
 
 
 def event_logged(kind: str, destination: str) -> None:

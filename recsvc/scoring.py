@@ -28,8 +28,9 @@ SCORER_FILE = "scorer.json"
 GRAM_ITEMS = 4096
 
 
-# top_k looks for its answer among the items scoring at least a threshold estimated from a strided sample of
-# SAMPLE_SIZE scores, instead of ordering all of them: it aims at 4 k + MIN_CANDIDATES candidates (see _thresholds).
+# top_k (and recsvc.ranking for one customer) looks for its answer among the items scoring at least a threshold
+# estimated from a strided sample of SAMPLE_SIZE scores, instead of ordering all of them: it aims at
+# 4 k + MIN_CANDIDATES candidates (see sample_thresholds).
 SAMPLE_SIZE = 2048
 MIN_CANDIDATES = 128
 
@@ -57,7 +58,7 @@ def _best(values: np.ndarray, k: int, blocked: np.ndarray | None) -> np.ndarray:
     k = min(k, len(values))
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    for threshold in _thresholds(values, 4 * k + MIN_CANDIDATES):
+    for threshold in sample_thresholds(values, k):
         candidates = np.flatnonzero(values >= threshold)  # every entry this good: ties with the k-th are in
         if blocked is not None:
             candidates = candidates[~blocked[candidates]]
@@ -72,11 +73,13 @@ def _best(values: np.ndarray, k: int, blocked: np.ndarray | None) -> np.ndarray:
     return candidates[np.argsort(-picked, kind="stable")[:k]]
 
 
-def _thresholds(values: np.ndarray, want: int):
-    """Decreasing score thresholds to try: the first is expected to let about `want` entries through (the
-    matching quantile of a strided sample), the next 32 times as many; the last, -inf, lets everything through.
-    A threshold only decides how many candidates are looked at, never which of them win, so a poor sample
-    (scores that follow the item order) costs time, not exactness."""
+def sample_thresholds(values: np.ndarray, k: int):
+    """Decreasing score thresholds to try when looking for the k best: the first is expected to let about
+    4 k + MIN_CANDIDATES entries through (the matching quantile of a strided sample), the next 32 times as
+    many; the last, -inf, lets everything through. A threshold only decides how many candidates are looked
+    at, never which of them win, so a poor sample (scores that follow the item order) costs time, not
+    exactness."""
+    want = 4 * k + MIN_CANDIDATES
     n = len(values)
     stride = n // SAMPLE_SIZE
     if stride >= 4 and want * 8 < n:

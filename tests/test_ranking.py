@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recsvc import artifacts, scoring
+from recsvc import artifacts, ranking, scoring
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
 from recsvc.recommend import MAX_REASON_ITEMS, RecommendationQuery, Recommender, _popular_reason, fallback_scorer
 from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, PopularityScorer, top_k
@@ -96,6 +96,50 @@ def test_top_k_at_full_size_is_exact(values):
         expected = reference_top_k(scores.copy(), k, exclude, blocked)
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
+
+
+# --- the personal step's candidates for one customer -----------------------------------------------------
+
+
+def reference_candidates(scores, limit, margin):
+    """Every position scoring at least the limit-th best (a partition of every score, NaN above all numbers)
+    less margin; every finite one when there are no more than `limit` scores or that score is not finite."""
+    if len(scores) > limit:
+        kth = np.partition(scores, len(scores) - limit)[len(scores) - limit]
+        if np.isfinite(kth):
+            return np.flatnonzero(scores >= kth - margin)
+    found = np.flatnonzero(np.isfinite(scores))
+    return found if len(found) else np.full(1, -1)
+
+
+def one_row_candidates(scores, limit, margin):
+    return ranking._candidates(scores[None, :], limit, np.array([margin]))[0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(scores=score_arrays(), limit=st.integers(1, 30), margin=st.sampled_from([0.0, 1e-6, 0.5, 3.0]))
+def test_one_customers_candidates_equal_a_partition_of_every_score(scores, limit, margin):
+    expected = reference_candidates(scores, limit, margin)
+    for sampled in (small_sample, contextlib.nullcontext):
+        with sampled():
+            np.testing.assert_array_equal(one_row_candidates(scores, limit, margin), expected)
+
+
+@pytest.mark.parametrize("values", ["normal", "few distinct", "ascending", "mostly excluded", "some nan"])
+def test_one_customers_candidates_at_full_size(values):
+    """100,000 items with the default sample, as the server ranks them: the sampled threshold and its fallbacks."""
+    rng = np.random.default_rng(5)
+    n = 100_000
+    scores = {"normal": rng.standard_normal(n), "few distinct": rng.integers(0, 40, n), "ascending": np.arange(n),
+              "mostly excluded": rng.standard_normal(n), "some nan": rng.standard_normal(n)}[values].astype(np.float32)
+    if values == "mostly excluded":
+        scores[rng.random(n) < 0.9995] = -np.inf
+    if values == "some nan":
+        scores[rng.integers(0, n, 5)] = np.nan
+    for limit in (1, 10, 100):
+        for margin in (0.0, 1e-5, 0.3):
+            np.testing.assert_array_equal(one_row_candidates(scores, limit, margin),
+                                          reference_candidates(scores, limit, margin))
 
 
 # --- whole answers: Recommender.compute against a reference chain ----------------------------------------
@@ -286,7 +330,9 @@ def test_category_filters_are_built_once_per_loaded_version(tmp_path):
     bundle = random_bundle("factors", 1, 40)
     artifacts.write_version(tmp_path, bundle)
     loaded = artifacts.load_version(tmp_path, bundle.version)
-    assert "_active_by_category" in vars(loaded.catalog)  # built at load: before gunicorn forks its workers
+    assert {"_active_by_category", "inactive_positions"} <= set(vars(loaded.catalog))  # built at load: before
+    # gunicorn forks its workers
+    np.testing.assert_array_equal(loaded.catalog.inactive_positions, np.flatnonzero(~bundle.catalog.active))
     for category in CATEGORIES:
         expected = np.flatnonzero((np.asarray(bundle.catalog.category) == category) & bundle.catalog.active)
         np.testing.assert_array_equal(loaded.catalog.active_in(category), expected)
