@@ -217,7 +217,7 @@ def measure(wrk: str, work: Path, env: dict, args: argparse.Namespace) -> dict:
         hello_url = f"http://127.0.0.1:{hello_port}/hello"
         cached_url = f"http://127.0.0.1:{port}/v1/customers/C000001/recommendations?limit=10"
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        run_wrk(wrk, hello_url, 2, 16)  # warm-ups; the second also fills each worker's cache
+        run_wrk(wrk, hello_url, 2, 16)  # warm-ups; the second also fills the cache
         run_wrk(wrk, cached_url, 2, 16, headers=auth)
         hello, cached = [], []
         for pair in range(args.rounds):

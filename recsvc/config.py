@@ -63,7 +63,7 @@ class Settings:
     registry: Path = Path("var/registry")
     reload_interval: float = 5.0  # seconds between checks of the registry's CURRENT pointer
 
-    # Cache: Redis when a URL is set, otherwise an in-process cache (the embedded default).
+    # Cache: Redis when a URL is set, otherwise the embedded cache (shared memory, one table for all workers).
     redis_url: str | None = None
     cache_ttl: float = 300.0  # seconds a cached recommendation list lives
     redis_timeout: float = 0.05  # seconds, for connecting and for each command
