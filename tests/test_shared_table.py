@@ -92,8 +92,8 @@ def test_corrupt_bytes_are_a_miss_never_a_wrong_answer(where):
     offset = {"value": geometry.header + 40 + 100, "head": geometry.header + 17,
               "digest index": 32 + 3, "header counts": 24}[where]
     slots.map[offset] ^= 0x40
-    assert slots.read(digest("a"), 0.0)[0] in (UNREADABLE, ABSENT)
-    assert read_value(slots, "b") in (UNREADABLE, ABSENT)
+    assert read_value(slots, "a") in (UNREADABLE, ABSENT, LIST)  # a miss, or the right value
+    assert read_value(slots, "b") in (UNREADABLE, ABSENT)  # an absence needs the whole header intact
     assert slots.write(digest("a"), LIST, 0, expires=100.0, now=1.0)  # a writer makes the set whole again
     assert read_value(slots, "a", now=1.0) == LIST
 
