@@ -319,7 +319,7 @@ class LocalCache(Cache):
     GENERATION_SHARE = 16  # 1/16 of the bytes hold generations
     COMPRESSED = 1  # entry flag
 
-    def __init__(self, max_entries: int = 10_000, max_bytes: int = 8 * 2**20, **options):
+    def __init__(self, max_entries: int = 100_000, max_bytes: int = 8 * 2**20, **options):
         super().__init__(**options)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
