@@ -139,21 +139,27 @@ def memory_kib(pid: int) -> dict[str, int]:
         if rest.strip().endswith("kB"):
             fields[name] = int(rest.split()[0])
     return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"],
-            **model_mappings_kib(pid)}
+            **mappings_kib(pid)}
 
 
-def model_mappings_kib(pid: int) -> dict[str, int]:
-    """Resident and private KiB of the process's mappings of model .npy files, from smaps."""
-    rss = private = 0
-    in_model = False
+# The shared memory the master maps before forking: model arrays (.npy files) and the embedded cache's table
+# (a memfd named recsvc-cache, recsvc/shared_table.py).
+MAPPINGS = {"model": lambda name: name.endswith(".npy"), "cache": lambda name: "/memfd:recsvc-cache" in name}
+
+
+def mappings_kib(pid: int) -> dict[str, int]:
+    """Resident and private KiB of the process's mappings of model files and of the embedded cache, from smaps."""
+    found = {f"{kind}_{field}": 0 for kind in MAPPINGS for field in ("rss", "private")}
+    kind = None
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            in_model = line.rstrip().endswith(".npy")
-        elif in_model and line.startswith("Rss:"):
-            rss += int(line.split()[1])
-        elif in_model and line.startswith(("Private_Clean:", "Private_Dirty:")):
-            private += int(line.split()[1])
-    return {"model_rss": rss, "model_private": private}
+            name = line.rstrip()
+            kind = next((k for k, matches in MAPPINGS.items() if matches(name)), None)
+        elif kind and line.startswith("Rss:"):
+            found[f"{kind}_rss"] += int(line.split()[1])
+        elif kind and line.startswith(("Private_Clean:", "Private_Dirty:")):
+            found[f"{kind}_private"] += int(line.split()[1])
+    return found
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -211,7 +217,7 @@ def measure(wrk: str, work: Path, env: dict, args: argparse.Namespace) -> dict:
         hello_url = f"http://127.0.0.1:{hello_port}/hello"
         cached_url = f"http://127.0.0.1:{port}/v1/customers/C000001/recommendations?limit=10"
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        run_wrk(wrk, hello_url, 2, 16)  # warm-ups; the second also fills each worker's cache
+        run_wrk(wrk, hello_url, 2, 16)  # warm-ups; the second also fills the cache
         run_wrk(wrk, cached_url, 2, 16, headers=auth)
         hello, cached = [], []
         for pair in range(args.rounds):
@@ -330,35 +336,36 @@ def memory_report(memory: dict[int, dict[str, int]], model_bytes: int, metrics_t
     """Each worker's memory after the load, and what its private part is made of; returns the worst share
     of the model arrays that a worker adds."""
     model_mib = model_bytes / 2**20
-    cache_bytes = _per_pid(metrics_text, "recsvc_local_cache_bytes")
-    cache_entries = _per_pid(metrics_text, "recsvc_local_cache_entries")
     print(f"\nmodel arrays on disk: {model_mib:.1f} MiB (memory-mapped, shared through the page cache)")
     worst = 0.0
     for pid, kib in memory.items():
-        # Pages of the model files that only this worker has touched count as its private memory, but they are
-        # the page cache's one copy of the file, which any other worker would share: not added by this worker.
-        added = (kib["private"] - kib["model_private"]) * 1024
+        # Pages of the model files, or of the embedded cache's shared table, that only this worker has touched
+        # count as its private memory, but they are the one copy every other worker reads too: not added by
+        # this worker. The table is counted once, for the server, below.
+        added = (kib["private"] - kib["model_private"] - kib["cache_private"]) * 1024
         worst = max(worst, added / model_bytes)
-        cache = cache_bytes.get(pid, 0.0)
         print(f"  worker {pid}: RSS {kib['rss'] / 1024:6.1f} MiB  PSS {kib['pss'] / 1024:6.1f} MiB  private "
               f"{kib['private'] / 1024:5.1f} MiB; model files mapped: {kib['model_rss'] / 1024:.1f} MiB resident, "
-              f"{kib['model_private'] / 1024:.1f} MiB of it touched by this worker alone")
-        print(f"    added by the worker: {added / 2**20:5.1f} MiB = {added / model_bytes:.1%} of the model arrays: "
-              f"embedded cache {cache / 2**20:.1f} MiB ({cache_entries.get(pid, 0):.0f} lists), the rest "
-              f"{(added - cache) / 2**20:.1f} MiB (pages of the master's Python objects copied on write, "
-              f"thread stacks, malloc)")
+              f"{kib['model_private'] / 1024:.1f} MiB of it touched by this worker alone; embedded cache table: "
+              f"{kib['cache_rss'] / 1024:.1f} MiB resident, {kib['cache_private'] / 1024:.1f} MiB touched by it alone")
+        print(f"    added by the worker:  {added / 2**20:5.1f} MiB = {added / model_bytes:.1%} of the model arrays "
+              f"(pages of the master's Python objects copied on write, thread stacks, malloc)")
+    cache_bytes = _gauge(metrics_text, "recsvc_local_cache_bytes")
+    resident = max((kib["cache_rss"] for kib in memory.values()), default=0) / 1024
+    print(f"  embedded cache, one table shared by all workers (counted once, whatever the number of workers): "
+          f"{_gauge(metrics_text, 'recsvc_local_cache_entries'):.0f} lists in {cache_bytes / 2**20:.1f} MiB of slots, "
+          f"{resident:.1f} MiB of the table resident")
     print(f"  an extra worker adds at most {worst:.1%} of the model arrays (target < {TARGET_WORKER_SHARE:.0%})")
     return worst
 
 
-def _per_pid(text: str, name: str) -> dict[int, float]:
-    """A multiprocess gauge's value for each worker pid, from a Prometheus text page."""
-    values = {}
+def _gauge(text: str, name: str) -> float:
+    """The value of a gauge with one series (the embedded cache's: one table for all workers), 0 when absent."""
     for line in text.splitlines():
-        match = re.match(name + r'\{pid="(\d+)"\} (\S+)', line)
+        match = re.match(name + r"(?:\{[^}]*\})? (\S+)$", line)
         if match:
-            values[int(match.group(1))] = float(match.group(2))
-    return values
+            return float(match.group(1))
+    return 0.0
 
 
 def _metric_sum(text: str, name: str, result: str) -> float:

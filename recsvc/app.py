@@ -100,7 +100,7 @@ def warm_up(app: Flask, rounds: int = 10) -> None:
     service: Service = app.extensions["recsvc"]
     recommender = service.recommender
     saved = (service.cache, recommender.experiments, recommender.recent_items, recommender.computations)
-    service.cache = recommender.cache = LocalCache()
+    service.cache = recommender.cache = LocalCache(max_entries=64, max_bytes=256 * 1024)  # scratch, small
     recommender.experiments = recommender.recent_items = None
     access_log.disabled = True
     try:

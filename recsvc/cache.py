@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 import uuid
 import zlib
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from typing import Callable
 
 import orjson
@@ -24,13 +24,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from recsvc import metrics
+from recsvc import metrics, shared_table
 from recsvc.config import Settings
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "recsvc:v1"
 NO_GENERATION = b""  # a customer never invalidated, or whose last invalidation is older than every live entry
+UNREADABLE_GENERATION = b"unreadable"  # LocalCache: the generation could not be read; compared by identity
 LOCK_TTL_MS = 2000  # a crashed lock holder blocks nobody longer than this; waiters give up much sooner anyway
 POLL_SECONDS = 0.005  # how often a waiter looks for the entry another process is computing
 # Generations outlive every entry made before them, the warm-up's day-long entries included (training/warm.py).
@@ -55,9 +56,12 @@ def recommendation_keys(model_version: str, strategy: str, customer_ids: list[st
     return [f"{KEY_PREFIX}:rec:{model_version}:{strategy}:{customer_id}:{digest}" for customer_id in customer_ids]
 
 
+GENERATION_PREFIX = f"{KEY_PREFIX}:gen:"
+
+
 def generation_key(customer_id: str) -> str:
     """Where a customer's generation lives: a token that changes whenever the customer's history does."""
-    return f"{KEY_PREFIX}:gen:{customer_id}"
+    return GENERATION_PREFIX + customer_id
 
 
 def lock_key(key: str) -> str:
@@ -295,72 +299,128 @@ class Cache(ABC):
         return None
 
 
-class _Packed(bytes):
-    """A value LocalCache keeps zlib-compressed."""
-
-
 class LocalCache(Cache):
-    """Bounded in-process LRU with per-entry expiry; each worker has its own.
+    """The embedded cache (no Redis): one table in shared memory for every worker of a server.
 
-    Bounded both in entries and in bytes (keys, values and the bookkeeping around each),
-    so a worker's cache has a known ceiling whatever the size of the lists. Values above
-    COMPRESS_ABOVE bytes are kept zlib-compressed: a 10-item list is ~2 KB of JSON and
-    ~0.5 KB compressed, unpacked in ~5 us on a hit; the same memory holds 4x the lists.
+    Made in gunicorn's master while it preloads the app, so the workers it forks read
+    and write the same pages (recsvc/shared_table.py): one copy of each list whatever
+    the number of workers, a list computed by one worker is a hit in all, and an
+    invalidation (POST /v1/events) reaches all at once. In a single process (tests,
+    create_app without gunicorn) it works the same. Bounded by max_bytes in all (the
+    mapping's size: a 16th holds generations, the rest lists) and by max_entries
+    lists. Lists above COMPRESS_ABOVE bytes are kept zlib-compressed (a 10-item list:
+    ~2 KB of JSON, ~0.5 KB kept, one 512-byte slot; longer lists take several slots).
     """
 
     kind = "local"
     COMPRESS_ABOVE = 256  # bytes; generations and tiny values are kept as they are
-    ENTRY_OVERHEAD = 260  # bytes per entry besides key and value: str/bytes headers, tuple, float, dict slot
+    SLOT_BYTES = 512  # a compressed 10-item list and its entry head fit one slot
+    GENERATION_SLOT_BYTES = 64  # a generation token and its entry head
+    GENERATION_SHARE = 16  # 1/16 of the bytes hold generations
+    COMPRESSED = 1  # entry flag
 
-    def __init__(self, max_entries: int = 10_000, max_bytes: int = 8 * 2**20, **options):
+    def __init__(self, max_entries: int = 100_000, max_bytes: int = 8 * 2**20, **options):
         super().__init__(**options)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self.bytes = 0  # what the entries take now, counted as max_bytes counts them
-        self._entries: OrderedDict[str, tuple[float, bytes, int]] = OrderedDict()  # key -> (expires, value, size)
-        self._lock = threading.Lock()
+        self._lists = self._generations = None
+        share = max(max_bytes // self.GENERATION_SHARE, shared_table.Geometry(1, 1, self.GENERATION_SLOT_BYTES).bytes)
+        generations = shared_table.geometry_for(max(max_entries, 16), share, self.GENERATION_SLOT_BYTES)
+        lists = shared_table.geometry_for(max_entries, max_bytes - generations.bytes, self.SLOT_BYTES) \
+            if generations and max_entries > 0 else None
+        if lists is None:  # too small to hold anything: every lookup is a miss
+            return
+        self.memory = shared_table.SharedMemory(generations.bytes + lists.bytes)
+        self._generations = shared_table.SlotTable(self.memory, 0, generations, evictions_change_epoch=True)
+        self._lists = shared_table.SlotTable(self.memory, generations.bytes, lists)
+
+    # --- the Cache interface ------------------------------------------------------------------------------
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
-        now = time.monotonic()
-        with self._lock:
-            held = self.bytes
-            stored = [self._get(key, now) for key in keys]
-            if self.bytes != held:  # expired entries went
-                metrics.local_cache_size(len(self._entries), self.bytes)
-        return [zlib.decompress(value) if type(value) is _Packed else value for value in stored]
+        return [self._get(key) for key in keys]
 
-    def _get(self, key: str, now: float) -> bytes | None:
-        entry = self._entries.get(key)
-        if entry is None:
+    def _get(self, key: str) -> bytes | None:
+        if self._lists is None:
             return None
-        if entry[0] < now:
-            self._drop(key)
+        table = self._generations if key.startswith(GENERATION_PREFIX) else self._lists
+        state, entry, _epoch = table.read(shared_table.digest(key), time.monotonic(), table is self._lists)
+        if state != shared_table.FOUND:
             return None
-        self._entries.move_to_end(key)
-        return entry[1]
+        value, flags = entry
+        return zlib.decompress(value) if flags & self.COMPRESSED else value
 
     def set(self, key: str, value: bytes, ttl: float) -> None:
-        if self.max_entries <= 0 or self.max_bytes <= 0:
+        if self._lists is None:
             return
-        if len(value) > self.COMPRESS_ABOVE:  # outside the lock: compressing takes ~15 us
+        if key.startswith(GENERATION_PREFIX):  # generations stay until evicted: see generation()
+            self._generations.write(shared_table.digest(key), value, 0, math.inf, time.monotonic())
+            return
+        flags = 0
+        if len(value) > self.COMPRESS_ABOVE:
             packed = zlib.compress(value, 1)
-            value = _Packed(packed) if len(packed) < len(value) else value
-        size = len(key) + len(value) + self.ENTRY_OVERHEAD
-        with self._lock:
-            if key in self._entries:
-                self._drop(key)
-            self._entries[key] = (time.monotonic() + ttl, value, size)
-            self.bytes += size
-            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-                self._drop(next(iter(self._entries)))
-            entries, held = len(self._entries), self.bytes
-        metrics.local_cache_size(entries, held)
+            if len(packed) < len(value):
+                value, flags = packed, self.COMPRESSED
+        now = time.monotonic()
+        if not self._lists.write(shared_table.digest(key), value, flags, now + ttl, now):
+            metrics.cache_oversize()  # larger than a whole set of slots: served, not cached
+        self.publish_size()
 
-    def _drop(self, key: str) -> None:
-        self.bytes -= self._entries.pop(key)[2]
+    def lookup(self, key: str, customer_id: str) -> tuple[bytes | None, bytes]:
+        generation = self.generation(customer_id)
+        if generation is UNREADABLE_GENERATION:
+            return None, generation
+        return current_fragment(self._get(key), generation), generation
+
+    def release(self, key: str, generation: bytes, fragment: bytes | None, ttl: float | None, locked: bool) -> None:
+        if generation is not UNREADABLE_GENERATION:  # a list whose generation nobody could read is not stored
+            super().release(key, generation, fragment, ttl, locked)
+
+    def generation(self, customer_id: str) -> bytes:
+        """The customer's generation now: the token of the last invalidation; NO_GENERATION when never
+        invalidated; when the table has lost the token (evicted, or cleared after a crash), a token of the
+        set's epoch, which changed when the token was lost, so no list made before the loss matches it;
+        UNREADABLE_GENERATION (matches nothing, is never stored) when the set cannot be read."""
+        if self._generations is None:
+            return NO_GENERATION
+        key_digest = shared_table.digest(generation_key(customer_id))
+        for attempt in range(2):
+            state, entry, epoch = self._generations.read(key_digest, time.monotonic(), honour_expiry=False)
+            if state == shared_table.FOUND:
+                return entry[0]
+            if state == shared_table.ABSENT:
+                return b"epoch-%016x" % epoch if epoch else NO_GENERATION
+            if attempt == 0:
+                self._generations.repair(key_digest)  # a dead writer's torn set, or a corrupt token
+        return UNREADABLE_GENERATION
+
+    def invalidate_customer(self, customer_id: str) -> None:
+        """Forget every cached list of this customer in every worker at once: O(1), one write to the table.
+        The token stays until evicted, and its eviction changes its set's epoch (see generation())."""
+        self.set(generation_key(customer_id), new_generation(), math.inf)
+        self.publish_size()
+
+    # --- size ---------------------------------------------------------------------------------------------
+
+    def usage(self) -> dict:
+        """Lists and generations held and the bytes of the slots they take, over the whole shared table."""
+        if self._lists is None:
+            return {"entries": 0, "generations": 0, "bytes": 0, "capacity_bytes": 0}
+        entries, list_bytes = self._lists.usage()
+        generations, generation_bytes = self._generations.usage()
+        return {"entries": entries, "generations": generations, "bytes": list_bytes + generation_bytes,
+                "capacity_bytes": self.memory.size}
+
+    @property
+    def bytes(self) -> int:
+        return self.usage()["bytes"]
+
+    def publish_size(self) -> None:
+        """Set the size gauges (one table for all workers: the gauges keep the most recent value, not a sum)."""
+        usage = self.usage()
+        metrics.local_cache_size(usage["entries"], usage["bytes"])
 
     def status(self) -> dict:
-        return {"kind": self.kind, "entries": len(self._entries), "bytes": self.bytes}
+        return {"kind": self.kind, "shared": True, **self.usage()}
 
 
 class RedisCache(Cache):
@@ -427,7 +487,7 @@ class RedisCache(Cache):
 
 
 def make_cache(settings: Settings) -> Cache:
-    """Redis when RECSVC_REDIS_URL is set, otherwise the embedded in-process cache."""
+    """Redis when RECSVC_REDIS_URL is set, otherwise the embedded cache (shared by the workers forked after)."""
     options = {"ttl": settings.cache_ttl, "max_entry_bytes": settings.cache_max_entry_bytes,
                "lock_wait": settings.cache_lock_wait}
     if not settings.redis_url:

@@ -63,12 +63,12 @@ class Settings:
     registry: Path = Path("var/registry")
     reload_interval: float = 5.0  # seconds between checks of the registry's CURRENT pointer
 
-    # Cache: Redis when a URL is set, otherwise an in-process cache (the embedded default).
+    # Cache: Redis when a URL is set, otherwise the embedded cache (shared memory, one table for all workers).
     redis_url: str | None = None
     cache_ttl: float = 300.0  # seconds a cached recommendation list lives
     redis_timeout: float = 0.05  # seconds, for connecting and for each command
-    local_cache_entries: int = 10_000
-    local_cache_bytes: int = 8 * 2**20  # per worker: keys, compressed lists, bookkeeping
+    local_cache_entries: int = 100_000  # lists; by default the byte bound is reached first (~15,000 lists)
+    local_cache_bytes: int = 8 * 2**20  # the whole embedded cache, shared by the server's workers
     cache_max_entry_bytes: int = 64 * 1024  # a larger list is served but not cached
     cache_lock_wait: float = 0.05  # seconds a miss waits for another request computing the same list
     redis_breaker_failures: int = 3  # consecutive Redis failures that open the circuit breaker

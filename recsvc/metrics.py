@@ -32,12 +32,13 @@ CACHE_COALESCED = Counter("recsvc_cache_coalesced_total",
                           "Requests that waited for another request's computation of the same list")
 CACHE_OVERSIZE = Counter("recsvc_cache_oversize_total", "Lists not cached because they passed the entry size bound")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
-# The embedded cache (no Redis): what each worker holds; one series per live worker under gunicorn.
-LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries", "Lists in this worker's in-process cache",
-                            multiprocess_mode="liveall")
+# The embedded cache (no Redis): one table in shared memory for all workers, so one series, not one per worker:
+# each worker that writes to the table sets it from the whole table, and the most recent value wins.
+LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries", "Lists in the server's embedded cache (shared by its workers)",
+                            multiprocess_mode="livemostrecent")
 LOCAL_CACHE_BYTES = Gauge("recsvc_local_cache_bytes",
-                          "Bytes this worker's in-process cache takes (keys, compressed lists, bookkeeping)",
-                          multiprocess_mode="liveall")
+                          "Bytes of the embedded cache's slots in use (lists and generations; shared by the workers)",
+                          multiprocess_mode="livemostrecent")
 FALLBACK_SOURCES = Counter("recsvc_recommendation_source_total",
                            "Computed recommendation lists by the step of the fallback chain that answered first",
                            ["source"])

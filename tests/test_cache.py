@@ -89,16 +89,16 @@ def test_local_cache_expires_and_stays_bounded(monkeypatch):
 def test_local_cache_keeps_large_values_compressed_and_stays_within_its_byte_bound():
     value = orjson.dumps({"items": [{"item_id": f"I{i:06d}", "reasons": ["Because the customer has Item 1"]}
                                     for i in range(10)]})
-    per_entry = len("k0") + len(zlib.compress(value, 1)) + LocalCache.ENTRY_OVERHEAD
-    cache = LocalCache(max_entries=100, max_bytes=3 * per_entry)
+    cache = LocalCache(max_entries=100, max_bytes=1920)  # room for three lists, one 512-byte slot each
+    assert cache.status()["capacity_bytes"] <= 1920 and len(zlib.compress(value, 1)) < LocalCache.SLOT_BYTES
     for n in range(5):
         cache.set(f"k{n}", value, ttl=60)
     assert [cache.get(f"k{n}") for n in range(5)] == [None, None, value, value, value]  # least recently used went
-    assert cache.bytes == 3 * per_entry < 3 * len(value) and cache.status()["entries"] == 3
-    cache.set("small", b"g1", ttl=60)  # a generation: kept as it is, and it pushes out the oldest list
-    assert cache.get("small") == b"g1" and cache.get("k2") is None and cache.bytes <= 3 * per_entry
+    assert cache.bytes == 3 * LocalCache.SLOT_BYTES < 3 * len(value) and cache.status()["entries"] == 3
+    cache.invalidate_customer("c1")  # a generation: kept in slots of its own, it pushes out no list
+    assert [cache.get(f"k{n}") for n in range(2, 5)] == [value] * 3
     cache.set("k3", value, ttl=60)  # replacing an entry does not count it twice
-    assert cache.bytes == 2 * per_entry + len("small") + 2 + LocalCache.ENTRY_OVERHEAD
+    assert cache.status()["entries"] == 3 and cache.status()["generations"] == 1
 
 
 def test_the_local_cache_size_is_a_metric(app, auth):
