@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = ModelStore(settings.registry, settings.reload_interval)
     store.refresh()  # load before serving; under gunicorn --preload workers inherit the mapped arrays
     cache = make_cache(settings)
-    event_log, recent_items = event_log_from_settings(settings)
+    shared = cache if isinstance(cache, LocalCache) else None  # without Redis, recent items live beside the lists
+    event_log, recent_items = event_log_from_settings(settings, shared=shared)
     router = experiments_from_settings(settings, event_log)  # a bad definitions file stops start-up here
     recommender = Recommender(store, cache, settings.cache_ttl, experiments=router, recent_items=recent_items)
     app.extensions["recsvc"] = Service(settings, store, cache, recommender, router, event_log, recent_items)

@@ -399,6 +399,26 @@ class LocalCache(Cache):
         self.set(generation_key(customer_id), new_generation(), math.inf)
         self.publish_size()
 
+    # --- recent items (POST /v1/events) without Redis: shared by the workers like the lists -----------------
+
+    def recent_items(self, customer_id: str) -> set[str]:
+        """The customer's recent items, as any worker of this server recorded them; empty when none (or lost
+        to eviction, like an expired entry)."""
+        raw = self._get(recent_items_key(customer_id))
+        return set(orjson.loads(raw)) if raw else set()
+
+    def add_recent_items(self, customer_id: str, items: set[str], ttl: float) -> None:
+        """Add to the customer's recent items for `ttl` seconds; a read-modify-write under the entry's lock,
+        so two workers recording events of one customer at once keep both."""
+        if self._lists is None:
+            return
+
+        def merged(stored: bytes | None) -> bytes:
+            return orjson.dumps(sorted(items | set(orjson.loads(stored) if stored else ())))
+
+        now = time.monotonic()
+        self._lists.update(shared_table.digest(recent_items_key(customer_id)), merged, now + ttl, now)
+
     # --- size ---------------------------------------------------------------------------------------------
 
     def usage(self) -> dict:

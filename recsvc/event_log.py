@@ -329,7 +329,7 @@ class RecentItems:
     mirrored in a bounded in-process map that answers while Redis is down."""
 
     def __init__(self, redis_url: str | None, *, ttl: float = 86400.0, timeout: float = 0.05,
-                 max_customers: int = 100_000, retry_interval: float = 1.0):
+                 max_customers: int = 100_000, retry_interval: float = 1.0, shared=None):
         self.client = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            health_check_interval=0) if redis_url else None
         self.ttl = ttl
@@ -339,10 +339,15 @@ class RecentItems:
         self._unsynced: dict[str, set[str]] = {}  # added while Redis was down
         self._lock = threading.Lock()
         self._down_until = 0.0
+        # Without Redis, the embedded cache (recsvc.cache.LocalCache) keeps them for every worker of the server:
+        # a list one worker computes must leave out what another worker was told the customer has.
+        self.shared = shared if redis_url is None else None
 
     def add(self, customer_id: str, item_ids: Iterable[str]) -> None:
         items = set(item_ids)
         self._add_local(customer_id, items)
+        if self.client is None:
+            return  # no Redis to bring up to date later
         if not (self._redis_usable() and self._write(self.client, customer_id, items)):
             with self._lock:  # written to Redis by flush() when the event log reconnects
                 if customer_id in self._unsynced or len(self._unsynced) < self.max_customers:
@@ -351,6 +356,8 @@ class RecentItems:
     def get(self, customer_id: str) -> set[str]:
         """The customer's recent items: Redis (shared by all replicas) when it answers, with this process's copy
         (which also holds what was added while Redis was down)."""
+        if self.shared is not None:
+            return self.shared.recent_items(customer_id)
         with self._lock:
             expires, items = self._local.get(customer_id, (0.0, set()))
             local = set(items) if expires > time.monotonic() else set()
@@ -390,6 +397,9 @@ class RecentItems:
         return self.client is not None and time.monotonic() >= self._down_until
 
     def _add_local(self, customer_id: str, items: set[str]) -> None:
+        if self.shared is not None:
+            self.shared.add_recent_items(customer_id, items, self.ttl)
+            return
         with self._lock:
             expires, known = self._local.pop(customer_id, (0.0, set()))
             known = known if expires > time.monotonic() else set()
@@ -408,12 +418,13 @@ def event_time(value: object) -> float | None:
     return round(float(value), 3)
 
 
-def from_settings(settings) -> tuple[EventLog, RecentItems]:
-    """The event log and the recent-items store a server runs with (settings: recsvc.config.Settings)."""
+def from_settings(settings, shared=None) -> tuple[EventLog, RecentItems]:
+    """The event log and the recent-items store a server runs with (settings: recsvc.config.Settings; shared:
+    the embedded cache, which keeps recent items for all workers when there is no Redis)."""
     event_log = EventLog(settings.redis_url, settings.spool_dir, timeout=settings.redis_timeout,
                          fsync=settings.spool_fsync, retry_interval=settings.redis_breaker_cooldown,
                          dedupe_ttl=int(settings.event_dedupe_ttl))
     recent = RecentItems(settings.redis_url, ttl=settings.recent_items_ttl, timeout=settings.redis_timeout,
-                         retry_interval=settings.redis_breaker_cooldown)
+                         retry_interval=settings.redis_breaker_cooldown, shared=shared)
     event_log.on_reconnect.append(recent.flush)
     return event_log, recent

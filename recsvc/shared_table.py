@@ -194,32 +194,45 @@ class SlotTable:
     def write(self, key_digest: bytes, value: bytes, flags: int, expires: float, now: float) -> bool:
         """Store `value` under the digest until `expires` (monotonic seconds), evicting what it must;
         False when the value is larger than a set."""
+        index = self._set_of(key_digest)
+        with self._locked(index):
+            return self._store(index, key_digest, value, flags, expires, now)
+
+    def update(self, key_digest: bytes, change, expires: float, now: float) -> bool:
+        """Read-modify-write of one entry under its set's lock: `change` takes the current value (None when
+        absent, expired or unreadable) and returns the new one, so two processes updating the same key at once
+        cannot lose either change. False when the new value is larger than a set."""
+        index = self._set_of(key_digest)
+        with self._locked(index):
+            state, entry, _epoch = self.read(key_digest, now)
+            return self._store(index, key_digest, change(entry[0] if state == FOUND else None), 0, expires, now)
+
+    def _store(self, index: int, key_digest: bytes, value: bytes, flags: int, expires: float, now: float) -> bool:
+        """write() under the set's lock."""
         span = -(-(HEAD.size + len(value)) // self.slot)
         if span > self.ways:
             return False
-        index = self._set_of(key_digest)
         base = self._base(index)
-        with self._locked(index):
-            header, epoch = self._open(base)
-            own = self._find(header, key_digest)
-            if own >= 0:
-                self._drop(header, own)
-            start, victims = self._place(base, header, span, now)
-            for way in victims:
-                self._drop(header, way)
-            if victims and self.evictions_change_epoch:
-                epoch = self._new_epoch()
-            self._begin(base, index)
-            head = HEAD.pack(key_digest, expires, len(value), flags, 0)
-            crc = zlib.crc32(value, zlib.crc32(head[:32]))
-            at = base + self.header + start * self.slot
-            self.map[at:at + HEAD.size + len(value)] = HEAD.pack(key_digest, expires, len(value), flags, crc) + value
-            header[32 + DIGEST_BYTES * start:32 + DIGEST_BYTES * (start + 1)] = key_digest
-            header[self.spans_at + start] = span
-            entries, used = struct.unpack_from("<HH", header, 24)
-            struct.pack_into("<HH", header, 24, entries + 1, used + span)
-            STAMP.pack_into(self.map, base + self.stamps_at + 4 * start, _stamp(now))
-            self._commit(index, header, base, epoch)
+        header, epoch = self._open(base)
+        own = self._find(header, key_digest)
+        if own >= 0:
+            self._drop(header, own)
+        start, victims = self._place(base, header, span, now)
+        for way in victims:
+            self._drop(header, way)
+        if victims and self.evictions_change_epoch:
+            epoch = self._new_epoch()
+        self._begin(base, index)
+        head = HEAD.pack(key_digest, expires, len(value), flags, 0)
+        crc = zlib.crc32(value, zlib.crc32(head[:32]))
+        at = base + self.header + start * self.slot
+        self.map[at:at + HEAD.size + len(value)] = HEAD.pack(key_digest, expires, len(value), flags, crc) + value
+        header[32 + DIGEST_BYTES * start:32 + DIGEST_BYTES * (start + 1)] = key_digest
+        header[self.spans_at + start] = span
+        entries, used = struct.unpack_from("<HH", header, 24)
+        struct.pack_into("<HH", header, 24, entries + 1, used + span)
+        STAMP.pack_into(self.map, base + self.stamps_at + 4 * start, _stamp(now))
+        self._commit(index, header, base, epoch)
         return True
 
     def repair(self, key_digest: bytes) -> None:

@@ -81,7 +81,7 @@ def items(body: bytes) -> list[str]:
     return [item["item_id"] for item in json.loads(body)["items"]]
 
 
-def test_a_list_one_worker_cached_is_a_hit_in_the_other_and_an_event_invalidates_it_for_both(both_workers):
+def test_a_list_one_worker_cached_is_a_hit_in_the_other_and_an_event_reaches_both(both_workers):
     first, second = both_workers
     assert worker_holding(first) != worker_holding(second)
 
@@ -90,15 +90,17 @@ def test_a_list_one_worker_cached_is_a_hit_in_the_other_and_an_event_invalidates
     status, cached = call(second, "GET", LIST_URL)  # the other worker: served from the shared table
     assert status == 200 and lookups(second) == (1, 1) and items(cached) == items(computed)
 
-    event = {"events": [{"customer_id": "c0", "item_id": "i4", "event_type": "purchase"}]}
+    bought = items(computed)[0]
+    event = {"events": [{"customer_id": "c0", "item_id": bought, "event_type": "purchase"}]}
     assert call(first, "POST", "/v1/events", event)[0] == 202
-    assert call(second, "GET", LIST_URL)[0] == 200
-    assert lookups(second) == (1, 2)  # the other worker saw the invalidation: computed again
+    status, recomputed = call(second, "GET", LIST_URL)
+    assert status == 200 and lookups(second) == (1, 2)  # the other worker saw the invalidation: computed again
+    assert bought not in items(recomputed)  # and knew the item the customer now has from the first's event
     assert call(first, "GET", LIST_URL)[0] == 200
     assert lookups(first) == (2, 2)  # and the list it computed serves both workers again
 
     text = call(first, "GET", "/metrics")[1].decode()
     assert len(_metric(text, "recsvc_local_cache_entries")) == 1  # one shared table: one series, not one per pid
-    assert _metric(text, "recsvc_local_cache_entries") == [1.0]
+    assert _metric(text, "recsvc_local_cache_entries") == [2.0]  # the list and the customer's recent items
     ready = json.loads(call(second, "GET", "/readyz")[1])
-    assert ready["cache"]["kind"] == "local" and ready["cache"]["shared"] and ready["cache"]["entries"] == 1
+    assert ready["cache"]["kind"] == "local" and ready["cache"]["shared"] and ready["cache"]["entries"] == 2

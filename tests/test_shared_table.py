@@ -219,3 +219,27 @@ def test_an_unreadable_generation_is_a_miss_that_is_not_stored(monkeypatch):
 def test_digests_are_128_bits_and_never_the_free_marker():
     assert len(digest("recsvc:v1:rec:x")) == 16 and digest("a") != digest("b")
     assert shared_table.EMPTY not in {digest(f"k{n}") for n in range(1000)}
+
+
+def test_recent_items_added_by_two_processes_at_once_are_all_kept():
+    cache = LocalCache(max_entries=64, max_bytes=256 * 1024)
+    children = []
+    for worker in range(2):  # two workers recording events of one customer at the same time
+        pid = os.fork()
+        if pid == 0:
+            for n in range(40):
+                cache.add_recent_items("c1", {f"w{worker}-i{n}"}, ttl=60)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    assert cache.recent_items("c1") == {f"w{worker}-i{n}" for worker in range(2) for n in range(40)}
+    assert cache.recent_items("c2") == set()
+
+
+def test_recent_items_expire_with_their_ttl():
+    cache = LocalCache(max_entries=64, max_bytes=256 * 1024)
+    cache.add_recent_items("c1", {"i1"}, ttl=0.05)
+    assert cache.recent_items("c1") == {"i1"}
+    time.sleep(0.1)
+    assert cache.recent_items("c1") == set()
