@@ -295,3 +295,12 @@ def test_the_default_strategy_is_personal_even_when_trending_scores_higher():
     assert choose_default(metrics, "ndcg@10", scorers) == "als"
     only_popular = {"popular": {"ndcg@10": 0.2}, "trending": {"ndcg@10": 0.3}}
     assert choose_default(only_popular, "ndcg@10", scorers) == "trending"
+
+
+def test_a_bad_blend_part_parameter_exits_2_before_reading_data(tmp_path):
+    config = tmp_path / "dropout.toml"
+    config.write_text("[strategies]\nenabled = [\"ease_als\"]\n\n[strategies.ease_als]\nease_dropout = 1.0\n")
+    result = run(["fit", "--interactions", str(tmp_path / "not-read.csv"), "--registry", str(tmp_path / "r"),
+                  "--config", str(config)])
+    assert result.exit_code == 2
+    assert "ease: dropout must be at least 0 and below 1, not 1.0" in result.output and "Traceback" not in result.output

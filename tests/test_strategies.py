@@ -202,6 +202,28 @@ def test_ease_refuses_bad_options():
         STRATEGIES["ease"](over_limit="shrink")
     with pytest.raises(InvalidInput, match="l2 must be a positive number"):
         STRATEGIES["ease"](l2=0)
+    for dropout in (-0.1, 1.0):
+        with pytest.raises(InvalidInput, match="dropout must be at least 0 and below 1"):
+            STRATEGIES["ease"](dropout=dropout)
+
+
+@pytest.mark.parametrize("blend", ["ease_als", "ease_als_gf"])
+def test_blends_refuse_a_bad_part_parameter_when_built(blend):
+    with pytest.raises(InvalidInput, match="ease: dropout must be at least 0 and below 1, not 1.5"):
+        STRATEGIES[blend](ease_dropout=1.5)
+
+
+def test_edlae_dropout_is_an_l2_that_grows_with_item_popularity():
+    # Customer c holds items c, c + 1 and c + 2 (mod 6): every item has 3 customers, so EDLAE's
+    # penalty l2 + dropout / (1 - dropout) x 3 is the same for every item, and EASE with that l2 agrees.
+    rows = np.repeat(np.arange(6), 3)
+    cols = (rows + np.tile(np.arange(3), 6)) % 6
+    circulant = sp.csr_matrix((np.ones(18, dtype=np.float32), (rows, cols)), shape=(6, 6))
+    edlae = STRATEGIES["ease"](l2=1.0, dropout=0.5).fit(TrainingData(circulant)).matrix
+    ease = STRATEGIES["ease"](l2=4.0).fit(TrainingData(circulant)).matrix
+    np.testing.assert_allclose(edlae, ease, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(edlae, STRATEGIES["ease"](l2=1.0).fit(TrainingData(circulant)).matrix, atol=1e-3)
+
 
 
 def test_trending_ranks_recent_items_first_and_ignores_held_out_rows():

@@ -118,8 +118,8 @@ def test_tune_ranks_trials_best_first_and_includes_the_current_parameters(demo_p
     result = tune(data, "ease", config, trials=3, metric="recall@5", log=lambda _line: None)
     values = [t.metrics["recall@5"] for t in result.trials]
     assert values == sorted(values, reverse=True) and result.best.metrics["recall@5"] == max(values)
-    assert [t.params for t in result.trials if t.current] == [{"l2": 50.0}]
-    assert len({t.params["l2"] for t in result.trials}) == len(result.trials) >= 3
+    assert [t.params for t in result.trials if t.current] == [{"l2": 50.0, "dropout": 0.0}]
+    assert len({tuple(sorted(t.params.items())) for t in result.trials}) == len(result.trials) >= 3
     assert len({round(v, 6) for v in values}) > 1, "different parameters give different validation scores"
 
 
@@ -136,14 +136,14 @@ def test_cli_prints_a_leaderboard_and_writes_the_best_into_the_toml_keeping_the_
     assert len(board) >= 3 and [row[0] for row in board] == [str(i) for i in range(1, len(board) + 1)]
     scores = [float(row[1]) for row in board]
     assert scores == sorted(scores, reverse=True)
-    best_l2 = float(board[0][6].split("=")[1])
+    best = dict(token.split("=") for token in board[0] if "=" in token)
     written = config_path.read_text(encoding="utf-8")
     original = [line for line in CONFIG.splitlines() if line]
     kept = [line for line in written.splitlines() if line in original]
     assert kept == original, "comments, order and other tables are kept as they were"
-    assert "[strategies.ease]\nl2 = " in written
+    assert f"[strategies.ease]\ndropout = {best['dropout']}\nl2 = {best['l2']}\n" in written
     config = TrainConfig.from_file(config_path)
-    assert config.params["ease"]["l2"] == best_l2 and config.params["als"] == {"factors": 16}
+    assert config.params["ease"] == {"dropout": float(best["dropout"]), "l2": float(best["l2"])} and config.params["als"] == {"factors": 16}
     assert config.strategies == ["als", "ease"] and config.holdout.seed == 5
 
 

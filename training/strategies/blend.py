@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from recsvc.scoring import BlendScorer, Scorer
@@ -19,6 +21,7 @@ class EASEALSStrategy(Strategy):
     (ease_l2, als_factors, ...); EASE's item limit applies as it does alone."""
 
     name = "ease_als"
+    parts: ClassVar[dict[str, type[Strategy]]] = PARTS
     defaults = {"weight_als": 0.8,
                 **{f"ease_{key}": value for key, value in EASEStrategy.defaults.items()},
                 **{f"als_{key}": value for key, value in ALSStrategy.defaults.items()}}
@@ -30,13 +33,18 @@ class EASEALSStrategy(Strategy):
         "als_alpha": [5.0, 10.0, 20.0],
     }
 
+    def __init__(self, **params):
+        super().__init__(**params)
+        for name, cls in self.parts.items():
+            cls(**self.part_params(name))  # a part's bad value stops here, before any data is read
+
     def part_params(self, part: str) -> dict:
         prefix = f"{part}_"
         return {key[len(prefix):]: value for key, value in self.params.items() if key.startswith(prefix)}
 
     def fit(self, data: TrainingData) -> BlendScorer:
         weight = float(self.params["weight_als"])
-        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in PARTS.items()}
+        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in self.parts.items()}
         scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
         self.scorer = BlendScorer(parts, {"ease": 1.0 - weight, "als": weight}, scales)
         return self.scorer

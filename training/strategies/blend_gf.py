@@ -20,6 +20,7 @@ class EASEALSGFStrategy(EASEALSStrategy):
     item graph that neither EASE nor ALS gives. Parts' own parameters carry their prefix."""
 
     name = "ease_als_gf"
+    parts = PARTS
     defaults = {**EASEALSStrategy.defaults, "weight_als": 0.7, "ease_l2": 1500.0, "als_factors": 32,
                 "als_regularization": 50.0, "als_alpha": 10.0, "weight_gf": 0.05,
                 **{f"gf_{key}": value for key, value in GFCFStrategy.defaults.items()},
@@ -38,7 +39,7 @@ class EASEALSGFStrategy(EASEALSStrategy):
     def fit(self, data: TrainingData) -> BlendScorer:
         weight_als = float(self.params["weight_als"])
         weights = {"ease": 1.0 - weight_als, "als": weight_als, "gf": float(self.params["weight_gf"])}
-        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in PARTS.items()}
+        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in self.parts.items()}
         scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
         self.scorer = BlendScorer(parts, weights, scales)
         return self.scorer

@@ -1,4 +1,4 @@
-"""EASE (Steck 2019): a closed-form item-item model, served as a dense item_similarity scorer."""
+"""EASE (Steck 2019), optionally EDLAE's dropout emphasis (Steck 2020): closed-form item-item, served dense."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ BYTES_PER_PAIR = 8 + 8 + 4
 
 
 class EASEStrategy(Strategy):
-    """B = I - P diagMat(1 / diag(P)), P = (X'X + l2 I)^-1, with a zero diagonal.
+    """B = I - P diagMat(1 / diag(P)), P = (X'X + Lambda)^-1, with a zero diagonal and
+    Lambda = l2 I + dropout / (1 - dropout) diagMat(diag(X'X)): with dropout > 0 this is EDLAE
+    (Steck 2020, "Autoencoders that don't overfit towards the identity"), whose penalty grows with
+    an item's popularity, as training with that input dropout rate would; dropout = 0 is plain EASE.
 
     The fit needs memory quadratic in the number of items. Above `max_items` or the
     `max_memory_mb` budget it refuses (over_limit = "refuse") or keeps only the most-interacted
@@ -27,8 +30,10 @@ class EASEStrategy(Strategy):
     """
 
     name = "ease"
-    defaults = {"l2": 500.0, "max_items": 20_000, "max_memory_mb": 4096, "over_limit": "refuse", "threads": 0}
-    search_space = {"l2": [50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 700.0, 1000.0, 2000.0]}
+    defaults = {"l2": 500.0, "dropout": 0.0, "max_items": 20_000, "max_memory_mb": 4096, "over_limit": "refuse",
+                "threads": 0}
+    search_space = {"l2": [50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 700.0, 1000.0, 2000.0],
+                    "dropout": [0.0, 0.1, 0.25, 0.4, 0.55, 0.7]}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -37,6 +42,8 @@ class EASEStrategy(Strategy):
                                f"not {self.params['over_limit']!r}")
         if not float(self.params["l2"]) > 0:
             raise InvalidInput(f"ease: l2 must be a positive number, not {self.params['l2']!r}")
+        if not 0 <= float(self.params["dropout"]) < 1:
+            raise InvalidInput(f"ease: dropout must be at least 0 and below 1, not {self.params['dropout']!r}")
 
     def item_limit(self) -> int:
         """The most items one fit may take: max_items, or fewer when the memory budget says so."""
@@ -61,18 +68,19 @@ class EASEStrategy(Strategy):
     def fit(self, data: TrainingData) -> ItemSimilarityScorer:
         matrix = data.matrix.tocsr()
         kept = self.kept_items(matrix)
-        weights = self._solve(matrix[:, kept], float(self.params["l2"]))
+        weights = self._solve(matrix[:, kept], float(self.params["l2"]), float(self.params["dropout"]))
         if len(kept) == matrix.shape[1]:
             self.scorer = ItemSimilarityScorer(weights)
         else:
             self.scorer = ItemSimilarityScorer(_embed(weights, kept, matrix.shape[1]))
         return self.scorer
 
-    def _solve(self, matrix: sp.csr_matrix, l2: float) -> np.ndarray:
+    def _solve(self, matrix: sp.csr_matrix, l2: float, dropout: float) -> np.ndarray:
         # Unlike implicit, nothing else runs threads here: BLAS may use every core (threads = 0).
         with threadpool_limits(int(self.params["threads"]) or os.cpu_count() or 1, "blas"):
             matrix = matrix.astype(np.float64)
             gram = (matrix.T @ matrix).toarray()
+            gram[np.diag_indices_from(gram)] *= 1.0 / (1.0 - dropout)  # G_ii + dropout / (1 - dropout) G_ii
             gram[np.diag_indices_from(gram)] += l2
             inverse = np.linalg.inv(gram)
             del gram
