@@ -256,13 +256,18 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     assert "holdout kind must be one of random, time, not 'yesterday'" in result.output
 
 
-def test_a_misspelt_strategy_parameter_exits_2_before_reading_data(tmp_path):
-    config = tmp_path / "typo.toml"
-    config.write_text("[strategies.als]\nfactorz = 3\n")
+@pytest.mark.parametrize("config_text, message", [
+    ("[strategies.als]\nfactorz = 3\n", "unknown parameter(s) factorz"),
+    ("[strategies]\nenabled = [\"ease_als\"]\n\n[strategies.ease_als]\nease_dropout = 1.0\n",
+     "ease: dropout must be at least 0 and below 1, not 1.0"),  # a blend checks its parts' parameters up front
+])
+def test_a_wrong_strategy_parameter_exits_2_before_reading_data(tmp_path, config_text, message):
+    config = tmp_path / "wrong.toml"
+    config.write_text(config_text)
     result = run(["fit", "--interactions", str(tmp_path / "not-read.csv"), "--registry", str(tmp_path / "r"),
                   "--config", str(config)])
     assert result.exit_code == 2
-    assert "unknown parameter(s) factorz" in result.output and "Traceback" not in result.output
+    assert message in result.output and "Traceback" not in result.output
 
 
 class Terminal(io.StringIO):
@@ -295,12 +300,3 @@ def test_the_default_strategy_is_personal_even_when_trending_scores_higher():
     assert choose_default(metrics, "ndcg@10", scorers) == "als"
     only_popular = {"popular": {"ndcg@10": 0.2}, "trending": {"ndcg@10": 0.3}}
     assert choose_default(only_popular, "ndcg@10", scorers) == "trending"
-
-
-def test_a_bad_blend_part_parameter_exits_2_before_reading_data(tmp_path):
-    config = tmp_path / "dropout.toml"
-    config.write_text("[strategies]\nenabled = [\"ease_als\"]\n\n[strategies.ease_als]\nease_dropout = 1.0\n")
-    result = run(["fit", "--interactions", str(tmp_path / "not-read.csv"), "--registry", str(tmp_path / "r"),
-                  "--config", str(config)])
-    assert result.exit_code == 2
-    assert "ease: dropout must be at least 0 and below 1, not 1.0" in result.output and "Traceback" not in result.output
