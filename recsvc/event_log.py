@@ -326,7 +326,8 @@ class EventLog:
 
 class RecentItems:
     """Items customers interacted with since training (POST /v1/events): a Redis set per customer with a TTL,
-    mirrored in a bounded in-process map that answers while Redis is down."""
+    mirrored in a bounded in-process map that answers while Redis is down; without Redis, entries of the
+    embedded cache that every worker shares (`shared`, a recsvc.cache.LocalCache)."""
 
     def __init__(self, redis_url: str | None, *, ttl: float = 86400.0, timeout: float = 0.05,
                  max_customers: int = 100_000, retry_interval: float = 1.0, shared=None):
@@ -339,9 +340,8 @@ class RecentItems:
         self._unsynced: dict[str, set[str]] = {}  # added while Redis was down
         self._lock = threading.Lock()
         self._down_until = 0.0
-        # Without Redis, the embedded cache (recsvc.cache.LocalCache) keeps them for every worker of the server:
-        # a list one worker computes must leave out what another worker was told the customer has.
-        self.shared = shared if redis_url is None else None
+        # A list one worker computes must leave out what another worker was told the customer has.
+        self.shared = shared
 
     def add(self, customer_id: str, item_ids: Iterable[str]) -> None:
         items = set(item_ids)
