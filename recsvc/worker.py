@@ -21,7 +21,7 @@ import time
 
 from gunicorn.workers.gthread import ThreadWorker
 
-ACCEPT_DEFER_SECONDS = 0.005  # at most, per connection taken while ahead; a GIL switch interval
+ACCEPT_DEFER_SECONDS = 0.020  # at most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake
 DEFER_STEP_SECONDS = 0.0005
 FREE = -1  # a slot no live worker holds
 
