@@ -19,7 +19,7 @@ from recsvc.scoring import Scorer, sample_thresholds
 
 DECIMALS = 6  # of a reported score
 # Below this magnitude a double's ulp is under 1e-6, so round(score, 6), applied again when the response is
-# built (Recommender._item_fields), gives back a score numpy rounded to 6 decimals unchanged.
+# built (Recommender.item_fields), gives back a score numpy rounded to 6 decimals unchanged.
 EXACT_ROUNDING_LIMIT = 2.0**32
 BLOCK = 16  # items per block when looking for candidates
 

@@ -165,9 +165,9 @@ class Recommender:
         positions, scores = eligible.best(np.array(scorer.similar(position), dtype=np.float32), limit)
         if scorer.personal:  # zero or negative similarity is not "like this one"
             positions, scores = positions[scores > 0], scores[scores > 0]
-        reason = [f"Often chosen together with {_label(bundle, position)}"] if scorer.personal \
-            else [_popular_reason(scorer)]
-        items = [self._item_fields(bundle, int(p), float(s), reason) for p, s in zip(positions, scores)]
+        reason = [f"Often chosen together with {item_label(bundle, position)}"] if scorer.personal \
+            else [popular_reason_text(scorer)]
+        items = [self.item_fields(bundle, int(p), float(s), reason) for p, s in zip(positions, scores)]
         return {"item_id": item_id, "model_version": bundle.version, "strategy": strategy, "items": items}
 
     @staticmethod
@@ -218,10 +218,10 @@ class Recommender:
 
     def _item(self, bundle: ModelBundle, fallback, position: int, score: float, source: str,
               evidence: list[int] | None) -> dict:
-        return self._item_fields(bundle, position, score, self._reasons(bundle, fallback, source, evidence))
+        return self.item_fields(bundle, position, score, self._reasons(bundle, fallback, source, evidence))
 
     @staticmethod
-    def _item_fields(bundle: ModelBundle, position: int, score: float, reasons: list[str]) -> dict:
+    def item_fields(bundle: ModelBundle, position: int, score: float, reasons: list[str]) -> dict:
         item = {"item_id": bundle.items.external(position), "score": round(float(score), 6), "reasons": reasons}
         title = str(bundle.catalog.title[position])
         if title:
@@ -235,8 +235,8 @@ class Recommender:
     def _reasons(bundle: ModelBundle, fallback, source: str, evidence: list[int] | None) -> list[str]:
         """Sentences an agent can say aloud; `evidence`: the items that speak most for it (_evidence_items)."""
         if source == "popular":
-            return [_popular_reason(fallback)]
-        return reason_texts(source, [_label(bundle, position) for position in evidence or ()])
+            return [popular_reason_text(fallback)]
+        return reason_texts(source, [item_label(bundle, position) for position in evidence or ()])
 
 
 def response_body(customer_id: str, model_version: str, strategy: str, source: str, items: list[dict]) -> dict:
@@ -254,7 +254,7 @@ def reason_texts(source: str, names: list[str]) -> list[str]:
     return [f"Goes with {name}, which the customer is looking at" for name in names]
 
 
-def _label(bundle: ModelBundle, position: int) -> str:
+def item_label(bundle: ModelBundle, position: int) -> str:
     title = str(bundle.catalog.title[position])
     return f"{title} ({bundle.items.external(position)})" if title else bundle.items.external(position)
 
@@ -304,7 +304,7 @@ def fallback_scorer(bundle: ModelBundle) -> Scorer:
     return next(bundle.scorers[name] for name in FALLBACK_STRATEGIES if name in bundle.scorers)
 
 
-def _popular_reason(scorer: Scorer) -> str:
+def popular_reason_text(scorer: Scorer) -> str:
     """Say "this week" only when the popularity was counted over the last week or less."""
     window = getattr(scorer, "window_days", None) if isinstance(scorer, PopularityScorer) else None
     if window is not None and window <= 7:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from recsvc import artifacts, ranking, scoring
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
-from recsvc.recommend import MAX_REASON_ITEMS, RecommendationQuery, Recommender, _popular_reason, fallback_scorer
+from recsvc.recommend import MAX_REASON_ITEMS, RecommendationQuery, Recommender, popular_reason_text, fallback_scorer
 from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, PopularityScorer, top_k
 
 CATEGORIES = ["Phones", "Fibre", "TV", ""]
@@ -233,7 +233,7 @@ def reference_compute(bundle: ModelBundle, strategy: str, query: RecommendationQ
 def reference_reasons(bundle, scorer, fallback, position, source, owned, context) -> list[str]:
     """One scorer.contributions call per item, as the reasons were computed before they were batched."""
     if source == "popular":
-        return [_popular_reason(fallback)]
+        return [popular_reason_text(fallback)]
     basis = owned if source == "personal" else context
     weights = scorer.contributions(position, basis)
     order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]

@@ -163,7 +163,7 @@ def test_reported_scores_are_rounded_and_stay_as_they_are_when_rounded_again():
     values = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.integers(-8, 12, 20000),
                              np.arange(-2000, 2000) / 1e6 + 5e-7, [0.0, 1e-300, 2.0**40 + 0.1234567]])
     shown = reported(values)
-    assert [round(v, 6) for v in shown.tolist()] == shown.tolist()  # what Recommender._item_fields does to them
+    assert [round(v, 6) for v in shown.tolist()] == shown.tolist()  # what Recommender.item_fields does to them
     assert np.all(np.abs(shown - values) <= 5e-7 + np.spacing(np.abs(values)))
 
 

@@ -6,7 +6,7 @@ scorer.contributions; when fewer than `limit` have a positive score, the
 popular step fills up. Here the same steps run for a batch: one scores_batch,
 personal_top for all rows, one contributions product for all (customer, item)
 pairs, and the JSON assembled from pieces that the server's own functions
-encode (_item_fields, reason_texts, response_body), cut once per item.
+encode (item_fields, reason_texts, response_body), cut once per item.
 Customers whose list needs the popular step take it through the server's
 own functions (popular_step, Ranked), one by one.
 """
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from recsvc.artifacts import ModelBundle
 from recsvc.ranking import personal_top
-from recsvc.recommend import (MAX_REASON_ITEMS, Ranked, RecommendationQuery, Recommender, _label, _popular_reason,
+from recsvc.recommend import (MAX_REASON_ITEMS, Ranked, RecommendationQuery, Recommender, item_label, popular_reason_text,
                               fallback_scorer, popular_step, reason_texts, response_body)
 from recsvc.scoring import Scorer
 
@@ -43,7 +43,7 @@ class Pieces:
         n_items = len(bundle.items)
         self.item_head, self.item_tail = (np.full(n_items, -1, dtype=np.int64) for _ in range(2))
         self.first_reason, self.next_reason = (np.full(n_items, -1, dtype=np.int64) for _ in range(2))
-        self.popular_reason = self.add(b',"reasons":[' + orjson.dumps(_popular_reason(fallback)))
+        self.popular_reason = self.add(b',"reasons":[' + orjson.dumps(popular_reason_text(fallback)))
         self.no_names_reason = self.add(b',"reasons":[' + orjson.dumps(reason_texts("personal", [])[0]))
         self.heads = {source: self._head(bundle, strategy, source) for source in ("personal", "popular")}
 
@@ -65,7 +65,7 @@ class Pieces:
     def items(self, positions: np.ndarray) -> None:
         """Build the head and tails of these items, cut from the server's own encoding of each."""
         for position in np.unique(positions[self.item_head[positions] < 0]).tolist():
-            encoded = orjson.dumps(Recommender._item_fields(self.bundle, position, 0.0, []))
+            encoded = orjson.dumps(Recommender.item_fields(self.bundle, position, 0.0, []))
             head, mark, tail = encoded.partition(b'"score":0.0,"reasons":[]')
             if not mark:
                 raise AssertionError(f"unexpected item layout: {encoded!r}")
@@ -76,7 +76,7 @@ class Pieces:
     def reasons(self, positions: np.ndarray) -> None:
         """Build 'Because the customer has ...' for these history items."""
         for position in np.unique(positions[self.first_reason[positions] < 0]).tolist():
-            text = orjson.dumps(reason_texts("personal", [_label(self.bundle, position)])[0])
+            text = orjson.dumps(reason_texts("personal", [item_label(self.bundle, position)])[0])
             self.first_reason[position] = self.add(b',"reasons":[' + text)
             self.next_reason[position] = self.add(b"," + text)
 
@@ -193,7 +193,7 @@ class BatchRecommender:
         popular = list(zip(ranked.items, ranked.scores))[len(personal):]
         self.pieces.items(np.array([position for position, _score in popular], dtype=np.int64))
         for slot, (position, score) in enumerate(popular, start=len(personal)):
-            scores.append(orjson.dumps(round(float(score), 6)))  # as _item_fields rounds it
+            scores.append(orjson.dumps(round(float(score), 6)))  # as Recommender.item_fields rounds it
             slots[slot] = (self.pieces.item_head[position], -len(scores), self.pieces.popular_reason, Pieces.EMPTY,
                            self.pieces.item_tail[position])
 
