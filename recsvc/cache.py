@@ -222,10 +222,11 @@ class Cache(ABC):
     def get(self, key: str) -> bytes | None:
         return self.get_many([key])[0]
 
-    def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None]:
+    def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None, bytes | None]:
         """Take the cross-process compute lock of `key` and look again: (True when this process should
-        compute, the fragment when another process stored it meanwhile). In-process: no other process."""
-        return True, None
+        compute, the fragment when another process stored it meanwhile, the customer's generation as read
+        now, or None to keep lookup's). In-process: no other process."""
+        return True, None, None
 
     def release(self, key: str, generation: bytes, fragment: bytes | None, ttl: float | None, locked: bool) -> None:
         """Store the computed fragment (None: the computation failed) and release the compute lock."""
@@ -248,13 +249,18 @@ class Cache(ABC):
             return False
         return True
 
+    @property
+    def generation_ttl(self) -> float:
+        """Seconds a generation token lives: longer than every entry made under it."""
+        return max(GENERATION_TTL, 2 * self.ttl)
+
     def invalidate_customer(self, customer_id: str) -> None:
         """Forget every cached list of this customer, on every replica: O(1), one write.
 
         The new generation outlives every entry made before it (GENERATION_TTL, or
         twice a longer TTL), so no older entry can become readable again when it expires.
         """
-        self.set(generation_key(customer_id), new_generation(), max(GENERATION_TTL, 2 * self.ttl))
+        self.set(generation_key(customer_id), new_generation(), self.generation_ttl)
 
     def get_or_compute(self, key: str, customer_id: str, compute: Callable[[], bytes],
                        ttl: float | None = None) -> tuple[bytes, bool]:
@@ -278,7 +284,8 @@ class Cache(ABC):
         fragment, generation = self.lookup(key, customer_id)
         if fragment is not None:
             return fragment, True
-        locked, fragment = self.claim(key, customer_id)
+        locked, fragment, claimed = self.claim(key, customer_id)
+        generation = generation if claimed is None else claimed
         if fragment is None and not locked:  # another process is computing it
             fragment = self._await_other_process(key, customer_id)
         if fragment is not None:
@@ -444,7 +451,14 @@ class LocalCache(Cache):
 
 
 class RedisCache(Cache):
-    """Redis with short timeouts behind a circuit breaker; any Redis error is logged and treated as a miss."""
+    """Redis with short timeouts behind a circuit breaker; any Redis error is logged and treated as a miss.
+
+    Every entry is tagged with a generation token that exists in Redis: the first computation for a
+    customer without one creates it (SET NX). A customer whose token is missing therefore has no entry
+    to trust: when Redis evicts the token (maxmemory) or it expires, the entries made under it, stale or
+    not, become misses, instead of matching "never invalidated" and serving a list made before an
+    invalidation (an item the customer has since bought).
+    """
 
     kind = "redis"
 
@@ -475,26 +489,35 @@ class RedisCache(Cache):
     def set(self, key: str, value: bytes, ttl: float) -> None:
         self._call("set", lambda: self.client.set(key, value, px=int(ttl * 1000)), None)
 
-    def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None]:
+    def lookup(self, key: str, customer_id: str) -> tuple[bytes | None, bytes]:
+        raw, generation = self.get_many([key, generation_key(customer_id)])
+        # No token, no trusted entry (see the class docstring).
+        return (current_fragment(raw, generation) if generation else None), generation or NO_GENERATION
+
+    def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None, bytes | None]:
+        token_key = generation_key(customer_id)
+
         def lock_and_look() -> list:  # one round trip: the entry may have arrived since our lookup
             pipe = self.client.pipeline(transaction=False)
             pipe.set(lock_key(key), b"1", nx=True, px=LOCK_TTL_MS)
-            pipe.mget([key, generation_key(customer_id)])
+            pipe.set(token_key, new_generation(), nx=True, px=int(self.generation_ttl * 1000))
+            pipe.mget([key, token_key])
             return pipe.execute()
 
         result = self._call("lock", lock_and_look, UNREACHABLE)
         if result is UNREACHABLE:
-            return True, None  # compute here rather than wait for a lock nobody can hold
-        taken, (raw, generation) = result
-        fragment = current_fragment(raw, generation)
+            return True, None, None  # compute here rather than wait for a lock nobody can hold
+        taken, _created, (raw, generation) = result
+        fragment = current_fragment(raw, generation) if generation else None
         if taken and fragment is not None:
             self._call("unlock", lambda: self.client.delete(lock_key(key)), None)
-        return bool(taken), fragment
+        return bool(taken), fragment, generation or NO_GENERATION
 
     def release(self, key: str, generation: bytes, fragment: bytes | None, ttl: float | None, locked: bool) -> None:
         def store_and_unlock() -> None:  # one round trip
             pipe = self.client.pipeline(transaction=False)
-            if fragment is not None and self.storable(fragment):
+            # Without a token (Redis unreadable at claim) the entry could never be read: not stored.
+            if fragment is not None and generation and self.storable(fragment):
                 pipe.set(key, encode_entry(generation, fragment), px=int((ttl or self.ttl) * 1000))
             if locked:
                 pipe.delete(lock_key(key))

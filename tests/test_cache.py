@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from recsvc.app import create_app
-from recsvc.cache import KEY_PREFIX, LocalCache, RedisCache, recommendation_key
+from recsvc.cache import KEY_PREFIX, LocalCache, RedisCache, generation_key, recommendation_key
 
 
 class ExplodingScorer:
@@ -152,6 +152,22 @@ def test_a_list_computed_while_its_customer_is_invalidated_is_not_served(make, r
     assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b"{}") == (b'{"items":["fresh"]}', True)
 
 
+def test_an_evicted_generation_token_turns_its_customers_lists_into_misses(redis_url, redis_client):
+    """Redis under maxmemory may evict a customer's generation token before the lists made under it: a list
+    made before an invalidation must not then match "never invalidated" and be served."""
+    cache = RedisCache(redis_url)
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b'{"items":["old"]}') == (b'{"items":["old"]}',
+                                                                                          False)
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b"{}") == (b'{"items":["old"]}', True)
+    cache.invalidate_customer("c1")  # the customer bought "old"
+    assert redis_client.delete(generation_key("c1")) == 1  # what an eviction does
+    assert redis_client.get("recsvc:v1:rec:k") is not None  # the stale list is still in Redis
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b'{"items":["new"]}') == (b'{"items":["new"]}',
+                                                                                          False)
+    assert cache.get_or_compute("recsvc:v1:rec:k", "c1", lambda: b"{}") == (b'{"items":["new"]}', True)
+    assert redis_client.pttl(generation_key("c1")) > 1000 * cache.ttl  # the new token outlives the list
+
+
 def test_lists_above_the_entry_bound_are_served_but_not_cached(settings, redis_url, redis_client, auth):
     app = create_app(dataclasses.replace(settings, redis_url=redis_url, cache_max_entry_bytes=1024))
     try:
@@ -204,7 +220,8 @@ def test_a_claim_sees_an_entry_another_process_stored_meanwhile(redis_url, redis
     first, second = RedisCache(redis_url), RedisCache(redis_url)
     assert first.get_or_compute("recsvc:v1:rec:k2", "c2", lambda: b'{"a":1}') == (b'{"a":1}', False)
     assert not redis_client.keys(f"{KEY_PREFIX}:lock:*")  # the computing process released its lock
-    assert second.claim("recsvc:v1:rec:k2", "c2") == (True, b'{"a":1}')
+    token = redis_client.get(generation_key("c2"))
+    assert token and second.claim("recsvc:v1:rec:k2", "c2") == (True, b'{"a":1}', token)
     assert not redis_client.keys(f"{KEY_PREFIX}:lock:*")  # and so did the one that found the entry
 
 

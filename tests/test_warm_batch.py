@@ -10,7 +10,7 @@ import pytest
 
 from recsvc import artifacts
 from recsvc.app import create_app
-from recsvc.cache import KEY_PREFIX, decode_entry
+from recsvc.cache import KEY_PREFIX, decode_entry, generation_key
 from recsvc.ranking import personal_top, reported
 from recsvc.recommend import RecommendationQuery
 from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, fixed_sum
@@ -88,7 +88,10 @@ def test_every_warmed_entry_is_what_the_server_caches(kinds_registry, settings, 
         service.store.stop()
     # The comparison covered what it should: events, an invalidated customer, top-ups, both sources.
     bodies = {body["customer_id"]: body for body in (orjson.loads(decode_entry(raw)[1]) for raw in warmed.values())}
-    assert sum(decode_entry(raw)[0] != b"" for raw in warmed.values()) == len(bought) + (customers[3] not in bought)
+    # Each list is tagged with its customer's token, which exists in Redis (an evicted token hides the list).
+    tokens = dict(zip(customers, redis_client.mget([generation_key(customer) for customer in customers])))
+    assert all(tag and tag == tokens[orjson.loads(fragment)["customer_id"]]
+               for tag, fragment in map(decode_entry, warmed.values()))
     assert all(best["item_id"] not in {item["item_id"] for item in bodies[customer]["items"]}
                for customer, best in bought.items())
     bodies = list(bodies.values())
@@ -104,8 +107,9 @@ def test_every_warmed_entry_is_what_the_server_caches(kinds_registry, settings, 
 
 def test_a_redis_refusing_writes_fails_the_warm_up_with_its_message(trained_registry, own_redis):
     with own_redis.client() as client:
-        client.config_set("maxmemory", 1)  # with the default noeviction policy, every SET is refused: OOM
-    with pytest.raises(CacheUnavailable, match="OOM"):
+        client.config_set("maxmemory", 1)  # with the default noeviction policy, every write is refused
+    # The first write is the generation tokens' script (a script's error names maxmemory, a SET's says OOM).
+    with pytest.raises(CacheUnavailable, match="generations .* failed: .*maxmemory"):
         warm_cache(trained_registry, own_redis.url, top=50, log=lambda _line: None)
 
 

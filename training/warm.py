@@ -16,7 +16,7 @@ import redis
 
 from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
-from recsvc.cache import (GENERATION_TTL, NO_GENERATION, encode_entry, generation_key, recent_items_key,
+from recsvc.cache import (GENERATION_TTL, encode_entry, generation_key, new_generation, recent_items_key,
                           recommendation_keys)
 from recsvc.config import Settings
 from recsvc.errors import InvalidInput, RecsvcError
@@ -210,6 +210,7 @@ class StateReader:
     def __init__(self, client: redis.Redis):
         try:
             self.script = client.script_load(_RECENT_ITEMS)
+            self.tokens_script = client.script_load(_GENERATIONS)
         except redis.RedisError as exc:
             raise CacheUnavailable(f"loading a script into Redis failed: {exc}") from None
         self.connection = client.connection_pool.make_connection()
@@ -226,7 +227,11 @@ class StateReader:
         so an entry is never computed from recent items older than the generation it is tagged with (it
         would be served, stale)."""
         self.customer_ids = customer_ids
-        commands = command(b"MGET", *(generation_key(c).encode() for c in customer_ids)) + \
+        # A customer without a generation token gets one (as RedisCache.claim does): entries are only ever
+        # tagged with a token that exists, so losing it to eviction turns them into misses.
+        prefix, ttl = new_generation()[:12], b"%d" % int(GENERATION_TTL * 1000)
+        commands = command(b"EVALSHA", self.tokens_script.encode(), b"%d" % len(customer_ids),
+                           *(generation_key(c).encode() for c in customer_ids), prefix, ttl) + \
             command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
                     *(recent_items_key(c).encode() for c in customer_ids))
         try:
@@ -243,7 +248,7 @@ class StateReader:
         ids = self.customer_ids
         recent = PrefetchedRecentItems({ids[int(index) - 1]: {m.decode("utf-8") for m in members}
                                         for index, members in zip(found[::2], found[1::2])})
-        return [generation or NO_GENERATION for generation in generations], recent
+        return generations, recent
 
 
 class CommandWriter:
@@ -313,6 +318,22 @@ class CommandWriter:
         if received != expected:
             error = next((line for line in bytes(received).split(b"\r\n") if line.startswith(b"-")), bytes(received[:80]))
             raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
+
+
+# KEYS: the customers' generation keys; ARGV: a random token prefix, the tokens' TTL in ms. Returns each
+# customer's token, made (prefix .. index) for those without one.
+_GENERATIONS = """
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local token = redis.call('GET', key)
+  if not token then
+    token = ARGV[1] .. i
+    redis.call('SET', key, token, 'PX', ARGV[2])
+  end
+  tokens[i] = token
+end
+return tokens
+"""
 
 # KEYS: the customers' recent-items sets. Returns index (1-based), members, ... for the non-empty ones only:
 # most customers have none, and one script call replaces a round trip (or a parsed reply) per customer.
