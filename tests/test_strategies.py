@@ -318,6 +318,7 @@ def test_an_als_ensemble_scores_the_mean_of_its_seeds_models_with_one_product(ma
     np.testing.assert_allclose(ensemble.scores(2, history(matrix, 2)), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_an_als_ensemble_below_one_is_refused(matrix):
-    with pytest.raises(InvalidInput, match="ensemble must be at least 1"):
-        STRATEGIES["als"](factors=4, iterations=1, ensemble=0).fit(TrainingData(matrix))
+@pytest.mark.parametrize("ensemble", [0, -2, 1.5, "3", True])
+def test_an_als_ensemble_that_is_not_a_count_is_refused_before_fitting(ensemble):
+    with pytest.raises(InvalidInput, match="ensemble must be a whole number of at least 1"):
+        STRATEGIES["als"](factors=4, iterations=1, ensemble=ensemble)  # no data needed: refused when built

@@ -25,11 +25,16 @@ class ALSStrategy(Strategy):
         "iterations": [15, 30],
     }
 
+    def __init__(self, **params):
+        super().__init__(**params)
+        ensemble = self.params["ensemble"]
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            # Here, not in fit: a bad value stops `recsvc-train` before any data is read.
+            raise InvalidInput(f"als: ensemble must be a whole number of at least 1, not {ensemble!r}")
+
     def fit(self, data: TrainingData) -> FactorScorer:
         p = self.params
         n = int(p["ensemble"])
-        if n < 1:
-            raise InvalidInput(f"als: ensemble must be at least 1, not {p['ensemble']!r}")
         users, items = zip(*(self._fit_one(data, int(p["seed"]) + i) for i in range(n)))
         # One model is kept as it is: no copy of arrays that can take gigabytes.
         user_factors = users[0] if n == 1 else np.hstack(users) / np.float32(n)
