@@ -16,7 +16,8 @@ from recsvc.recommend import RecommendationQuery
 from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, fixed_sum
 from training.config import TrainConfig
 from training.pipeline import fit_and_publish
-from training.warm import CacheUnavailable, most_active, warm_cache
+from training import warm
+from training.warm import CacheUnavailable, StateReader, most_active, warm_cache
 from training.warm_batch import strongest
 
 # One default strategy per scorer kind: factors, item similarity (sparse, dense), blend, popularity.
@@ -107,10 +108,33 @@ def test_every_warmed_entry_is_what_the_server_caches(kinds_registry, settings, 
 
 def test_a_redis_refusing_writes_fails_the_warm_up_with_its_message(trained_registry, own_redis):
     with own_redis.client() as client:
-        client.config_set("maxmemory", 1)  # with the default noeviction policy, every write is refused
-    # The first write is the generation tokens' script (a script's error names maxmemory, a SET's says OOM).
-    with pytest.raises(CacheUnavailable, match="generations .* failed: .*maxmemory"):
+        client.config_set("maxmemory", 1)  # with the default noeviction policy, every SET is refused: OOM
+    with pytest.raises(CacheUnavailable, match="OOM"):
         warm_cache(trained_registry, own_redis.url, top=50, log=lambda _line: None)
+
+
+def test_a_token_made_while_the_warm_up_computes_wins_and_hides_the_warmed_list(trained_registry, redis_url,
+                                                                               redis_client, monkeypatch):
+    """The warm-up read no token for these customers, then an event made one (as POST /v1/events does after
+    adding the items): the warm-up's SET NX leaves that token, and the list it computed is never served."""
+    raced = {}
+    receive = StateReader.receive
+
+    def receive_then_an_event_arrives(self):
+        generations, recent = receive(self)
+        raced[self.customer_ids[0]] = b"made-by-an-event"
+        redis_client.set(generation_key(self.customer_ids[0]), raced[self.customer_ids[0]], px=60_000)
+        return generations, recent
+
+    monkeypatch.setattr(StateReader, "receive", receive_then_an_event_arrives)
+    monkeypatch.setattr(warm, "BATCH", 200)
+    result = warm_cache(trained_registry, redis_url, top=500, log=lambda _line: None)  # three batches
+    warmed = dict(zip(keys := redis_client.keys(f"{KEY_PREFIX}:rec:*"), redis_client.mget(keys)))
+    assert result.entries == len(warmed) == 500 and len(raced) == 3
+    tags = {orjson.loads(fragment)["customer_id"]: tag for tag, fragment in map(decode_entry, warmed.values())}
+    tokens = dict(zip(tags, redis_client.mget([generation_key(customer) for customer in tags])))
+    assert all(tokens[customer] == raced[customer] != tags[customer] for customer in raced)  # a miss
+    assert all(tag == tokens[customer] for customer, tag in tags.items() if customer not in raced)
 
 
 def random_factors(seed: int, customers: int = 300, items: int = 500, factors: int = 24) -> FactorScorer:

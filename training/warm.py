@@ -28,6 +28,8 @@ DEFAULT_TOP = 10_000
 # customer's entries, so a long TTL never serves a stale list.
 DEFAULT_TTL = 24 * 3600.0
 MAX_TTL = GENERATION_TTL / 2  # a customer's invalidation must outlive the entries it hides
+OK_BYTES = len(b"+OK\r\n")
+NIL_REPLIES = (b"_", b"$-1")  # RESP3, RESP2
 BATCH = 1000  # customers per batch: one matrix product, one state read, one write
 TIMEOUT = 5.0  # seconds; the warm-up is offline, unlike the server's tens of milliseconds
 
@@ -161,7 +163,7 @@ def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) ->
                 reader.request(plan.customer_ids[batches[number + 1]])
             encoded = lists.encode(plan.customers[batch], plan.customer_ids[batch], recent)
             rows = np.flatnonzero(encoded.sizes <= plan.max_bytes)
-            writer.submit(writer.commands(encoded, rows, plan.keys[batch], generations), len(rows))
+            writer.submit(*writer.commands(encoded, rows, plan.keys[batch], plan.customer_ids[batch], generations))
             computing += time.perf_counter() - started
             entries += len(rows)
             log(f"warm-up: {min(batch.stop, len(plan.customers))}/{len(plan.customers)} customers computed")
@@ -210,7 +212,6 @@ class StateReader:
     def __init__(self, client: redis.Redis):
         try:
             self.script = client.script_load(_RECENT_ITEMS)
-            self.tokens_script = client.script_load(_GENERATIONS)
         except redis.RedisError as exc:
             raise CacheUnavailable(f"loading a script into Redis failed: {exc}") from None
         self.connection = client.connection_pool.make_connection()
@@ -227,11 +228,7 @@ class StateReader:
         so an entry is never computed from recent items older than the generation it is tagged with (it
         would be served, stale)."""
         self.customer_ids = customer_ids
-        # A customer without a generation token gets one (as RedisCache.claim does): entries are only ever
-        # tagged with a token that exists, so losing it to eviction turns them into misses.
-        prefix, ttl = new_generation()[:12], b"%d" % int(GENERATION_TTL * 1000)
-        commands = command(b"EVALSHA", self.tokens_script.encode(), b"%d" % len(customer_ids),
-                           *(generation_key(c).encode() for c in customer_ids), prefix, ttl) + \
+        commands = command(b"MGET", *(generation_key(c).encode() for c in customer_ids)) + \
             command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
                     *(recent_items_key(c).encode() for c in customer_ids))
         try:
@@ -239,8 +236,8 @@ class StateReader:
         except (redis.RedisError, OSError) as exc:
             raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
 
-    def receive(self) -> tuple[list[bytes], PrefetchedRecentItems]:
-        """(generations, recent items) of the customers last requested."""
+    def receive(self) -> tuple[list[bytes | None], PrefetchedRecentItems]:
+        """(generations, None for a customer without one, and recent items) of the customers last requested."""
         try:
             generations, found = self.connection.read_response(), self.connection.read_response()
         except (redis.RedisError, OSError) as exc:
@@ -257,6 +254,7 @@ class CommandWriter:
 
     def __init__(self, client: redis.Redis, ttl: float):
         px = b"%d" % int(ttl * 1000)
+        self.token_px = b"%d" % int(GENERATION_TTL * 1000)  # tokens outlive the entries: ttl <= MAX_TTL
         self.trailer = b"\r\n$2\r\nPX\r\n$%d\r\n%b\r\n" % (len(px), px)  # ends each SET after its value
         self.connection = client.connection_pool.make_connection()
         self.pending: queue.Queue = queue.Queue(maxsize=2)
@@ -275,21 +273,34 @@ class CommandWriter:
         if self.failure is not None and exc[0] is None:
             raise self.failure
 
-    def commands(self, encoded: EncodedLists, rows: np.ndarray, keys: list[str], generations: list[bytes]) -> bytes:
-        """SET each row's list under its key, tagged with its customer's generation (cache.encode_entry), with
-        the TTL: the Redis protocol, written here (redis-py encodes a command in Python at a third of the speed)."""
-        tags = {generation: encode_entry(generation, b"") for generation in set(generations)}
-        before = [b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b" % (len(key), key, len(tag) + size, tag)
-                  for key, tag, size in ((keys[row].encode(), tags[generations[row]], size)
-                                         for row, size in zip(rows.tolist(), encoded.sizes[rows].tolist()))]
-        return encoded.join(rows, before, self.trailer)
+    def commands(self, encoded: EncodedLists, rows: np.ndarray, keys: list[str], customer_ids: list[str],
+                 generations: list[bytes | None]) -> tuple[bytes, np.ndarray]:
+        """SET each row's list under its key, tagged with its customer's generation token (cache.encode_entry),
+        with the TTL. A customer without a token first gets one (SET NX, as RedisCache.claim does): every
+        entry's token then exists in Redis, and losing it to eviction turns the entry into a miss. Returns the
+        commands and, per reply, whether it answers a token's SET NX. The Redis protocol is written here
+        (redis-py encodes a command in Python at a third of the speed)."""
+        prefix = new_generation()[:12]  # + the row: a token of its own for each customer of the batch
+        before, is_token = [], []
+        for row, size in zip(rows.tolist(), encoded.sizes[rows].tolist()):
+            key, token = keys[row].encode(), generations[row] or prefix + b"%d" % row
+            tag = encode_entry(token, b"")
+            head = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b" % (len(key), key, len(tag) + size, tag)
+            if generations[row] is None:
+                head = command(b"SET", generation_key(customer_ids[row]).encode(), token, b"PX", self.token_px,
+                               b"NX") + head
+                is_token.append(True)
+            before.append(head)
+            is_token.append(False)
+        return encoded.join(rows, before, self.trailer), np.array(is_token, dtype=bool)
 
-    def submit(self, payload: bytes, replies: int) -> None:
-        """Queue commands that answer `replies` times; raises the writer's failure, if any."""
+    def submit(self, payload: bytes, is_token: np.ndarray) -> None:
+        """Queue commands, one reply each (is_token: which replies answer a token's SET NX); raises the
+        writer's failure, if any."""
         if self.failure is not None:
             raise self.failure
-        if replies:
-            self.pending.put((payload, replies))
+        if len(is_token):
+            self.pending.put((payload, is_token))
 
     def _run(self) -> None:
         while (work := self.pending.get()) is not None:
@@ -304,36 +315,26 @@ class CommandWriter:
                 self.failure = CacheUnavailable(f"writing to Redis failed: {exc}")
             self.busy += time.perf_counter() - started
 
-    def _expect_ok(self, replies: int) -> None:
-        """n SETs that all succeeded answer exactly n times +OK; anything else holds an error reply (at least
-        as long as +OK), which is reported."""
-        expected = b"+OK\r\n" * replies
+    def _expect_ok(self, is_token: np.ndarray) -> None:
+        """Every SET answers one line: +OK, or for a token's SET NX also nil (another process made the
+        customer's token first, and the entry tagged with ours is a miss; `_` in RESP3, `$-1` in RESP2).
+        Anything else is an error reply, which is reported."""
+        expected = len(is_token)
         received = bytearray()
         sock = self.connection._sock  # redis-py's socket of this connection: AUTH, SELECT and TLS already done
-        while len(received) < len(expected):
-            chunk = sock.recv(max(65536, len(expected) - len(received)))
+        while received.count(b"\r\n") < expected:
+            chunk = sock.recv(max(65536, OK_BYTES * expected - len(received)))
             if not chunk:
                 raise redis.ConnectionError("Redis closed the connection")
             received += chunk
-        if received != expected:
-            error = next((line for line in bytes(received).split(b"\r\n") if line.startswith(b"-")), bytes(received[:80]))
-            raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
+        if received == b"+OK\r\n" * expected:
+            return
+        lines = bytes(received).split(b"\r\n")[:expected]
+        if all(line == b"+OK" or (token and line in NIL_REPLIES) for line, token in zip(lines, is_token.tolist())):
+            return
+        error = next((line for line in lines if line.startswith(b"-")), bytes(received[:80]))
+        raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
 
-
-# KEYS: the customers' generation keys; ARGV: a random token prefix, the tokens' TTL in ms. Returns each
-# customer's token, made (prefix .. index) for those without one.
-_GENERATIONS = """
-local tokens = {}
-for i, key in ipairs(KEYS) do
-  local token = redis.call('GET', key)
-  if not token then
-    token = ARGV[1] .. i
-    redis.call('SET', key, token, 'PX', ARGV[2])
-  end
-  tokens[i] = token
-end
-return tokens
-"""
 
 # KEYS: the customers' recent-items sets. Returns index (1-based), members, ... for the non-empty ones only:
 # most customers have none, and one script call replaces a round trip (or a parsed reply) per customer.
