@@ -57,8 +57,9 @@ fetch("openapi.json").then(r => r.json()).then(spec => {
 
 def metrics_view() -> Response:
     """Prometheus text format; no key needed (keep the port off the public network)."""
-    store = current_app.extensions["recsvc"].store
-    metrics.model_tick(store.created_at)
+    service = current_app.extensions["recsvc"]
+    metrics.model_tick(service.store.created_at)
+    service.cache.publish_size()
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
 
