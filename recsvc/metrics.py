@@ -33,7 +33,7 @@ CACHE_COALESCED = Counter("recsvc_cache_coalesced_total",
 CACHE_OVERSIZE = Counter("recsvc_cache_oversize_total", "Lists not cached because they passed the entry size bound")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # The embedded cache (no Redis): one table in shared memory for all workers, so one series, not one per worker:
-# each worker that writes to the table sets it from the whole table, and the most recent value wins.
+# the worker that answers a scrape of /metrics sets it from the whole table, and the most recent value wins.
 LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries", "Lists in the server's embedded cache (shared by its workers)",
                             multiprocess_mode="livemostrecent")
 LOCAL_CACHE_BYTES = Gauge("recsvc_local_cache_bytes",

@@ -148,16 +148,13 @@ class SlotTable:
             if header[0] & 1:
                 continue
             hcrc, epoch = HEADER_CHECK.unpack_from(header, 8)
-            position = header.find(key_digest, 32, spans_at)
-            while position > 0 and position % DIGEST_BYTES:  # digests start at 32, a multiple of 16
-                position = header.find(key_digest, position + 1, spans_at)
-            if position < 0:  # an absence (and the epoch with it) is only as good as the header: check it all
+            way = self._find(header, key_digest)
+            if way < 0:  # an absence (and the epoch with it) is only as good as the header: check it all
                 intact = zlib.crc32(header[CHECKED_FROM:stamps_at]) ^ self._zero_crc == hcrc
                 if intact and mm[base:base + 8] == header[:8]:
                     return ABSENT, None, epoch
                 continue
             # A hit needs no header checksum: the entry's own digest and crc32, and the unchanged seq, vouch for it.
-            way = (position - 32) // DIGEST_BYTES
             entry = self._read_entry(base, way, header[spans_at + way], key_digest)
             if entry is None or mm[base:base + 8] != header[:8]:
                 continue

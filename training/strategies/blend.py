@@ -42,11 +42,15 @@ class EASEALSStrategy(Strategy):
         prefix = f"{part}_"
         return {key[len(prefix):]: value for key, value in self.params.items() if key.startswith(prefix)}
 
-    def fit(self, data: TrainingData) -> BlendScorer:
+    def weights(self) -> dict[str, float]:
+        """Each part's weight in the blend."""
         weight = float(self.params["weight_als"])
+        return {"ease": 1.0 - weight, "als": weight}
+
+    def fit(self, data: TrainingData) -> BlendScorer:
         parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in self.parts.items()}
         scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
-        self.scorer = BlendScorer(parts, {"ease": 1.0 - weight, "als": weight}, scales)
+        self.scorer = BlendScorer(parts, self.weights(), scales)
         return self.scorer
 
 

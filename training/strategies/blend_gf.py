@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from recsvc.errors import InvalidInput
-from recsvc.scoring import BlendScorer
 from training.strategies.als import ALSStrategy
-from training.strategies.base import TrainingData
-from training.strategies.blend import EASEALSStrategy, typical_magnitude
+from training.strategies.blend import EASEALSStrategy
 from training.strategies.ease import EASEStrategy
 from training.strategies.gf_cf import GFCFStrategy
 
@@ -36,10 +34,5 @@ class EASEALSGFStrategy(EASEALSStrategy):
         if not 0 <= float(self.params["weight_gf"]):
             raise InvalidInput(f"ease_als_gf: weight_gf must be >= 0, not {self.params['weight_gf']!r}")
 
-    def fit(self, data: TrainingData) -> BlendScorer:
-        weight_als = float(self.params["weight_als"])
-        weights = {"ease": 1.0 - weight_als, "als": weight_als, "gf": float(self.params["weight_gf"])}
-        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in self.parts.items()}
-        scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
-        self.scorer = BlendScorer(parts, weights, scales)
-        return self.scorer
+    def weights(self) -> dict[str, float]:
+        return {**super().weights(), "gf": float(self.params["weight_gf"])}
