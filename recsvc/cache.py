@@ -80,8 +80,13 @@ def event_seen_key(digest: str) -> str:
 
 
 def recent_items_key(customer_id: str) -> str:
-    """Items a customer interacted with since the model was trained (POST /v1/events)."""
-    return f"{KEY_PREFIX}:recent:{customer_id}"
+    """Items a customer interacted with since the model was trained (POST /v1/events): a sorted set of item
+    ids, each scored with the Unix time until which it counts as the customer's own. The key has no TTL, so
+    a full Redis under volatile-lru never evicts it (an evicted set would let a list suggest what the
+    customer just took); expired items go at the customer's next write and in recsvc.event_log's
+    sweep_recent_items, which `recsvc-train nightly` runs. (Releases before this one kept a plain set with
+    a TTL under `recent:`; those keys expire by themselves.)"""
+    return f"{KEY_PREFIX}:recent-until:{customer_id}"
 
 
 def experiments_key() -> str:

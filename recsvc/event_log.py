@@ -325,9 +325,11 @@ class EventLog:
 
 
 class RecentItems:
-    """Items customers interacted with since training (POST /v1/events): a Redis set per customer with a TTL,
-    mirrored in a bounded in-process map that answers while Redis is down; without Redis, entries of the
-    embedded cache that every worker shares (`shared`, a recsvc.cache.LocalCache)."""
+    """Items customers interacted with since training (POST /v1/events): a Redis sorted set per customer, each
+    item scored with the time it stops counting (`ttl` after it was added; the key itself has no TTL, so
+    eviction cannot drop it, see recent_items_key), mirrored in a bounded in-process map that answers while
+    Redis is down; without Redis, entries of the embedded cache that every worker shares (`shared`, a
+    recsvc.cache.LocalCache)."""
 
     def __init__(self, redis_url: str | None, *, ttl: float = 86400.0, timeout: float = 0.05,
                  max_customers: int = 100_000, retry_interval: float = 1.0, shared=None):
@@ -363,7 +365,8 @@ class RecentItems:
             local = set(items) if expires > time.monotonic() else set()
         if self._redis_usable():
             try:
-                return local | {m.decode("utf-8") for m in self.client.smembers(recent_items_key(customer_id))}
+                members = self.client.zrangebyscore(recent_items_key(customer_id), f"({time.time()!r}", "+inf")
+                return local | {m.decode("utf-8") for m in members}
             except redis.RedisError:
                 self._down_until = time.monotonic() + self.retry_interval
         return local
@@ -378,10 +381,11 @@ class RecentItems:
                     self._unsynced.setdefault(customer_id, set()).update(items)
 
     def _write(self, client: redis.Redis, customer_id: str, items: set[str]) -> bool:
+        key, now = recent_items_key(customer_id), time.time()
         try:
             pipe = client.pipeline(transaction=False)
-            pipe.sadd(recent_items_key(customer_id), *items)
-            pipe.expire(recent_items_key(customer_id), int(self.ttl))
+            pipe.zremrangebyscore(key, "-inf", now)  # the customer's expired items
+            pipe.zadd(key, dict.fromkeys(items, now + self.ttl))
             pipe.execute()
             return True
         except redis.RedisError:
@@ -406,6 +410,29 @@ class RecentItems:
             self._local[customer_id] = (time.monotonic() + self.ttl, known | items)
             while len(self._local) > self.max_customers:
                 self._local.popitem(last=False)
+
+
+def sweep_recent_items(client: redis.Redis, now: float | None = None, batch: int = 1000) -> tuple[int, int]:
+    """Remove expired items from every customer's recent items; Redis deletes a set left empty.
+    (customers' sets seen, items removed). The sets have no TTL: without this, a customer who never
+    comes back would keep theirs. SCAN walks the keyspace in steps, so Redis keeps serving meanwhile."""
+    now = time.time() if now is None else now
+    seen = removed = 0
+    keys: list[bytes] = []
+
+    def trim() -> int:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zremrangebyscore(key, "-inf", now)
+        return sum(pipe.execute())
+
+    for key in client.scan_iter(match=recent_items_key("*"), count=batch):
+        keys.append(key)
+        if len(keys) == batch:
+            seen, removed, keys = seen + len(keys), removed + trim(), []
+    if keys:
+        seen, removed = seen + len(keys), removed + trim()
+    return seen, removed
 
 
 def event_time(value: object) -> float | None:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from recsvc.cache import event_stream_key, recent_items_key
-from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool
+from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool, sweep_recent_items
 from tests.redis_process import free_port
 from tests.server_process import running_server
 from tests.test_experiments import SERVED, start_app, stop_app, write_definitions
@@ -132,8 +132,43 @@ def test_recent_items_added_while_redis_was_down_reach_redis_when_it_returns(own
     assert other_replica.get("alice") == set()
     _wait_until(lambda: log.spool.pending() == 0)  # the log's own thread replays within its retry interval
     assert other_replica.get("alice") == {"i1"}
-    assert 0 < redis.Redis.from_url(own_redis.url).ttl(recent_items_key("alice")) <= 60
+    client = redis.Redis.from_url(own_redis.url)
+    assert client.ttl(recent_items_key("alice")) == -1  # no TTL: eviction cannot drop it; the item carries its own
+    assert time.time() < client.zscore(recent_items_key("alice"), "i1") <= time.time() + 60
     log.stop()
+
+
+def test_recent_items_outlive_a_full_redis_that_evicts_every_key_with_a_ttl(own_redis):
+    """volatile-lru (the compose policy) evicts keys with a TTL: cache entries go, a customer's recent items stay,
+    so a list computed afterwards still leaves out what the customer just took."""
+    client = own_redis.client()
+    client.config_set("maxmemory-policy", "volatile-lru")
+    RecentItems(own_redis.url, ttl=3600, timeout=2.0).add("alice", ["i1", "i2"])
+    for n in range(100):
+        client.set(f"recsvc:v1:rec:entry-{n}", b"x" * 1000, px=600_000)
+    client.config_set("maxmemory", 1)  # every write now evicts all it can, then is refused
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("one-more-write", b"x")
+    finally:
+        client.config_set("maxmemory", 0)
+    assert client.dbsize() == 1  # the cache entries were evicted...
+    assert RecentItems(own_redis.url, ttl=3600, timeout=2.0).get("alice") == {"i1", "i2"}  # ...these were not
+
+
+def test_recent_items_expire_one_by_one_and_the_sweep_removes_what_expired(own_redis):
+    client = own_redis.client()
+    short, long = RecentItems(own_redis.url, ttl=0.2, timeout=2.0), RecentItems(own_redis.url, ttl=3600, timeout=2.0)
+    short.add("bob", ["gone"])
+    long.add("bob", ["kept"])
+    short.add("carol", ["gone"])
+    time.sleep(0.3)
+    reader = RecentItems(own_redis.url, ttl=3600, timeout=2.0)  # a replica of its own: no local copy
+    assert reader.get("bob") == {"kept"} and reader.get("carol") == set()
+    assert sweep_recent_items(client, batch=1) == (2, 2)  # batch=1: the SCAN is walked in steps
+    assert client.zrange(recent_items_key("bob"), 0, -1) == [b"kept"]
+    assert not client.exists(recent_items_key("carol"))  # an emptied set is gone
+    assert sweep_recent_items(client) == (1, 0)
 
 
 def test_feedback_accepted_while_redis_is_down_is_counted_exactly_once(own_redis, settings, tmp_path, auth):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from recsvc import artifacts
-from recsvc.cache import KEY_PREFIX
+from recsvc.cache import KEY_PREFIX, recent_items_key
 from tests.conftest import free_port
 from training.cli import main as train_cli
 from training.demo_data import DemoSizes, write
@@ -35,11 +36,17 @@ def nightly(config, *extra):
 def test_nightly_publishes_warms_the_cache_and_is_safe_to_rerun(demo_paths, tmp_path, redis_url, redis_client):
     registry = tmp_path / "registry"
     config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry, redis_url)
+    # Recent items (POST /v1/events) are kept without a TTL; the nightly removes those whose time has passed.
+    redis_client.zadd(recent_items_key("c-left"), {"i-old": time.time() - 1})
+    redis_client.zadd(recent_items_key("c-back"), {"i-old": time.time() - 1, "i-new": time.time() + 3600})
     first = nightly(config)
     assert first.returncode == 0, first.stderr
     version = artifacts.current_version(registry)
     assert f"published {version}" in first.stdout and "no current model: the first model is published" in first.stdout
     assert "cache warm-up: warmed 50 entries" in first.stderr
+    assert "recent items: 2 expired item(s) removed, 2 customer(s) with recent items" in first.stderr
+    assert not redis_client.exists(recent_items_key("c-left"))
+    assert redis_client.zrange(recent_items_key("c-back"), 0, -1) == [b"i-new"]
     assert len(redis_client.keys(f"{KEY_PREFIX}:rec:{version}:*")) == 50
     again = nightly(config)
     assert again.returncode == 0, again.stderr

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from recsvc import artifacts
 from recsvc.app import create_app
-from recsvc.cache import KEY_PREFIX
+from recsvc.cache import KEY_PREFIX, recent_items_key
 from recsvc.recommend import RecommendationQuery
 from training.cli import main
 from training.warm import most_active, warm_cache
@@ -39,6 +40,9 @@ def test_warm_entries_are_byte_identical_to_what_the_server_caches(trained_regis
     bundle = service.store.current()
     best = service.recommender.compute(bundle, bundle.default_strategy, RecommendationQuery(second))["items"][0]
     service.recent_items.add(second, [best["item_id"]])
+    # An item whose time as the customer's own has passed counts no more, for the warm-up as for the server.
+    expired = service.recommender.compute(bundle, bundle.default_strategy, RecommendationQuery(first))["items"][0]
+    redis_client.zadd(recent_items_key(first), {expired["item_id"]: time.time() - 1})
     result = warm_cache(trained_registry, redis_url, top=TOP, log=lambda _line: None)
     assert result.entries == TOP
     warmed = {key: redis_client.get(key) for key in redis_client.keys(f"{KEY_PREFIX}:rec:*")}
@@ -50,9 +54,10 @@ def test_warm_entries_are_byte_identical_to_what_the_server_caches(trained_regis
         assert client.get(f"/v1/customers/{customer}/recommendations", headers=auth).status_code == 200
     served = {key: redis_client.get(key) for key in redis_client.keys(f"{KEY_PREFIX}:rec:*")}
     assert served == warmed
-    assert service.recommender.computations == 1 + TOP
+    assert service.recommender.computations == 2 + TOP  # the two computed above, then one per customer
     # The event was really taken into account: the customer's best item now counts as owned.
     assert best["item_id"].encode() not in warmed[next(k for k in warmed if f":{second}:".encode() in k)]
+    assert expired["item_id"].encode() in warmed[next(k for k in warmed if f":{first}:".encode() in k)]
 
 
 def test_the_server_answers_warmed_customers_without_computing(trained_registry, redis_url, redis_client,

@@ -101,11 +101,33 @@ def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog
     return result.summary()
 
 
+def sweep_recent_items_step(redis_url: str | None, log: RunLog) -> None:
+    """Remove customers' expired recent items from Redis (POST /v1/events keeps them in sets without a TTL,
+    see recsvc.cache.recent_items_key), every night whatever becomes of the model. A failure is only a
+    warning: servers leave expired items out when they read them anyway."""
+    if not redis_url:
+        return
+    import redis
+
+    from recsvc.event_log import sweep_recent_items
+    from training.warm import connect
+
+    try:
+        customers, removed = sweep_recent_items(connect(redis_url))
+    except RecsvcError as exc:
+        log.warning(f"removing expired recent items failed: {exc.message}")
+    except redis.RedisError as exc:
+        log.warning(f"removing expired recent items failed: {exc}")
+    else:
+        log.info(f"recent items: {removed} expired item(s) removed, {customers} customer(s) with recent items")
+
+
 def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyResult:
     """One nightly run; raises InvalidInput for unusable input and NightlyBusy when another run holds the lock."""
     config = TrainConfig.from_file(config_path)
     interactions, registry = _required(config, config_path)
     with nightly_lock(registry):
+        sweep_recent_items_step(config.nightly.redis_url, log)
         current = None if force else up_to_date(registry, config)
         if current is not None:
             message = f"{current} was trained on the same data and configuration: nothing to do"

@@ -230,7 +230,7 @@ class StateReader:
         self.customer_ids = customer_ids
         commands = command(b"MGET", *(generation_key(c).encode() for c in customer_ids)) + \
             command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
-                    *(recent_items_key(c).encode() for c in customer_ids))
+                    *(recent_items_key(c).encode() for c in customer_ids), repr(time.time()).encode())
         try:
             self.connection.send_packed_command([commands])
         except (redis.RedisError, OSError) as exc:
@@ -336,12 +336,13 @@ class CommandWriter:
         raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
 
 
-# KEYS: the customers' recent-items sets. Returns index (1-based), members, ... for the non-empty ones only:
-# most customers have none, and one script call replaces a round trip (or a parsed reply) per customer.
+# KEYS: the customers' recent-items sets; ARGV[1]: now (Unix seconds). Returns index (1-based), members, ... for
+# those with items that still count (scored after now) only: most customers have none, and one script call
+# replaces a round trip (or a parsed reply) per customer.
 _RECENT_ITEMS = """
 local found = {}
 for i, key in ipairs(KEYS) do
-  local members = redis.call('SMEMBERS', key)
+  local members = redis.call('ZRANGEBYSCORE', key, '(' .. ARGV[1], '+inf')
   if #members > 0 then
     found[#found + 1] = i
     found[#found + 1] = members
