@@ -260,6 +260,12 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     ("[strategies.als]\nfactorz = 3\n", "unknown parameter(s) factorz"),
     ("[strategies]\nenabled = [\"ease_als\"]\n\n[strategies.ease_als]\nease_dropout = 1.0\n",
      "ease: dropout must be at least 0 and below 1, not 1.0"),  # a blend checks its parts' parameters up front
+    # Misspellings are errors, not silent defaults: a section, a key, a strategy, a parameter of one not enabled.
+    ("[strategie.als]\nfactors = 3\n", "unknown section [strategie]"),
+    ("[data]\nhalf_life = 7\n", "unknown key half_life in [data]"),
+    ("[nightly]\ninteraction = \"x.csv\"\n", "unknown key interaction in [nightly]"),
+    ("[strategies.easy]\nl2 = 3.0\n", "[strategies.easy]: unknown strategy"),
+    ("[strategies]\nenabled = [\"als\"]\n\n[strategies.bpr]\nfactorz = 3\n", "bpr: unknown parameter(s) factorz"),
 ])
 def test_a_wrong_strategy_parameter_exits_2_before_reading_data(tmp_path, config_text, message):
     config = tmp_path / "wrong.toml"

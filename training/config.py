@@ -89,8 +89,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", base: Path = Path(".")) -> "TrainConfig":
         try:
+            _known_keys(raw, SECTIONS, None)
             strategies = raw.get("strategies", {})
             evaluation = raw.get("evaluation", {})
+            _known_keys(evaluation, ("holdout", "k", "primary_metric"), "[evaluation]")
+            _known_keys(raw.get("data", {}), DATA_KEYS, "[data]")
+            _known_keys(raw.get("retention", {}), ("keep_versions",), "[retention]")
+            _known_keys(raw.get("nightly", {}), NIGHTLY_KEYS, "[nightly]")
+            _check_strategy_tables(strategies)
             return cls(
                 strategies=list(strategies.get("enabled", DEFAULT_STRATEGIES)),
                 params={name: dict(v) for name, v in strategies.items() if isinstance(v, dict)},
@@ -105,6 +111,44 @@ class TrainConfig:
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidInput(f"{source}: invalid trainer configuration: {exc}") from exc
+
+
+SECTIONS = ("strategies", "data", "evaluation", "gate", "retention", "nightly", "tuning")
+DATA_KEYS = ("event_weights", "unknown_event_weight", "max_bad_share", "half_life_days", "min_items_per_customer",
+             "min_customers_per_item")
+NIGHTLY_KEYS = ("interactions", "catalog", "registry", "redis_url", "warm_top", "warm_workers")
+
+
+def _known_keys(table, known: tuple[str, ...], where: str | None) -> None:
+    """A misspelt section (`where` None: the file's top level) or key is an error, not a silent default."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table, not {table!r}")
+    unknown = sorted(set(table) - set(known))
+    if unknown and where is None:
+        raise ValueError(f"unknown section {', '.join(f'[{u}]' for u in unknown)} (sections: {', '.join(known)})")
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(unknown)} in {where} (keys: {', '.join(known)})")
+
+
+def _check_strategy_tables(strategies) -> None:
+    """[strategies]: `enabled` and one table per strategy, each checked as the strategy would check it, enabled
+    or not (a typo in a strategy switched on later should not wait until then)."""
+    from training.strategies import STRATEGIES  # implicit loads with it: only when a config is read
+
+    if not isinstance(strategies, dict):
+        raise ValueError(f"[strategies] must be a table, not {strategies!r}")
+    for name, table in strategies.items():
+        if name == "enabled":
+            continue
+        if name not in STRATEGIES:
+            raise ValueError(f"[strategies.{name}]: unknown strategy (strategies: {', '.join(sorted(STRATEGIES))}; "
+                             f"`enabled` lists those to fit)")
+        if not isinstance(table, dict):
+            raise ValueError(f"strategies.{name} must be a table of parameters, not {table!r}")
+        try:
+            STRATEGIES[name](**table)
+        except InvalidInput as exc:
+            raise ValueError(f"[strategies.{name}]: {exc.message}") from None
 
 
 def _positive(value, name: str) -> int:
