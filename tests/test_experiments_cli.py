@@ -91,6 +91,24 @@ def test_cli_replay_evaluates_each_variant_on_the_customers_it_would_get(experim
     assert experiment.control == replay["control"] == "control"
 
 
+def test_cli_replay_reads_the_definitions_the_servers_published_to_redis(experiment_settings, auth,  # noqa: F811
+                                                                          demo_paths, tmp_path):
+    _run_experiment(experiment_settings, auth, customers=3)  # a server publishes its definitions at start
+    arguments = ["experiments", "replay", "als-vs-pop", "--interactions", str(demo_paths["interactions"]),
+                 "--catalog", str(demo_paths["catalog"]), "--json"]
+    runner = CliRunner(env={"RECSVC_EXPERIMENTS": None, "RECSVC_REDIS_URL": None})
+    from_redis = runner.invoke(main, [*arguments, "--redis-url", experiment_settings.redis_url])
+    assert from_redis.exit_code == 0, from_redis.output
+    from_file = runner.invoke(main, [*arguments, "--experiments", str(experiment_settings.experiments_path)])
+    assert json.loads(from_redis.output[from_redis.output.index("{"):]) == \
+        json.loads(from_file.output[from_file.output.index("{"):])
+    neither = runner.invoke(main, arguments)
+    assert neither.exit_code == 2 and "pass --experiments FILE" in neither.output and "--redis-url" in neither.output
+    unreachable = runner.invoke(main, [*arguments, "--redis-url", f"redis://127.0.0.1:{free_port()}/0"])
+    assert unreachable.exit_code == 1 and "cannot read the published experiment definitions" in unreachable.output
+    assert "Traceback" not in unreachable.output
+
+
 def test_cli_replay_refuses_an_unknown_strategy_before_reading_data(tmp_path):
     from tests.test_experiments import SERVED, write_definitions
 

@@ -191,6 +191,7 @@ def _write_png(report: dict, path: Path) -> None:
 @experiments.command("replay")
 @click.argument("name")
 @DEFINITIONS
+@REDIS_URL
 @click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
               help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog: inactive items are "
@@ -199,15 +200,25 @@ def _write_png(report: dict, path: Path) -> None:
               "strategy parameters).")
 @click.option("--json", "as_json", is_flag=True, help="Print the replay as JSON.")
 @user_errors
-def replay_command(name: str, experiments_path: Path | None, interactions_path: Path, catalog_path: Path | None,
-                   config_path: Path | None, as_json: bool) -> None:
+def replay_command(name: str, experiments_path: Path | None, redis_url: str | None, interactions_path: Path,
+                   catalog_path: Path | None, config_path: Path | None, as_json: bool) -> None:
     """Replay experiment NAME offline: each holdout customer gets the variant the live service would give
     them, and each variant's strategy is evaluated on its own customers, beside the control."""
     from training.config import TrainConfig
 
-    if experiments_path is None:
-        raise InvalidInput("pass --experiments FILE or set RECSVC_EXPERIMENTS")
-    experiment = _definition(name, experiments_path, client=None)
+    if experiments_path is None and not redis_url:
+        raise InvalidInput("pass --experiments FILE (or set RECSVC_EXPERIMENTS), or --redis-url URL (or set "
+                           "RECSVC_REDIS_URL) to use the definitions the servers published")
+    if experiments_path is not None:
+        experiment = _definition(name, experiments_path, client=None)
+    else:
+        client = redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
+        try:
+            experiment = _definition(name, None, client)
+        except redis.RedisError as exc:
+            raise RecsvcError(f"cannot read the published experiment definitions from {redis_url}: {exc}") from None
+        finally:
+            client.close()
     config = TrainConfig.from_file(config_path)
     result = replay(experiment, interactions_path, config, catalog_path, log=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_replay(result, config.k))
