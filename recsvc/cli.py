@@ -25,12 +25,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--host", help="address to listen on (default 127.0.0.1; without --host and --port, $RECSVC_BIND "
+              "when set)")
+@click.option("--port", type=click.IntRange(1, 65535), help="port (default 8000)")
 @click.option("--workers", type=click.IntRange(1, 64), help="gunicorn workers (default: cores, at most 4)")
 @click.option("--threads", type=click.IntRange(1, 64), help="threads per worker (default 2)")
-def serve(host: str, port: int, workers: int | None, threads: int | None) -> None:
-    """Run the API under gunicorn with recsvc/gunicorn_conf.py."""
+def serve(host: str | None, port: int | None, workers: int | None, threads: int | None) -> None:
+    """Run the API under gunicorn with recsvc/gunicorn_conf.py (which reads RECSVC_BIND, RECSVC_WORKERS and
+    RECSVC_THREADS; these options override them)."""
     # Checking the experiments file loads the metrics module, which in multiprocess mode writes into this
     # directory at import; gunicorn_conf would create it too, but only after this check.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -43,7 +45,9 @@ def serve(host: str, port: int, workers: int | None, threads: int | None) -> Non
     except ConfigError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
-    argv = ["gunicorn", "-c", "python:recsvc.gunicorn_conf", "--bind", f"{host}:{port}"]
+    argv = ["gunicorn", "-c", "python:recsvc.gunicorn_conf"]
+    if host or port:
+        argv += ["--bind", f"{host or '127.0.0.1'}:{port or 8000}"]
     if workers:
         argv += ["--workers", str(workers)]
     if threads:

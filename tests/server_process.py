@@ -25,11 +25,16 @@ def ready(base: str) -> bool:
 
 @contextmanager
 def running_server(env: dict[str, str], log: Path, *, workers: int = 2, threads: int | None = None,
-                   timeout: float = 60.0) -> Iterator[str]:
+                   timeout: float = 60.0, bind_from_env: bool = False) -> Iterator[str]:
     """Start `recsvc serve` with `env` over os.environ and its output in `log`; yield the base URL once
-    /readyz answers 200 (fail the test with the log otherwise); stop the server on exit."""
+    /readyz answers 200 (fail the test with the log otherwise); stop the server on exit. The free port
+    goes in --port, or with `bind_from_env` in RECSVC_BIND."""
     port = free_port()
-    argv = [sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers", str(workers)]
+    argv = [sys.executable, "-m", "recsvc.cli", "serve", "--workers", str(workers)]
+    if bind_from_env:
+        env = {**env, "RECSVC_BIND": f"127.0.0.1:{port}"}
+    else:
+        argv += ["--port", str(port)]
     if threads:
         argv += ["--threads", str(threads)]
     with open(log, "wb") as out:

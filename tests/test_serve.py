@@ -30,6 +30,12 @@ def test_gunicorn_serves_recommendations(server):
     assert session.get(f"{server}/v1/customers/C000003/recommendations", timeout=5).status_code == 401
 
 
+def test_recsvc_bind_sets_the_address_when_serve_has_no_host_or_port(trained_registry, tmp_path):
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY}
+    with running_server(env, tmp_path / "server.log", workers=1, bind_from_env=True) as base:
+        assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+
+
 def _sample(metrics: str, name: str, **labels) -> float:
     """Sum of a metric's samples with these labels in a Prometheus text page (all workers' pids together)."""
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
