@@ -27,8 +27,13 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
     if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}={raw!r} must be between {minimum:g} and {maximum:g}")
+        raise ConfigError(f"{name}={raw!r} must be between {_shown(minimum)} and {_shown(maximum)}")
     return value
+
+
+def _shown(bound: float) -> str:
+    """67108864, not 6.71089e+07; 0.05 as 0.05."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -244,3 +244,11 @@ def test_wrong_cache_settings_name_the_variable(name, value):
 
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_a_setting_out_of_range_names_its_bounds_in_plain_numbers():
+    from recsvc.config import Settings
+    from recsvc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"RECSVC_MAX_BODY_BYTES='200' must be between 1024 and 67108864$"):
+        Settings.from_env({"RECSVC_MAX_BODY_BYTES": "200"})
