@@ -203,10 +203,21 @@ class Catalog:
         bounds = np.searchsorted(group_codes, np.arange(len(names) + 1))
         return {str(name): grouped[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
+    def has_category(self, category: str) -> bool:
+        """Whether any item (active or not) is in `category`; "" (no category) is not one."""
+        name = str(np.str_(category))
+        return bool(name) and name in self._active_by_category
+
+    @cached_property
+    def categories(self) -> list[str]:
+        """The catalog's category names, sorted."""
+        return [name for name in self._active_by_category if name]
+
     def prepare_filters(self) -> None:
         """Build the derived filter arrays now rather than on the first request."""
         self._active_by_category  # noqa: B018 (computed and kept by cached_property)
         self.inactive_positions  # noqa: B018
+        self.categories  # noqa: B018
 
 
 @dataclass

@@ -21,6 +21,7 @@ POPULAR = "popular"
 # The last step of the chain ranks by recent popularity when the model has it ("popular this week").
 FALLBACK_STRATEGIES = ("trending", POPULAR)
 MAX_REASON_ITEMS = 2
+MAX_LISTED = 100  # category names an "unknown category" error lists at most
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Recommender:
         assignment = self.experiments.assign(query.customer_id, query.strategy, bundle.scorers) \
             if self.experiments else None
         strategy = self._strategy(bundle, assignment.strategy if assignment else query.strategy)
+        self._check_category(bundle, query.category)
         key = recommendation_key(bundle.version, strategy, query.customer_id, query.cache_params())
         # Concurrent misses of one key compute once; hit means this call did not compute.
         fragment, hit = self.cache.get_or_compute(key, query.customer_id,
@@ -157,6 +159,7 @@ class Recommender:
         """Items like `item_id` by the strategy's item similarity; never the item itself or an inactive one."""
         bundle = self.bundle()
         strategy = self._strategy(bundle, strategy)
+        self._check_category(bundle, category)
         position = bundle.items.position(item_id)
         if position is None:
             raise NotFound(f"item {item_id!r} is not in the current model", details={"item_id": item_id})
@@ -177,6 +180,16 @@ class Recommender:
             raise InvalidInput(f"unknown strategy {strategy!r}",
                                details={"strategy": strategy, "available": sorted(bundle.scorers)})
         return strategy
+
+    @staticmethod
+    def _check_category(bundle: ModelBundle, category: str | None) -> None:
+        """A category no item has is a mistake (a typo, another catalog's name) to report, not an empty list."""
+        if category is not None and not bundle.catalog.has_category(category):
+            known = bundle.catalog.categories
+            raise InvalidInput(f"unknown category {category!r}" if known else
+                               f"unknown category {category!r}: the current model's catalog has no categories",
+                               details={"category": category, "available": known[:MAX_LISTED],
+                                        "categories": len(known)})
 
     def compute(self, bundle: ModelBundle, strategy: str, query: RecommendationQuery) -> dict:
         """The response body (less request_id) from the model: personal, topped up by context, then popular."""

@@ -82,6 +82,19 @@ def test_exclude_and_category_filters(client, auth, bundle):
     assert body["items"] and all(item["category"] == "Broadband" for item in body["items"])
 
 
+def test_an_unknown_category_is_a_400_that_lists_the_known_ones(client, auth, bundle):
+    for path in ("/v1/customers/x-new/recommendations?category=Broadbnd",
+                 f"/v1/items/{bundle.items.external(0)}/similar?category=Broadbnd"):
+        response = client.get(path, headers=auth)
+        assert response.status_code == 400, path
+        error = response.get_json()["error"]
+        assert error["code"] == "invalid_input" and error["message"] == "unknown category 'Broadbnd'"
+        assert "Broadband" in error["details"]["available"] and "" not in error["details"]["available"]
+        assert error["details"]["categories"] == len(error["details"]["available"])
+    posted = client.post("/v1/customers/x-new/recommendations", headers=auth, json={"category": "Broadbnd"})
+    assert posted.status_code == 400 and posted.get_json()["error"]["message"] == "unknown category 'Broadbnd'"
+
+
 def test_a_strategy_can_be_chosen(client, auth, bundle):
     customer = busiest_customer(bundle)
     body = client.get(f"/v1/customers/{customer}/recommendations?strategy=popular", headers=auth).get_json()
