@@ -149,12 +149,13 @@ def test_cli_prints_a_leaderboard_and_writes_the_best_into_the_toml_keeping_the_
 
 def test_cli_updates_a_json_config(demo_paths, tmp_path):
     config_path = tmp_path / "recsvc.json"
-    config_path.write_text(json.dumps({"strategies": {"enabled": ["ease"], "ease": {"max_items": 5000}}, "k": 10}))
+    config_path.write_text(json.dumps({"strategies": {"enabled": ["ease"], "ease": {"max_items": 5000}},
+                                       "evaluation": {"k": 10}}))
     result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "ease",
                                        "--trials", "2", "--config", str(config_path)])
     assert result.exit_code == 0, result.output
     raw = json.loads(config_path.read_text())
-    assert raw["k"] == 10 and raw["strategies"]["enabled"] == ["ease"]
+    assert raw["evaluation"]["k"] == 10 and raw["strategies"]["enabled"] == ["ease"]
     assert raw["strategies"]["ease"]["max_items"] == 5000 and raw["strategies"]["ease"]["l2"] > 0
 
 
