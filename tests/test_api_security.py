@@ -42,6 +42,33 @@ def test_a_body_under_the_limit_is_served(make_client, auth):
     assert client.post("/v1/customers/c0/recommendations", headers=auth, json={"limit": 2}).status_code == 200
 
 
+@pytest.mark.parametrize("path, body, message", [
+    # A lone surrogate is valid to Python's json but no UTF-8 string: no cache key, Redis key or log line can hold it.
+    ("/v1/customers/c0/recommendations", b'{"exclude": ["\\ud800"]}', "no low surrogate in string"),
+    ("/v1/recommendations/batch", b'{"requests": [{"customer_id": "\\ud800"}]}', "no low surrogate in string"),
+    ("/v1/events", b'{"events": [{"customer_id": "\\ud800", "item_id": "i1", "event_type": "view"}]}',
+     "no low surrogate in string"),
+    ("/v1/feedback", b'{"request_id": "abcdefgh", "customer_id": "c\\udfff", "item_id": "i1", "action": "accepted"}',
+     "surrogate"),
+    ("/v1/customers/c0/recommendations", b'{"limit": ' + b"9" * 5001 + b"}", "not valid JSON"),
+    ("/v1/customers/c0/recommendations", b'{"limit": NaN}', "not valid JSON"),
+    ("/v1/customers/c0/recommendations", b'{"exclude": ["\xff"]}', "not valid UTF-8"),
+    ("/v1/customers/c0/recommendations", b'{"limit": 2', "not valid JSON"),
+])
+def test_json_no_service_can_store_is_a_400_that_says_why(make_client, auth, path, body, message):
+    response = make_client().post(path, headers={**auth, "Content-Type": "application/json"}, data=body)
+    error = error_of(response, 400)
+    assert error["code"] == "invalid_request" and error["message"].startswith("the body is not valid JSON: ")
+    assert message in error["message"]
+
+
+def test_a_json_limit_must_be_a_whole_number(make_client, auth):
+    client = make_client()
+    error = error_of(client.post("/v1/customers/c0/recommendations", headers=auth, json={"limit": 2.5}), 400)
+    assert error["details"]["fields"]["limit"] == ["Not a valid integer."]
+    assert client.post("/v1/customers/c0/recommendations", headers=auth, json={"limit": 2}).status_code == 200
+
+
 @pytest.mark.parametrize("query", [f"exclude={','.join(['i'] * 101)}", f"exclude={'x' * 129}",
                                    f"category={'x' * 129}", f"strategy={'x' * 65}"])
 def test_ids_and_lists_in_the_query_are_length_limited(make_client, auth, query):

@@ -6,8 +6,8 @@ import datetime as dt
 
 import marshmallow as ma
 from flask import current_app
-from flask_smorest import Blueprint
 
+from recsvc.api.parsing import Blueprint
 from recsvc.errors import NotFound
 from recsvc.event_log import EXPOSURE, FEEDBACK
 from recsvc.experiment_report import report_for

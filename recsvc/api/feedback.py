@@ -10,9 +10,9 @@ from collections import defaultdict
 import marshmallow as ma
 from flask import current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import validate
 
+from recsvc.api.parsing import Blueprint
 from recsvc.api.recommendations import _json_bodies_only
 from recsvc.api.schemas import Id
 from recsvc.event_log import EVENT, FEEDBACK, event_time

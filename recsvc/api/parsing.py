@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
-import marshmallow as ma
 import flask_smorest
+import marshmallow as ma
+import orjson
 from flask import request
-from webargs.flaskparser import FlaskParser, abort
+from webargs.core import missing
+from webargs.flaskparser import FlaskParser, abort, is_json_request
 
 
 class ThinQueryParser(FlaskParser):
-    """Query strings go straight to the schema instance's load; every other location is webargs' as usual.
+    """Query strings go straight to the schema instance's load; every other location is webargs' as usual,
+    except that JSON bodies are parsed by orjson.
 
     webargs spends ~70 us per request around a 16 us marshmallow load (measured with
     RecommendationArgsSchema): a fifth of a cached answer's time. Every query field of
     our schemas takes one value (lists are comma-separated), so the first value of
     each name is all the schema needs; unknown names are ignored, as webargs does.
     """
+
+    def _raw_load_json(self, req):
+        """orjson refuses what Python's json lets through and recsvc cannot use: a lone UTF-16 surrogate
+        ("\\ud800" is no UTF-8 string, so no cache key, Redis key or log line can hold it), an integer of
+        thousands of digits, NaN and Infinity: each is a 400 that says what is wrong."""
+        if not is_json_request(req):
+            return missing
+        body = req.get_data(cache=True)
+        if not body:
+            return missing
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as error:  # here: webargs would take one without a document for no body
+            self._handle_invalid_json_error(error, req)
+
+    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
+        abort(400, exc=error, message=f"the body is not valid JSON: {error}",
+              messages={"json": ["Invalid JSON body."]})
 
     def parse(self, argmap, req=None, *, location=None, unknown=None, validate=None, error_status_code=None,
               error_headers=None):

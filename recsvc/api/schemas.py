@@ -43,7 +43,7 @@ _CATEGORY = dict(validate=validate.Length(min=1, max=MAX_ID),
 class RecommendationBodySchema(ma.Schema):
     """Body of POST /v1/customers/{customer_id}/recommendations."""
 
-    limit = ma.fields.Integer(**_LIMIT)
+    limit = ma.fields.Integer(strict=True, **_LIMIT)  # a JSON number: 2.5 is an error, not 2
     strategy = ma.fields.String(**_STRATEGY)
     exclude = ma.fields.List(Id(), load_default=list, validate=validate.Length(max=MAX_LIST),
                              metadata={"description": "Item ids never to suggest"})
