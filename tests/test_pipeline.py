@@ -266,6 +266,11 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     ("[nightly]\ninteraction = \"x.csv\"\n", "unknown key interaction in [nightly]"),
     ("[strategies.easy]\nl2 = 3.0\n", "[strategies.easy]: unknown strategy"),
     ("[strategies]\nenabled = [\"als\"]\n\n[strategies.bpr]\nfactorz = 3\n", "bpr: unknown parameter(s) factorz"),
+    # Values the run would trip over, or that would quietly turn the gate off.
+    ("[evaluation]\nk = 0\n", "evaluation.k must be at least 1, not 0"),
+    ("[evaluation]\nprimary_metric = \"foo@10\"\n", "evaluation.primary_metric must be one of precision@10,"),
+    ("[evaluation]\nk = 5\nprimary_metric = \"ndcg@10\"\n", "(@5: evaluation.k), not 'ndcg@10'"),
+    ("[data]\nmax_bad_share = 7\n", "data.max_bad_share is a share of the rows, from 0 to 1, not 7"),
 ])
 def test_a_wrong_strategy_parameter_exits_2_before_reading_data(tmp_path, config_text, message):
     config = tmp_path / "wrong.toml"
@@ -274,6 +279,12 @@ def test_a_wrong_strategy_parameter_exits_2_before_reading_data(tmp_path, config
                   "--config", str(config)])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_the_primary_metric_follows_k_unless_given():
+    assert TrainConfig.from_dict({"evaluation": {"k": 5}}).primary_metric == "ndcg@5"
+    assert TrainConfig.from_dict({}).primary_metric == "ndcg@10"
+    assert TrainConfig.from_dict({"evaluation": {"k": 20, "primary_metric": "map@20"}}).primary_metric == "map@20"
 
 
 class Terminal(io.StringIO):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsvc.errors import InvalidInput
-from training.evaluate import Holdout
+from training.evaluate import METRICS, Holdout
 from training.ingest import IngestOptions
 
 DEFAULT_STRATEGIES = ("als", "popular")
@@ -102,8 +102,8 @@ class TrainConfig:
                 params={name: dict(v) for name, v in strategies.items() if isinstance(v, dict)},
                 ingest=_ingest_options(raw.get("data", {})),
                 holdout=_holdout(evaluation.get("holdout", {})),
-                k=int(evaluation.get("k", 10)),
-                primary_metric=str(evaluation.get("primary_metric", "ndcg@10")),
+                k=_positive(evaluation.get("k", 10), "evaluation.k"),
+                primary_metric=_primary_metric(evaluation),
                 gate=Gate(**raw.get("gate", {})),
                 keep_versions=_positive(raw.get("retention", {}).get("keep_versions", 10), "retention.keep_versions"),
                 nightly=NightlyPaths.from_dict(raw.get("nightly", {}), base),
@@ -151,6 +151,19 @@ def _check_strategy_tables(strategies) -> None:
             raise ValueError(f"[strategies.{name}]: {exc.message}") from None
 
 
+def _primary_metric(evaluation: dict) -> str:
+    """[evaluation] primary_metric, NAME@K with K the evaluated k (default ndcg@k): the gate and the choice of
+    the default strategy read it from the metrics, which exist only at k."""
+    k = int(evaluation.get("k", 10))
+    metric = str(evaluation.get("primary_metric", f"ndcg@{k}"))
+    names = [name for name in METRICS if name != "coverage"]
+    name, _, at = metric.partition("@")
+    if name not in names or at != str(k):
+        raise ValueError(f"evaluation.primary_metric must be one of {', '.join(f'{n}@{k}' for n in names)} "
+                         f"(@{k}: evaluation.k), not {metric!r}")
+    return metric
+
+
 def _positive(value, name: str) -> int:
     if int(value) < 1:
         raise ValueError(f"{name} must be at least 1, not {value}")
@@ -171,13 +184,16 @@ def _holdout(raw: dict) -> Holdout:
 def _ingest_options(data: dict) -> IngestOptions:
     """The [data] section: event weights, bad-row threshold, time decay and minimum filters."""
     defaults = IngestOptions()
+    max_bad_share = float(data.get("max_bad_share", defaults.max_bad_share))
+    if not 0 <= max_bad_share <= 1:
+        raise ValueError(f"data.max_bad_share is a share of the rows, from 0 to 1, not {max_bad_share:g}")
     half_life = data.get("half_life_days")
     if half_life is not None and float(half_life) <= 0:
         raise ValueError(f"data.half_life_days must be positive, not {half_life}")
     return IngestOptions(
         event_weights={**defaults.event_weights, **data.get("event_weights", {})},
         unknown_event_weight=float(data.get("unknown_event_weight", defaults.unknown_event_weight)),
-        max_bad_share=float(data.get("max_bad_share", defaults.max_bad_share)),
+        max_bad_share=max_bad_share,
         half_life_days=None if half_life is None else float(half_life),
         min_items_per_customer=_positive(data.get("min_items_per_customer", 1), "data.min_items_per_customer"),
         min_customers_per_item=_positive(data.get("min_customers_per_item", 1), "data.min_customers_per_item"),
