@@ -37,6 +37,7 @@ POLL_SECONDS = 0.005  # how often a waiter looks for the entry another process i
 # Generations outlive every entry made before them, the warm-up's day-long entries included (training/warm.py).
 GENERATION_TTL = 2 * 86400.0
 UNREACHABLE = object()  # what a Redis command returns when the breaker is open or the command failed
+MAX_UNSENT_INVALIDATIONS = 100_000  # customers whose invalidation waits for Redis, per process
 
 
 def params_digest(params: dict) -> str:
@@ -466,6 +467,10 @@ class RedisCache(Cache):
     to trust: when Redis evicts the token (maxmemory) or it expires, the entries made under it, stale or
     not, become misses, instead of matching "never invalidated" and serving a list made before an
     invalidation (an item the customer has since bought).
+
+    An invalidation Redis does not take (down, slow, breaker open) is kept and sent again with the
+    next command that succeeds; until then this process trusts no entry of that customer. Other
+    processes may serve the old list until it is sent: Redis's outage plus one request of this one.
     """
 
     kind = "redis"
@@ -476,6 +481,8 @@ class RedisCache(Cache):
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            health_check_interval=0, retry=Retry(NoBackoff(), 0))
         self.breaker = breaker or CircuitBreaker()
+        self._unsent: set[str] = set()  # customers whose invalidation Redis has not taken yet
+        self._unsent_lock = threading.Lock()
 
     def _call(self, action: str, command: Callable, default):
         """Run one Redis command through the breaker; `default` when it is open or the command fails."""
@@ -489,7 +496,37 @@ class RedisCache(Cache):
             log.warning("redis %s failed: %s", action, exc.__class__.__name__)
             return default
         self.breaker.success()
+        if self._unsent:  # Redis answers again: send what it missed
+            self._send_invalidations()
         return result
+
+    def invalidate_customer(self, customer_id: str) -> None:
+        if self._call("set", lambda: self._write_generations([customer_id]), UNREACHABLE) is not UNREACHABLE:
+            return
+        with self._unsent_lock:
+            if len(self._unsent) < MAX_UNSENT_INVALIDATIONS:
+                self._unsent.add(customer_id)
+                return
+        log.error("redis: %d invalidations wait already; %s's is dropped (its cached lists live out their TTL)",
+                  MAX_UNSENT_INVALIDATIONS, customer_id)
+
+    def _write_generations(self, customer_ids) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for customer_id in customer_ids:
+            pipe.set(generation_key(customer_id), new_generation(), px=int(self.generation_ttl * 1000))
+        pipe.execute()
+
+    def _send_invalidations(self) -> None:
+        with self._unsent_lock:
+            unsent, self._unsent = self._unsent, set()
+        try:
+            self._write_generations(sorted(unsent))
+        except redis.RedisError as exc:
+            with self._unsent_lock:
+                self._unsent |= unsent
+            self.breaker.failure()
+            metrics.redis_error("set")
+            log.warning("redis set failed: %s", exc.__class__.__name__)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return self._call("get", lambda: self.client.mget(keys), [None] * len(keys))
@@ -498,9 +535,11 @@ class RedisCache(Cache):
         self._call("set", lambda: self.client.set(key, value, px=int(ttl * 1000)), None)
 
     def lookup(self, key: str, customer_id: str) -> tuple[bytes | None, bytes]:
+        unsent = customer_id in self._unsent  # read first: the call below may send it
         raw, generation = self.get_many([key, generation_key(customer_id)])
-        # No token, no trusted entry (see the class docstring).
-        return (current_fragment(raw, generation) if generation else None), generation or NO_GENERATION
+        # No token, no trusted entry (see the class docstring); nor while this process owes an invalidation.
+        trusted = generation and not unsent
+        return (current_fragment(raw, generation) if trusted else None), generation or NO_GENERATION
 
     def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None, bytes | None]:
         token_key = generation_key(customer_id)
@@ -512,11 +551,12 @@ class RedisCache(Cache):
             pipe.mget([key, token_key])
             return pipe.execute()
 
+        unsent = customer_id in self._unsent  # read first: the call below may send it
         result = self._call("lock", lock_and_look, UNREACHABLE)
         if result is UNREACHABLE:
             return True, None, None  # compute here rather than wait for a lock nobody can hold
         taken, _created, (raw, generation) = result
-        fragment = current_fragment(raw, generation) if generation else None
+        fragment = current_fragment(raw, generation) if generation and not unsent else None
         if taken and fragment is not None:
             self._call("unlock", lambda: self.client.delete(lock_key(key)), None)
         return bool(taken), fragment, generation or NO_GENERATION

@@ -275,3 +275,27 @@ def test_gunicorn_workers_answer_every_request_through_a_redis_outage(gunicorn_w
     assert own_redis.client().keys(f"{KEY_PREFIX}:rec:*"), "the restarted Redis was not used again"
     metrics_text = requests.get(f"{gunicorn_with_redis}/metrics", timeout=5).text
     assert "recsvc_redis_breaker_state 0.0" in metrics_text
+
+
+def test_an_invalidation_redis_refused_is_sent_when_it_takes_writes_again(own_redis, make_app, auth):
+    """POST /v1/events while Redis refuses writes (full, noeviction): the event is spooled and its item counts as
+    owned at once, but the customer's cached list is still current in Redis. This process trusts no entry of
+    the customer until the new generation is sent, and sends it with its next command that succeeds."""
+    app = make_app(redis_url=own_redis.url, redis_timeout=0.5)
+    client = app.test_client()
+    redis_admin = own_redis.client()
+    redis_admin.config_set("maxmemory-policy", "noeviction")
+    customer, path = CUSTOMERS[0], f"/v1/customers/{CUSTOMERS[0]}/recommendations?limit=5"
+    first = client.get(path, headers=auth).get_json()["items"][0]["item_id"]
+    token_key = f"{KEY_PREFIX}:gen:{customer}"
+    token = redis_admin.get(token_key)
+    redis_admin.config_set("maxmemory", 1)  # every write is refused from now on, reads still answer
+    try:
+        event = {"customer_id": customer, "item_id": first, "event_type": "purchase"}
+        assert client.post("/v1/events", headers=auth, json={"events": [event]}).status_code == 202
+        assert redis_admin.get(token_key) == token  # Redis did not take the invalidation
+    finally:
+        redis_admin.config_set("maxmemory", 0)
+    answer = client.get(path, headers=auth).get_json()
+    assert first not in [item["item_id"] for item in answer["items"]]  # the cached list was not trusted
+    assert redis_admin.get(token_key) not in (None, token)  # and the invalidation reached Redis with that call
