@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -322,3 +324,29 @@ def test_an_als_ensemble_scores_the_mean_of_its_seeds_models_with_one_product(ma
 def test_an_als_ensemble_that_is_not_a_count_is_refused_before_fitting(ensemble):
     with pytest.raises(InvalidInput, match="ensemble must be a whole number of at least 1"):
         STRATEGIES["als"](factors=4, iterations=1, ensemble=ensemble)  # no data needed: refused when built
+
+
+@pytest.mark.parametrize("strategy, params, message", [
+    ("item_knn", {"neighbours": 0}, "item_knn: neighbours must be a whole number of at least 1, not 0"),  # crashed
+    ("item_knn", {"neighbours": "x"}, "neighbours must be a whole number of at least 1, not 'x'"),
+    ("als", {"factors": -3}, "als: factors must be a whole number of at least 1, not -3"),
+    ("als", {"factors": 0}, "factors must be a whole number of at least 1"),  # BLAS complained, garbage came out
+    ("als", {"factors": "64"}, "factors must be a whole number of at least 1, not '64'"),
+    ("als", {"factors": 64.5}, "factors must be a whole number of at least 1"),
+    ("als", {"iterations": True}, "iterations must be a whole number of at least 1"),
+    ("als", {"regularization": "x"}, "regularization must be a number of at least 0, not 'x'"),
+    ("als", {"alpha": -1.0}, "alpha must be a positive number, not -1.0"),
+    ("als", {"seed": -1}, "seed must be a whole number of at least 0"),
+    ("bpr", {"factors": -1}, "bpr: factors must be a whole number of at least 1"),
+    ("bpr", {"learning_rate": float("nan")}, "learning_rate must be a positive number"),
+    ("trending", {"window_days": -1}, "trending: window_days must be a positive number"),
+    ("ease", {"l2": 0}, "ease: l2 must be a positive number"),
+    ("item_knn", {"bm25_b": 1.5}, "bm25_b must be a number from 0 to 1"),
+    ("ease_als", {"weight_als": 2}, "ease_als: weight_als must be a number from 0 to 1"),
+    ("ease_als", {"als_factors": 0}, "als: factors must be a whole number of at least 1"),  # a blend's part
+    ("ease_als_gf", {"weight_gf": -0.1}, "ease_als_gf: weight_gf must be a number of at least 0"),
+    ("gf_cf", {"factors": 0}, "gf_cf: factors must be a whole number of at least 1"),
+])
+def test_a_numeric_parameter_out_of_its_range_is_refused_before_fitting(strategy, params, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        STRATEGIES[strategy](**params)

@@ -6,7 +6,6 @@ import numpy as np
 from implicit.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from recsvc.errors import InvalidInput
 from recsvc.scoring import FactorScorer
 from training.strategies.base import Strategy, TrainingData
 
@@ -24,13 +23,6 @@ class ALSStrategy(Strategy):
         "alpha": [1.0, 2.0, 5.0, 10.0, 20.0],
         "iterations": [15, 30],
     }
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        ensemble = self.params["ensemble"]
-        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-            # Here, not in fit: a bad value stops `recsvc-train` before any data is read.
-            raise InvalidInput(f"als: ensemble must be a whole number of at least 1, not {ensemble!r}")
 
     def fit(self, data: TrainingData) -> FactorScorer:
         p = self.params

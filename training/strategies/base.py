@@ -23,6 +23,35 @@ class TrainingData:
     interactions: tuple[np.ndarray, np.ndarray] | None = None  # (customer, item) per raw row, for time-aware strategies
 
 
+# Checks of the numeric parameters by name, for every strategy (a blend's parts check their own): a wrong value
+# stops the run before any data is read, with a message, instead of a traceback, garbage, or worse (implicit's
+# item_knn crashes the process with neighbours = 0).
+_WHOLE_AT_LEAST_1 = ("factors", "iterations", "neighbours", "ensemble", "max_items")
+_WHOLE_AT_LEAST_0 = ("seed", "threads")
+_AT_LEAST_0 = ("regularization", "bm25_k1", "graph_weight", "ideal_weight", "weight_gf")
+_ABOVE_0 = ("alpha", "learning_rate", "window_days", "l2", "max_memory_mb")
+_FROM_0_TO_1 = ("bm25_b", "weight_als")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN fails
+
+
+def _parameter_problem(name: str, value) -> str | None:
+    """Why `value` cannot be parameter `name`, or None."""
+    if name in _WHOLE_AT_LEAST_1 + _WHOLE_AT_LEAST_0:
+        least = 1 if name in _WHOLE_AT_LEAST_1 else 0
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            return f"must be a whole number of at least {least}"
+    elif name in _AT_LEAST_0 and not (_is_number(value) and value >= 0):
+        return "must be a number of at least 0"
+    elif name in _ABOVE_0 and not (_is_number(value) and value > 0):
+        return "must be a positive number"
+    elif name in _FROM_0_TO_1 and not (_is_number(value) and 0 <= value <= 1):
+        return "must be a number from 0 to 1"
+    return None
+
+
 class Strategy(ABC):
     """A named way to turn training data into a Scorer.
 
@@ -40,6 +69,10 @@ class Strategy(ABC):
             raise InvalidInput(f"{self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
                                f"known: {', '.join(sorted(self.defaults)) or 'none'}")
         self.params = {**self.defaults, **params}
+        for name, value in self.params.items():
+            problem = _parameter_problem(name, value)
+            if problem:
+                raise InvalidInput(f"{self.name}: {name} {problem}, not {value!r}")
         self.scorer: Scorer | None = None
 
     @abstractmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from recsvc.errors import InvalidInput
 from training.strategies.als import ALSStrategy
 from training.strategies.blend import EASEALSStrategy
 from training.strategies.ease import EASEStrategy
@@ -28,11 +27,6 @@ class EASEALSGFStrategy(EASEALSStrategy):
         "weight_gf": [0.0, 0.05, 0.1, 0.2],
         "gf_factors": [16, 32, 64],
     }
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        if not 0 <= float(self.params["weight_gf"]):
-            raise InvalidInput(f"ease_als_gf: weight_gf must be >= 0, not {self.params['weight_gf']!r}")
 
     def weights(self) -> dict[str, float]:
         return {**super().weights(), "gf": float(self.params["weight_gf"])}

@@ -40,8 +40,6 @@ class EASEStrategy(Strategy):
         if self.params["over_limit"] not in OVER_LIMIT:
             raise InvalidInput(f"ease: over_limit must be one of {', '.join(OVER_LIMIT)}, "
                                f"not {self.params['over_limit']!r}")
-        if not float(self.params["l2"]) > 0:
-            raise InvalidInput(f"ease: l2 must be a positive number, not {self.params['l2']!r}")
         if not 0 <= float(self.params["dropout"]) < 1:
             raise InvalidInput(f"ease: dropout must be at least 0 and below 1, not {self.params['dropout']!r}")
 

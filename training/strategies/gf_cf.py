@@ -35,8 +35,6 @@ class GFCFStrategy(Strategy):
         weights = (float(self.params["graph_weight"]), float(self.params["ideal_weight"]))
         if min(weights) < 0 or max(weights) <= 0:
             raise InvalidInput(f"gf_cf: graph_weight and ideal_weight must be >= 0, one of them > 0, not {weights}")
-        if int(self.params["factors"]) < 1:
-            raise InvalidInput(f"gf_cf: factors must be at least 1, not {self.params['factors']!r}")
 
     def fit(self, data: TrainingData) -> ItemSimilarityScorer:
         matrix = data.matrix.tocsr()
