@@ -155,6 +155,8 @@ def read_manifest(version_dir: Path) -> dict:
         manifest = json.loads((Path(version_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot read the manifest of {Path(version_dir).name}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"the manifest of {Path(version_dir).name} is not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
         raise ArtifactError(f"{Path(version_dir).name} has artifact format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
     return manifest

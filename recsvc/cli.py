@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from recsvc.config import Settings
+from recsvc.config import Settings, gunicorn_settings
 from recsvc.errors import ConfigError
 
 
@@ -24,6 +24,14 @@ def main() -> None:
     """Serve recsvc recommendations."""
 
 
+def _metrics_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR={path!r} cannot be a directory for the metrics: "
+                          f"{exc.strerror or exc}") from None
+
+
 @main.command()
 @click.option("--host", help="address to listen on (default 127.0.0.1; without --host and --port, $RECSVC_BIND "
               "when set)")
@@ -35,12 +43,13 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     RECSVC_THREADS; these options override them)."""
     # Checking the experiments file loads the metrics module, which in multiprocess mode writes into this
     # directory at import; gunicorn_conf would create it too, but only after this check.
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-    from recsvc.experiments import load_experiments
-
     try:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            _metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        from recsvc.experiments import load_experiments
+
         settings = Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
+        gunicorn_settings()
         load_experiments(settings.experiments_path)
     except ConfigError as exc:
         click.echo(f"error: {exc.message}", err=True)

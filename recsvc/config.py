@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -29,6 +30,49 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}={raw!r} must be between {_shown(minimum)} and {_shown(maximum)}")
     return value
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` is no Redis URL recsvc can use, or None. redis-py itself would read a database such as
+    /abc as database 0, and raise a bare ValueError for an http:// URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "it must start with redis://, rediss:// or unix://"
+    database = parts.path.lstrip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        return f"the database after the host must be a number, not {database!r}"
+    return None
+
+
+def _redis_url(env: Mapping[str, str], name: str) -> str | None:
+    url = _text(env, name, None)
+    problem = url and redis_url_problem(url)
+    if problem:
+        raise ConfigError(f"{name}={url!r} is not a Redis URL: {problem}")
+    return url
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def gunicorn_settings(env: Mapping[str, str] | None = None) -> dict:
+    """RECSVC_BIND, RECSVC_WORKERS, RECSVC_THREADS and RECSVC_LOG_LEVEL for recsvc/gunicorn_conf.py, checked
+    like every other setting (ConfigError naming the variable), so `recsvc serve` can refuse them with exit 2."""
+    env = os.environ if env is None else env
+    bind = _text(env, "RECSVC_BIND", "127.0.0.1:8000")
+    host, _, port = bind.rpartition(":")
+    if not bind.startswith("unix:") and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"RECSVC_BIND={bind!r} must be HOST:PORT (e.g. 0.0.0.0:8000) or unix:PATH")
+    level = _text(env, "RECSVC_LOG_LEVEL", "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"RECSVC_LOG_LEVEL={level!r} must be one of {', '.join(LOG_LEVELS)}")
+    return {"bind": bind, "loglevel": level,
+            "workers": int(_number(env, "RECSVC_WORKERS", min(4, os.cpu_count() or 1), minimum=1, maximum=64)),
+            "threads": int(_number(env, "RECSVC_THREADS", 2, minimum=1, maximum=64))}
 
 
 def _shown(bound: float) -> str:
@@ -107,7 +151,7 @@ class Settings:
         return cls(
             registry=Path(_text(env, "RECSVC_REGISTRY", str(cls.registry))),
             reload_interval=_number(env, "RECSVC_RELOAD_INTERVAL", cls.reload_interval, minimum=0.1, maximum=3600),
-            redis_url=_text(env, "RECSVC_REDIS_URL", None),
+            redis_url=_redis_url(env, "RECSVC_REDIS_URL"),
             cache_ttl=_number(env, "RECSVC_CACHE_TTL", cls.cache_ttl, minimum=1, maximum=7 * 86400),
             redis_timeout=_number(env, "RECSVC_REDIS_TIMEOUT_MS", cls.redis_timeout * 1000, minimum=1,
                                   maximum=10_000) / 1000,

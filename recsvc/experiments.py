@@ -171,19 +171,21 @@ def parse_experiments(raw: object, source: str = "experiments") -> ExperimentSet
     return ExperimentSet(tuple(loaded["experiments"]))
 
 
-def load_experiments(path: Path | None) -> ExperimentSet:
-    """Definitions from a JSON or TOML file (by suffix; anything but .toml is read as JSON); none without a path."""
+def load_experiments(path: Path | None, label: str | None = None) -> ExperimentSet:
+    """Definitions from a JSON or TOML file (by suffix; anything but .toml is read as JSON); none without a path.
+    Errors name the file as `label` (default: RECSVC_EXPERIMENTS=path, as the server reads it)."""
     if path is None:
         return ExperimentSet()
     path = Path(path)
+    label = label or f"RECSVC_EXPERIMENTS={path}"
     try:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except FileNotFoundError:
-        raise ConfigError(f"RECSVC_EXPERIMENTS={path}: no such file") from None
+        raise ConfigError(f"{label}: no such file") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ConfigError(f"RECSVC_EXPERIMENTS={path}: cannot parse: {exc}") from None
-    return parse_experiments(raw, f"RECSVC_EXPERIMENTS={path}")
+        raise ConfigError(f"{label}: cannot parse: {exc}") from None
+    return parse_experiments(raw, label)
 
 
 def describe(experiment: Experiment) -> dict:

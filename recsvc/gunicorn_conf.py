@@ -7,7 +7,6 @@ directory, which /metrics merges.
 """
 
 import gc
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -22,14 +21,16 @@ for _name in os.listdir(_metrics_dir):
     if _name.endswith(".db"):
         os.unlink(os.path.join(_metrics_dir, _name))
 
+from recsvc.config import gunicorn_settings  # noqa: E402
 from recsvc.logs import gunicorn_logconfig  # noqa: E402
 
-bind = os.environ.get("RECSVC_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("RECSVC_WORKERS", min(4, multiprocessing.cpu_count())))
+_settings = gunicorn_settings()  # ConfigError names a wrong RECSVC_* value (`recsvc serve` checks them first)
+bind = _settings["bind"]
+workers = _settings["workers"]
 # gthread, balancing kept-alive connections across the workers (recsvc/worker.py).
 worker_class = "recsvc.worker.BalancedThreadWorker"
 # 2, not more: threads of one worker contend for the GIL, which lengthened the uncached p99 (docs/operations.md).
-threads = int(os.environ.get("RECSVC_THREADS", 2))
+threads = _settings["threads"]
 preload_app = True
 timeout = 30
 graceful_timeout = 20
@@ -37,7 +38,7 @@ keepalive = 5
 # The app writes its own JSON access line with the request id (recsvc.access); gunicorn's would duplicate it.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("RECSVC_LOG_LEVEL", "info")
+loglevel = _settings["loglevel"]
 logconfig_dict = gunicorn_logconfig(loglevel)
 raw_env = ["OPENBLAS_NUM_THREADS=1"]
 # gunicorn >= 24 opens a control socket at one fixed path per user; several servers on one host would clash.

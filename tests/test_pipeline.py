@@ -271,6 +271,15 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     ("[evaluation]\nprimary_metric = \"foo@10\"\n", "evaluation.primary_metric must be one of precision@10,"),
     ("[evaluation]\nk = 5\nprimary_metric = \"ndcg@10\"\n", "(@5: evaluation.k), not 'ndcg@10'"),
     ("[data]\nmax_bad_share = 7\n", "data.max_bad_share is a share of the rows, from 0 to 1, not 7"),
+    # Wrong types name their key (they were tracebacks or Python's own words).
+    ("[evaluation.holdout]\nseed = \"x\"\n", "evaluation.holdout.seed must be a whole number, not 'x'"),
+    ("[evaluation.holdout]\nseed = -1\n", "seed >= 0"),
+    ("[gate]\ntolerance = \"x\"\n", "gate.tolerance must be a number, not 'x'"),
+    ("[data.event_weights]\nview = \"x\"\n", "data.event_weights must map event types to numbers of at least 0"),
+    ("[strategies]\nenabled = \"als\"\n", "strategies.enabled must be a list of strategy names"),
+    ("[nightly]\nwarm_top = -1\n", "nightly.warm_top must be at least 1, not -1"),
+    ("[nightly]\nredis_url = \"redis://127.0.0.1:6379/abc\"\n", "the database after the host must be a number"),
+    ("[nightly]\nredis_url = \"http://nope\"\n", "it must start with redis://, rediss:// or unix://"),
 ])
 def test_a_wrong_strategy_parameter_exits_2_before_reading_data(tmp_path, config_text, message):
     config = tmp_path / "wrong.toml"

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
-from recsvc.errors import InvalidInput, RecsvcError  # noqa: E402
+from recsvc.errors import ConfigError, InvalidInput, RecsvcError  # noqa: E402
 
 EXIT_UNUSABLE_INPUT = 2
 EXIT_REFUSED_BY_GATE = 3
@@ -33,11 +33,18 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except InvalidInput as exc:
+        except (InvalidInput, ConfigError) as exc:  # ConfigError: a RECSVC_* setting or an experiments file
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(EXIT_UNUSABLE_INPUT)
         except RecsvcError as exc:
             click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
+            # A path the user gave that cannot be used as asked (read-only, a file where a directory goes, ...).
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename}", err=True)
+            sys.exit(EXIT_UNUSABLE_INPUT)
+        except OSError as exc:  # the machine's trouble (disk full, I/O error): no traceback either
+            click.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -69,7 +76,7 @@ def main() -> None:
 @click.option("--customers", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--items", type=click.IntRange(min=8), default=400, show_default=True)
 @click.option("--interactions", type=click.IntRange(min=1), default=50_000, show_default=True)
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=7, show_default=True)
 @user_errors
 def demo_data(out: Path, customers: int, items: int, interactions: int, seed: int) -> None:
     """Write a synthetic data set: interactions.csv, catalog.csv, customers.csv."""
@@ -154,7 +161,7 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
               "never recommended.")
 @click.option("--strategies", help="Comma list (default: from the config); popular is always included.")
 @click.option("--k", type=click.IntRange(min=1), help="Cut-off of the metrics (default: from the config, 10).")
-@click.option("--seed", type=int, help="Seed of the holdout (default: from the config, 42).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the holdout (default: from the config, 42).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Trainer config, TOML or JSON.")
 @run_log_options
@@ -273,7 +280,7 @@ def registry_rollback(registry: Path, version: str | None) -> None:
 @click.option("--metric", default="ndcg@10", show_default=True, help="What to maximise: ndcg, precision, recall, "
               "map or hit_rate, at K.")
 @click.option("--search", type=click.Choice(["random", "grid"]), default="random", show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the random search.")
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True, help="Seed of the random search.")
 @click.option("--folds", type=click.IntRange(min=1), help="Validation folds to average over "
               "(default: [tuning] folds of the config, else 1).")
 @click.option("--validation-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),

@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recsvc.config import redis_url_problem
 from recsvc.errors import InvalidInput
 from training.evaluate import METRICS, Holdout
 from training.ingest import IngestOptions
@@ -62,9 +63,13 @@ class NightlyPaths:
         def path(key: str) -> Path | None:
             return base / Path(raw[key]).expanduser() if raw.get(key) else None
 
+        redis_url = raw.get("redis_url") or None
+        problem = redis_url and redis_url_problem(str(redis_url))
+        if problem:
+            raise ValueError(f"nightly.redis_url {redis_url!r} is not a Redis URL: {problem}")
         return cls(interactions=path("interactions"), catalog=path("catalog"), registry=path("registry"),
-                   redis_url=raw.get("redis_url") or None, warm_top=int(raw.get("warm_top", 10_000)),
-                   warm_workers=int(raw.get("warm_workers", 1)))
+                   redis_url=redis_url, warm_top=_positive(raw.get("warm_top", 10_000), "nightly.warm_top"),
+                   warm_workers=_positive(raw.get("warm_workers", 1), "nightly.warm_workers"))
 
 
 @dataclass
@@ -97,6 +102,19 @@ class TrainConfig:
             _known_keys(raw.get("retention", {}), ("keep_versions",), "[retention]")
             _known_keys(raw.get("nightly", {}), NIGHTLY_KEYS, "[nightly]")
             _check_strategy_tables(strategies)
+            _check_types(evaluation.get("holdout", {}), Holdout(), "evaluation.holdout")
+            _check_types(raw.get("gate", {}), Gate(), "gate")
+            _check_types(raw.get("tuning", {}), Tuning(validation_fraction=0.1), "tuning")
+            _check_types(evaluation, {"k": 10, "primary_metric": ""}, "evaluation")
+            _check_types(raw.get("data", {}), {"unknown_event_weight": 1.0, "max_bad_share": 0.05, "half_life_days": 1.0,
+                                               "min_items_per_customer": 1, "min_customers_per_item": 1}, "data")
+            _check_types(raw.get("nightly", {}), {"warm_top": 1, "warm_workers": 1, "redis_url": ""}, "nightly")
+            enabled = strategies.get("enabled", DEFAULT_STRATEGIES)
+            if not isinstance(enabled, (list, tuple)) or not all(isinstance(name, str) for name in enabled):
+                raise ValueError(f'strategies.enabled must be a list of strategy names such as ["als"], not {enabled!r}')
+            weights = raw.get("data", {}).get("event_weights", {})
+            if not isinstance(weights, dict) or not all(_is_number(w) and w >= 0 for w in weights.values()):
+                raise ValueError(f"data.event_weights must map event types to numbers of at least 0, not {weights!r}")
             return cls(
                 strategies=list(strategies.get("enabled", DEFAULT_STRATEGIES)),
                 params={name: dict(v) for name, v in strategies.items() if isinstance(v, dict)},
@@ -122,7 +140,7 @@ NIGHTLY_KEYS = ("interactions", "catalog", "registry", "redis_url", "warm_top", 
 def _known_keys(table, known: tuple[str, ...], where: str | None) -> None:
     """A misspelt section (`where` None: the file's top level) or key is an error, not a silent default."""
     if not isinstance(table, dict):
-        raise ValueError(f"{where} must be a table, not {table!r}")
+        raise ValueError(f"{where or 'the configuration'} must be a table (a JSON object), not {table!r}")
     unknown = sorted(set(table) - set(known))
     if unknown and where is None:
         raise ValueError(f"unknown section {', '.join(f'[{u}]' for u in unknown)} (sections: {', '.join(known)})")
@@ -149,6 +167,29 @@ def _check_strategy_tables(strategies) -> None:
             STRATEGIES[name](**table)
         except InvalidInput as exc:
             raise ValueError(f"[strategies.{name}]: {exc.message}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(table, prototype, where: str) -> None:
+    """Each value of `table` of the type of the same key in `prototype` (a dataclass instance or a dict): a whole
+    number where an int goes, any number where a float goes, text where text goes; keys it does not know are
+    left to the section's own checks."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table, not {table!r}")
+    defaults = prototype if isinstance(prototype, dict) else vars(prototype)
+    for key, value in table.items():
+        default = defaults.get(key)
+        if isinstance(default, bool) or default is None or isinstance(default, (dict, list)):
+            continue
+        if isinstance(default, int) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"{where}.{key} must be a whole number, not {value!r}")
+        if isinstance(default, float) and not _is_number(value):
+            raise ValueError(f"{where}.{key} must be a number, not {value!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{where}.{key} must be text, not {value!r}")
 
 
 def _primary_metric(evaluation: dict) -> str:

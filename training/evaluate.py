@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from recsvc.errors import InvalidInput
 from recsvc.scoring import Scorer, top_k_batch
 
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
@@ -40,8 +41,8 @@ class Holdout:
     def __post_init__(self):
         if self.kind not in HOLDOUT_KINDS:
             raise ValueError(f"holdout kind must be one of {', '.join(HOLDOUT_KINDS)}, not {self.kind!r}")
-        if not 0 < self.fraction < 1 or self.days <= 0 or self.min_items < 1:
-            raise ValueError("holdout needs 0 < fraction < 1, days > 0 and min_items >= 1")
+        if not 0 < self.fraction < 1 or self.days <= 0 or self.min_items < 1 or self.seed < 0:
+            raise ValueError("holdout needs 0 < fraction < 1, days > 0, min_items >= 1 and seed >= 0")
 
     def as_dict(self) -> dict:
         """The definition recorded in the manifest; only the fields that matter for its kind."""
@@ -121,6 +122,8 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     small (64 customers x every item stays in the tens of megabytes), because big fresh arrays cost
     more in page faults than the products themselves.
     """
+    if k > train.shape[1]:
+        raise InvalidInput(f"k = {k} is more than the {train.shape[1]:,} items there are to recommend")
     customers = np.flatnonzero(np.diff(test.indptr) > 0)
     ranking = None if scorer.personal else _global_ranking(scorer, exclude_items)
 

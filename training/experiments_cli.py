@@ -12,6 +12,7 @@ import redis
 import scipy.sparse as sp
 
 from recsvc.cache import experiments_key
+from recsvc.config import redis_url_problem
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
 from recsvc.experiments import Experiment, load_experiments, parse_experiments
@@ -62,7 +63,7 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         raise InvalidInput(f"--chart must end in {' or '.join(CHART_SUFFIXES)}")
     from recsvc.experiment_report import report_for  # here: scipy.stats costs every recsvc-train start 0.4 s
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
+    client = _redis_client(redis_url)
     try:
         experiment = _definition(name, experiments_path, client)
         streams = RedisStreams(client, dedupe_ttl=0)
@@ -75,10 +76,17 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         click.echo(f"wrote {chart_path}", err=True)
 
 
+def _redis_client(redis_url: str) -> redis.Redis:
+    problem = redis_url_problem(redis_url)
+    if problem:
+        raise InvalidInput(f"--redis-url {redis_url!r} is not a Redis URL: {problem}")
+    return redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
+
+
 def _definition(name: str, path: Path | None, client: redis.Redis) -> Experiment:
     """From the file when given, else from the definitions the servers published to Redis."""
     if path is not None:
-        definitions = load_experiments(path)
+        definitions = load_experiments(path, label=f"experiments file {path}")
     else:
         published = client.hgetall(experiments_key())
         definitions = parse_experiments({"experiments": [json.loads(v) for v in published.values()]}, "redis")
@@ -212,7 +220,7 @@ def replay_command(name: str, experiments_path: Path | None, redis_url: str | No
     if experiments_path is not None:
         experiment = _definition(name, experiments_path, client=None)
     else:
-        client = redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
+        client = _redis_client(redis_url)
         try:
             experiment = _definition(name, None, client)
         except redis.RedisError as exc:

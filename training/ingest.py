@@ -245,6 +245,12 @@ def load_interactions(path: Path, options: IngestOptions | None = None) -> Inter
     path = Path(path)
     table = read_table(path)
     _require_columns(table, path)
+    for name in (*REQUIRED_COLUMNS, *CATEGORY_COLUMNS):
+        kind = table.schema.field(name).type if name in table.column_names else pa.string()
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
+            raise InvalidInput(f"{path}: column {name} holds {kind}; ids and event types must be text or whole numbers")
     rows = _RowCheck(table)
     # Arrow releases the GIL while hashing: encode both id columns at once.
     with ThreadPoolExecutor(max_workers=len(REQUIRED_COLUMNS)) as pool:

@@ -1,0 +1,111 @@
+"""User mistakes on the command line: a readable message and a documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from recsvc import artifacts
+from recsvc.config import Settings
+from recsvc.errors import ConfigError
+from training.cli import main
+
+EXIT_UNUSABLE_INPUT = 2
+
+
+def run(args, **env):
+    return CliRunner(env=env or None).invoke(main, args, catch_exceptions=False)
+
+
+def refused(result, message: str) -> None:
+    assert result.exit_code == EXIT_UNUSABLE_INPUT, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_directory_under_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    refused(run(["demo-data", "--out", str(blocker / "demo")]), "Not a directory")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--interactions", "x.csv", "--seed", "-1"], "-1 is not in the range x>=0"),
+    (["demo-data", "--out", "d", "--seed", "-1"], "-1 is not in the range x>=0"),
+    (["warm-cache", "--registry", "r", "--redis-url", "http://nope"], "it must start with redis://"),
+    (["warm-cache", "--registry", "r", "--redis-url", "redis://127.0.0.1:6379/abc"],
+     "the database after the host must be a number, not 'abc'"),
+    (["experiments", "report", "x", "--redis-url", "redis://127.0.0.1:abc/0"], "is not a Redis URL"),
+])
+def test_bad_options_are_refused_with_exit_2(args, message):
+    refused(run(args), message)
+
+
+def test_k_above_the_number_of_items_is_a_clear_error(demo_paths):
+    refused(run(["evaluate", "--interactions", str(demo_paths["interactions"]), "--strategies", "popular",
+                 "--k", "100000"]), "k = 100000 is more than the")
+
+
+@pytest.mark.parametrize("column", [pa.array([[1], [2]]), pa.array([b"\xff", b"a"], pa.binary())])
+def test_parquet_ids_that_are_neither_text_nor_numbers_are_refused(tmp_path, column):
+    path = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"customer_id": column, "item_id": ["a", "b"]}), path)
+    refused(run(["evaluate", "--interactions", str(path)]), "ids and event types must be text or whole numbers")
+
+
+def test_an_invalid_experiments_file_exits_2_and_names_the_file(tmp_path, redis_url):
+    definitions = tmp_path / "experiments.json"
+    definitions.write_text("[1, 2]")
+    result = run(["experiments", "report", "x", "--redis-url", redis_url, "--experiments", str(definitions)])
+    refused(result, f"experiments file {definitions}")
+    assert "RECSVC_EXPERIMENTS=" not in result.output
+
+
+def test_a_manifest_that_is_not_an_object_is_an_artifact_error(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    assert run(["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(registry),
+                "--strategies", "popular"]).exit_code == 0
+    version = artifacts.current_version(registry)
+    (artifacts.versions_root(registry) / version / "manifest.json").write_text(json.dumps([1, 2]))
+    result = run(["registry", "show", "--registry", str(registry)])
+    assert result.exit_code == 1 and "is not a JSON object" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RECSVC_REDIS_URL", "http://x", "RECSVC_REDIS_URL='http://x' is not a Redis URL"),
+    ("RECSVC_REDIS_URL", "redis://127.0.0.1:6379/abc", "the database after the host must be a number"),
+])
+def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RECSVC_WORKERS", "x", "RECSVC_WORKERS='x' is not a number"),
+    ("RECSVC_WORKERS", "-1", "RECSVC_WORKERS='-1' must be between 1 and 64"),
+    ("RECSVC_THREADS", "0", "RECSVC_THREADS='0' must be between 1 and 64"),
+    ("RECSVC_BIND", "127.0.0.1:abc", "RECSVC_BIND='127.0.0.1:abc' must be HOST:PORT"),
+    ("RECSVC_LOG_LEVEL", "bogus", "RECSVC_LOG_LEVEL='bogus' must be one of debug, info"),
+    ("RECSVC_REDIS_URL", "http://x", "is not a Redis URL"),
+])
+def test_recsvc_serve_refuses_a_wrong_gunicorn_setting_with_exit_2(tmp_path, name, value, message):
+    env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), name: value}
+    done = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_recsvc_serve_refuses_a_metrics_directory_that_is_a_file(tmp_path):
+    blocker = tmp_path / "metrics"
+    blocker.write_text("x")
+    env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(blocker)}
+    done = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "PROMETHEUS_MULTIPROC_DIR=" in done.stderr and "Traceback" not in done.stderr
