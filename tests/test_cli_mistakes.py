@@ -109,3 +109,28 @@ def test_recsvc_serve_refuses_a_metrics_directory_that_is_a_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--port", "1"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "PROMETHEUS_MULTIPROC_DIR=" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_catalog_with_an_unreadable_active_flag_or_no_matching_item_is_refused(demo_paths, tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id,title,category,active\nSKU-00001,A,Phones,maybe\n")
+    args = ["evaluate", "--interactions", str(demo_paths["interactions"]), "--strategies", "popular",
+            "--catalog", str(catalog)]
+    refused(run(args), "row 2: active must be true or false (or 1/0, yes/no), not 'maybe'")
+    catalog.write_text("item_id,title,category,active\nnot-an-item,A,Phones,true\n")
+    refused(run(args), "none of the catalog's 1 item ids is among the interactions' items")
+
+
+def test_a_directory_or_an_empty_strategy_list_is_refused(demo_paths, tmp_path):
+    refused(run(["evaluate", "--interactions", str(tmp_path)]), "is a directory, not a file")
+    refused(run(["evaluate", "--interactions", str(demo_paths["interactions"]), "--strategies", ",,"]),
+            "--strategies ',,' names no strategy")
+
+
+def test_an_empty_holdout_is_said_out_loud(tmp_path):
+    interactions = tmp_path / "one.csv"
+    interactions.write_text("customer_id,item_id\nc1,i1\n")
+    result = CliRunner().invoke(main, ["evaluate", "--interactions", str(interactions),
+                                       "--strategies", "popular", "--k", "1"])
+    assert result.exit_code == 0, result.output
+    assert "the holdout is empty" in result.stderr

@@ -103,8 +103,10 @@ def run_log_options(command):
 
 
 def _strategy_list(strategies: str | None, config) -> None:
-    if strategies:
+    if strategies is not None:
         config.strategies = [s.strip() for s in strategies.split(",") if s.strip()]
+        if not config.strategies:
+            raise InvalidInput(f"--strategies {strategies!r} names no strategy; give a comma list such as als,ease")
 
 
 def report_fit(result, config, log) -> None:

@@ -103,6 +103,8 @@ CATEGORY_COLUMNS = ("event_type",)  # few distinct values: read dictionary-encod
 def read_table(path: Path) -> pa.Table:
     """The file as an Arrow table of its raw columns; InvalidInput when it cannot be read."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInput(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     try:
@@ -311,6 +313,10 @@ def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path) -
             f"{report.summary()}", details=report.as_dict())
 
 
+ACTIVE_VALUES = ("", "true", "1", "yes", "y", "t")  # an empty cell: active, like an item with no catalog row
+INACTIVE_VALUES = ("false", "0", "no", "n", "f")
+
+
 def load_catalog(path: Path, items: np.ndarray) -> Catalog:
     """Catalog attributes aligned with the sorted item ids; catalog rows for items without interactions are ignored."""
     path = Path(path)
@@ -322,12 +328,21 @@ def load_catalog(path: Path, items: np.ndarray) -> Catalog:
               for name in ("item_id", "title", "category", "active")}
     titles, categories = [""] * len(items), [""] * len(items)
     active = np.ones(len(items), dtype=bool)
+    matched = 0
     for row, item_id in enumerate(column["item_id"]):
+        flag = str(column["active"][row] if column["active"][row] is not None else "").strip().lower()
+        if flag not in ACTIVE_VALUES and flag not in INACTIVE_VALUES:
+            raise InvalidInput(f"{path}: row {row + 2}: active must be true or false (or 1/0, yes/no), "
+                               f"not {column['active'][row]!r}")
         key = str(item_id or "").strip().encode("utf-8")
         pos = int(np.searchsorted(items, key))
         if pos >= len(items) or items[pos] != key:
             continue
+        matched += 1
         titles[pos] = str(column["title"][row] or "")
         categories[pos] = str(column["category"][row] or "")
-        active[pos] = str(column["active"][row]).strip().lower() not in ("false", "0", "no", "n", "f")
+        active[pos] = flag not in INACTIVE_VALUES
+    if n_rows and not matched:
+        raise InvalidInput(f"{path}: none of the catalog's {n_rows:,} item ids is among the interactions' items "
+                           f"(is it the catalog of this data?)")
     return Catalog(np.array(titles, dtype=str), np.array(categories, dtype=str), active)

@@ -284,5 +284,8 @@ def _train_and_evaluate(interactions_path: Path, config: TrainConfig, catalog_pa
         data = load_prepared(interactions_path, config, catalog_path, log)
     with log.step("split"):
         train, test = holdout_split(data, config)
+    if not test.nnz:
+        log.warning(f"the holdout is empty (no customer has {config.holdout.min_items} items or more to hold some "
+                    f"out): every metric is 0, so they cannot tell strategies apart and the gate compares nothing")
     scorers, metrics, params = fit_strategies(data, train, test, strategies, config, log)
     return data, scorers, metrics, params
