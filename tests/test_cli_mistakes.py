@@ -134,3 +134,12 @@ def test_an_empty_holdout_is_said_out_loud(tmp_path):
                                        "--strategies", "popular", "--k", "1"])
     assert result.exit_code == 0, result.output
     assert "the holdout is empty" in result.stderr
+
+
+def test_a_wrong_value_in_the_tuning_space_stops_tune_before_any_trial(demo_paths, tmp_path):
+    config = tmp_path / "tune.toml"
+    config.write_text("[tuning.space.als]\nfactors = [8, \"x\"]\n")
+    result = run(["tune", "--interactions", str(demo_paths["interactions"]), "--strategy", "als", "--trials", "2",
+                  "--config", str(config)])
+    refused(result, "als: factors must be a whole number of at least 1, not 'x'")
+    assert "trial 1/" not in result.output

@@ -90,6 +90,8 @@ def tune(data: PreparedData, strategy: str, config: TrainConfig, trials: int, me
     space = search_space(strategy, config)
     current = {p: base[p] for p in space}
     runs = [current, *(c for c in candidates(space, trials, search, seed) if c != current)]
+    for params in runs:  # a wrong value in the space stops the search before the first trial, not during it
+        cls(**{**base, **params})
     results = []
     for number, params in enumerate(runs):
         started = time.perf_counter()
