@@ -106,12 +106,14 @@ class TrainConfig:
             _check_types(raw.get("gate", {}), Gate(), "gate")
             _check_types(raw.get("tuning", {}), Tuning(validation_fraction=0.1), "tuning")
             _check_types(evaluation, {"k": 10, "primary_metric": ""}, "evaluation")
-            _check_types(raw.get("data", {}), {"unknown_event_weight": 1.0, "max_bad_share": 0.05, "half_life_days": 1.0,
-                                               "min_items_per_customer": 1, "min_customers_per_item": 1}, "data")
+            _check_types(raw.get("data", {}), {"unknown_event_weight": 1.0, "max_bad_share": 0.05,
+                                               "half_life_days": 1.0, "min_items_per_customer": 1,
+                                               "min_customers_per_item": 1}, "data")
             _check_types(raw.get("nightly", {}), {"warm_top": 1, "warm_workers": 1, "redis_url": ""}, "nightly")
             enabled = strategies.get("enabled", DEFAULT_STRATEGIES)
             if not isinstance(enabled, (list, tuple)) or not all(isinstance(name, str) for name in enabled):
-                raise ValueError(f'strategies.enabled must be a list of strategy names such as ["als"], not {enabled!r}')
+                raise ValueError(f'strategies.enabled must be a list of strategy names such as ["als"], '
+                                 f'not {enabled!r}')
             weights = raw.get("data", {}).get("event_weights", {})
             if not isinstance(weights, dict) or not all(_is_number(w) and w >= 0 for w in weights.values()):
                 raise ValueError(f"data.event_weights must map event types to numbers of at least 0, not {weights!r}")
