@@ -24,12 +24,13 @@ from recsvc.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 
-_ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
+# A path, absolute or relative (var/registry/CURRENT, registry/CURRENT): only its last part is kept.
+_PATH = re.compile(r"(?:[^/\s'\"]+)?(?:/[^/\s'\"]+)*/([^/\s'\"]+)")
 
 
 def _without_paths(reason: str) -> str:
     """The reason without directory names: it is shown on /readyz, which needs no key."""
-    return _ABSOLUTE_PATH.sub(r"\1", reason)
+    return _PATH.sub(r"\1", reason)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class ModelStore:
             except ArtifactError as exc:
                 self._refuse(None, str(exc))
                 return False
+            if self.last_failure is not None and self.last_failure.version is None:
+                self.last_failure = None  # the pointer reads again: its failure is over
             if version is None or (self.bundle is not None and self.bundle.version == version):
                 return False
             if not retry_refused and self.last_failure is not None and self.last_failure.version == version:
@@ -94,7 +97,11 @@ class ModelStore:
             return None
 
     def _refuse(self, version: str | None, reason: str) -> None:
-        self.last_failure = LoadFailure(version, _without_paths(reason), time.time())
+        shown = _without_paths(reason)  # the log keeps the paths: only /readyz is public
+        failure = self.last_failure
+        if failure is not None and (failure.version, failure.reason) == (version, shown):
+            return  # the same failure as at the last check (an unreadable pointer): counted and logged once
+        self.last_failure = LoadFailure(version, shown, time.time())
         metrics.model_refused()
         log.error("model version %s refused, keeping %s: %s", version, self.bundle.version if self.bundle else None,
                   reason, extra={"refused_version": version})

@@ -73,6 +73,31 @@ def test_rollback_restores_the_previous_version_and_a_server_follows(registry):
     assert run("rollback", "--registry", str(registry), "v12").output.strip() == "CURRENT: v10 -> v12"
 
 
+def test_an_unreadable_pointer_is_refused_once_without_paths_and_forgotten_when_it_reads_again(registry,
+                                                                                               monkeypatch):
+    from prometheus_client import REGISTRY
+
+    def refusals() -> float:
+        return REGISTRY.get_sample_value("recsvc_model_load_failures_total") or 0.0
+
+    monkeypatch.chdir(registry.parent)
+    store = ModelStore(registry.relative_to(registry.parent))  # relative, as RECSVC_REGISTRY=var/registry gives
+    assert store.refresh()
+    pointer = registry / "CURRENT"
+    saved = pointer.read_bytes()
+    pointer.unlink()
+    pointer.mkdir()
+    before = refusals()
+    for _ in range(3):  # the watcher checks again every interval
+        assert not store.refresh()
+    assert refusals() - before == 1  # counted (and logged) once, not at every check
+    assert store.last_failure.version is None and store.last_failure.reason.endswith("'CURRENT'")  # no path left
+    pointer.rmdir()
+    pointer.write_bytes(saved)
+    assert not store.refresh()  # the same version as before: nothing to load
+    assert store.last_failure is None and store.bundle.version == "v12"
+
+
 def test_rollback_refuses_missing_damaged_and_nonexistent_targets(registry):
     (artifacts.versions_root(registry) / "v11" / "items.npy").unlink()
     result = run("rollback", "--registry", str(registry))
