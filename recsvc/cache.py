@@ -519,14 +519,9 @@ class RedisCache(Cache):
     def _send_invalidations(self) -> None:
         with self._unsent_lock:
             unsent, self._unsent = self._unsent, set()
-        try:
-            self._write_generations(sorted(unsent))
-        except redis.RedisError as exc:
+        if self._call("set", lambda: self._write_generations(sorted(unsent)), UNREACHABLE) is UNREACHABLE:
             with self._unsent_lock:
                 self._unsent |= unsent
-            self.breaker.failure()
-            metrics.redis_error("set")
-            log.warning("redis set failed: %s", exc.__class__.__name__)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return self._call("get", lambda: self.client.mget(keys), [None] * len(keys))

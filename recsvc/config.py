@@ -48,12 +48,17 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
+def checked_redis_url(url: str, label: str) -> str:
+    """`url`, or ConfigError naming it as `label` (RECSVC_REDIS_URL=..., --redis-url ...) and saying why."""
+    problem = redis_url_problem(url)
+    if problem:
+        raise ConfigError(f"{label} is not a Redis URL: {problem}")
+    return url
+
+
 def _redis_url(env: Mapping[str, str], name: str) -> str | None:
     url = _text(env, name, None)
-    problem = url and redis_url_problem(url)
-    if problem:
-        raise ConfigError(f"{name}={url!r} is not a Redis URL: {problem}")
-    return url
+    return url and checked_redis_url(url, f"{name}={url!r}")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -12,7 +12,7 @@ import redis
 import scipy.sparse as sp
 
 from recsvc.cache import experiments_key
-from recsvc.config import redis_url_problem
+from recsvc.config import checked_redis_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
 from recsvc.experiments import Experiment, load_experiments, parse_experiments
@@ -77,9 +77,7 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
 
 
 def _redis_client(redis_url: str) -> redis.Redis:
-    problem = redis_url_problem(redis_url)
-    if problem:
-        raise InvalidInput(f"--redis-url {redis_url!r} is not a Redis URL: {problem}")
+    checked_redis_url(redis_url, f"--redis-url {redis_url!r}")
     return redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
 
 
