@@ -8,6 +8,7 @@ passing it silently would be false comfort: the warning names what was not check
 from __future__ import annotations
 
 import json
+from importlib import metadata
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,10 @@ def main() -> int:
         run = subprocess.run([str(BIN / "pip-audit"), "--local", "--skip-editable", "--progress-spinner", "off",
                               "--format", "json", "--output", str(report)], capture_output=True, text=True)
         if not report.exists() or not report.read_text().strip():
-            print("WARNING: pip-audit could not reach its vulnerability service; dependencies NOT audited:\n"
-                  + (run.stderr.strip()[-800:] or f"exit code {run.returncode}"), file=sys.stderr)
+            installed = len({d.metadata["Name"].lower() for d in metadata.distributions()})
+            print(f"WARNING: pip-audit could not reach its vulnerability service; none of the {installed} installed "
+                  "packages was audited:\n"
+                  + (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1][:800], file=sys.stderr)
             return 0
         dependencies = json.loads(report.read_text())["dependencies"]
     vulnerable = [d for d in dependencies if d.get("vulns")]

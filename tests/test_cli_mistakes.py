@@ -143,3 +143,46 @@ def test_a_wrong_value_in_the_tuning_space_stops_tune_before_any_trial(demo_path
                   "--config", str(config)])
     refused(result, "als: factors must be a whole number of at least 1, not 'x'")
     assert "trial 1/" not in result.output
+
+
+def test_a_registry_under_a_file_is_refused_before_training(demo_paths, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run(["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(blocker / "registry"),
+                  "--strategies", "popular"])
+    refused(result, "Not a directory")
+    assert "fit." not in result.output  # refused before any step ran
+
+
+def test_a_current_pointer_that_cannot_be_written_leaves_no_version_behind(demo_paths, tmp_path, monkeypatch):
+    registry = tmp_path / "registry"
+
+    def refuse(_registry, _version):
+        raise PermissionError(13, "Permission denied", str(registry / "CURRENT"))
+
+    monkeypatch.setattr(artifacts, "set_current", refuse)
+    refused(run(["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(registry),
+                 "--strategies", "popular"]), "Permission denied")
+    assert list((registry / "versions").iterdir()) == []
+
+
+def test_evaluate_in_json_log_mode_prints_its_summary_as_one_json_line(demo_paths):
+    result = CliRunner().invoke(main, ["evaluate", "--interactions", str(demo_paths["interactions"]),
+                                       "--strategies", "popular", "--log-format", "json"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["event"] == "summary" and summary["best"] == "popular"
+    assert 0 < summary["metrics"]["popular"]["ndcg@10"] <= 1
+
+
+def test_catalog_rows_that_repeat_an_item_are_warned_about(demo_paths, tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id,title,category,active\nSKU-00001,Old title,Phones,true\n"
+                       "SKU-00002,B,Phones,true\nSKU-00001,New title,Phones,false\n")
+    result = CliRunner().invoke(main, ["evaluate", "--interactions", str(demo_paths["interactions"]),
+                                       "--strategies", "popular", "--catalog", str(catalog)])
+    assert result.exit_code == 0, result.output
+    assert "1 catalog rows repeat an item id listed before; the last row of each is used" in result.stderr
+    assert "'SKU-00001' in rows 2 and 4" in result.stderr

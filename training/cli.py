@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import dataclasses  # noqa: E402
+import errno  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -126,6 +127,14 @@ def report_fit(result, config, log) -> None:
                    f"in {result.timings['total']:.1f}s -> {result.path}{removed}", err=log.quiet)
 
 
+def _usable_directory(path: Path) -> None:
+    """Create a directory the command will write into now, so that a path that cannot hold it (a file in the way,
+    no permission) fails before the training, not after it."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
 def fit_summary(result) -> dict:
     return {"event": "summary", "version": result.version, "published": result.published,
             "default_strategy": result.default_strategy, "gate": result.gate.as_dict(), "metrics": result.metrics,
@@ -152,6 +161,7 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
 
     config = TrainConfig.from_file(config_path)
     _strategy_list(strategies, config)
+    _usable_directory(registry)
     result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
     report_fit(result, config, log)
 
@@ -181,6 +191,10 @@ def evaluate_command(interactions_path: Path, catalog_path: Path | None, strateg
     if seed is not None:
         config.holdout = dataclasses.replace(config.holdout, seed=seed)
     metrics, best = compare_strategies(interactions_path, config, catalog_path=catalog_path, log=log)
+    if log.log_format == "json":  # like fit's summary: one JSON line on stdout
+        click.echo(json.dumps({"event": "summary", "holdout": config.holdout.as_dict(), "k": config.k, "best": best,
+                               "metrics": metrics}))
+        return
     if as_json:
         click.echo(json.dumps({"holdout": config.holdout.as_dict(), "k": config.k, "best": best, "metrics": metrics},
                               indent=2))

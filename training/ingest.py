@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,8 +318,9 @@ ACTIVE_VALUES = ("", "true", "1", "yes", "y", "t")  # an empty cell: active, lik
 INACTIVE_VALUES = ("false", "0", "no", "n", "f")
 
 
-def load_catalog(path: Path, items: np.ndarray) -> Catalog:
-    """Catalog attributes aligned with the sorted item ids; catalog rows for items without interactions are ignored."""
+def load_catalog(path: Path, items: np.ndarray, warn: Callable[[str], None] | None = None) -> Catalog:
+    """Catalog attributes aligned with the sorted item ids; catalog rows for items without interactions are ignored.
+    An item listed twice keeps its last row; `warn` is told which ids were (the first few, with their rows)."""
     path = Path(path)
     table = read_table(path)
     if "item_id" not in table.column_names:
@@ -329,6 +331,8 @@ def load_catalog(path: Path, items: np.ndarray) -> Catalog:
     titles, categories = [""] * len(items), [""] * len(items)
     active = np.ones(len(items), dtype=bool)
     matched = 0
+    first_row: dict[int, int] = {}
+    repeated: list[tuple[str, int, int]] = []
     for row, item_id in enumerate(column["item_id"]):
         flag = str(column["active"][row] if column["active"][row] is not None else "").strip().lower()
         if flag not in ACTIVE_VALUES and flag not in INACTIVE_VALUES:
@@ -338,11 +342,19 @@ def load_catalog(path: Path, items: np.ndarray) -> Catalog:
         pos = int(np.searchsorted(items, key))
         if pos >= len(items) or items[pos] != key:
             continue
-        matched += 1
+        if pos in first_row:
+            repeated.append((key.decode("utf-8"), first_row[pos] + 2, row + 2))
+        else:
+            first_row[pos] = row
+            matched += 1
         titles[pos] = str(column["title"][row] or "")
         categories[pos] = str(column["category"][row] or "")
         active[pos] = flag not in INACTIVE_VALUES
     if n_rows and not matched:
         raise InvalidInput(f"{path}: none of the catalog's {n_rows:,} item ids is among the interactions' items "
                            f"(is it the catalog of this data?)")
+    if repeated and warn is not None:
+        examples = "; ".join(f"{item_id!r} in rows {first} and {again}" for item_id, first, again in repeated[:3])
+        warn(f"{path}: {len(repeated):,} catalog rows repeat an item id listed before; the last row of each is used "
+             f"(e.g. {examples})")
     return Catalog(np.array(titles, dtype=str), np.array(categories, dtype=str), active)

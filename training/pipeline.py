@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -122,7 +123,7 @@ def load_prepared(interactions_path: Path, config: TrainConfig, catalog_path: Pa
         log.warning(interactions.report.summary(), bad_rows=interactions.report.as_dict())
     interactions, report = prepare(interactions, config.ingest)
     log.info(report.summary(), prepare=report.as_dict())
-    catalog = load_catalog(catalog_path, interactions.items) if catalog_path else Catalog.empty(len(interactions.items))
+    catalog = load_catalog(catalog_path, interactions.items, warn=log.warning) if catalog_path else Catalog.empty(len(interactions.items))
     matrix = interactions.matrix()
     log.info(f"{len(interactions)} interactions, {matrix.shape[0]} customers, {matrix.shape[1]} items",
              interactions=len(interactions), customers=matrix.shape[0], items=matrix.shape[1])
@@ -218,13 +219,18 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
 def publish(registry: Path, data: PreparedData, scorers: dict[str, Scorer], manifest: dict,
             keep_versions: int) -> tuple[Path, list[str]]:
     """Write the version, switch CURRENT to it, then apply retention: (version path, removed version ids)."""
-    from training.registry import apply_retention
+    from training.registry import apply_retention, remove_version
 
     bundle = ModelBundle(manifest=manifest, customers=IdIndex(data.interactions.customers),
                          items=IdIndex(data.interactions.items), owned=data.matrix, catalog=data.catalog,
                          scorers=scorers)
     path = artifacts.write_version(registry, bundle)
-    artifacts.set_current(registry, bundle.version)
+    try:
+        artifacts.set_current(registry, bundle.version)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never current, so no server maps it: do not leave it behind
+            remove_version(registry, bundle.version)
+        raise
     return path, apply_retention(registry, keep_versions)
 
 

@@ -105,12 +105,17 @@ def apply_retention(registry: Path, keep: int) -> list[str]:
     """
     protected = protected_versions(registry, keep)
     removed = []
-    root = artifacts.versions_root(registry)
     for version in artifacts.list_versions(registry):
         if version in protected:
             continue
-        doomed = root / f".deleting.{version}.{os.getpid()}"
-        os.rename(root / version, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_version(registry, version)
         removed.append(version)
     return removed
+
+
+def remove_version(registry: Path, version: str) -> None:
+    """Rename the version to a hidden name (list_versions skips those), then delete it."""
+    root = artifacts.versions_root(registry)
+    doomed = root / f".deleting.{version}.{os.getpid()}"
+    os.rename(root / version, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
