@@ -23,7 +23,7 @@ from recsvc.recommend import Recommender, new_request_id
 
 REQUEST_ID_HEADER = "X-Request-ID"
 access_log = logging.getLogger("recsvc.access")
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
 
 class RecsvcFlask(Flask):
@@ -38,6 +38,13 @@ class RecsvcFlask(Flask):
         if is_async is None:
             is_async = self._is_async[target] = inspect.iscoroutinefunction(func)
         return super().ensure_sync(func) if is_async else func
+
+    def make_default_options_response(self):
+        """OPTIONS: 204 and the Allow header, without Flask's empty text/html body."""
+        response = super().make_default_options_response()
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
 
 
 @dataclass
@@ -59,6 +66,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     logs.configure(os.environ.get("RECSVC_LOG_LEVEL", "info"))
     app = RecsvcFlask(__name__)
+    app.url_map.merge_slashes = False  # "/v1//x" is a 404 in JSON, not werkzeug's HTML redirect to "/v1/x"
     app.config.update(
         API_TITLE="recsvc",
         API_VERSION=__version__,
@@ -82,6 +90,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from recsvc.api import auth, init_app
 
     auth.init_app(app)
+    from recsvc.api.request_form import check_request_form
+
+    app.before_request(check_request_form)  # after the key check: 401 comes first
     init_app(app)
     from recsvc.api.fast_path import RecommendationsFastPath
 
@@ -138,7 +149,7 @@ def _warm_up_requests(app: Flask, service: Service) -> None:
 
 def request_id_for(supplied: str) -> str:
     """The client's X-Request-ID when it is a sensible id, else a new one."""
-    return supplied if _CLIENT_REQUEST_ID.match(supplied) else new_request_id()
+    return supplied if _CLIENT_REQUEST_ID.fullmatch(supplied) else new_request_id()
 
 
 def record_request(endpoint: str | None, method: str, path: str, status: int, seconds: float) -> None:

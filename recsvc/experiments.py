@@ -105,7 +105,7 @@ class VariantSchema(_Strict):
 
 
 class ExperimentSchema(_Strict):
-    name = ma.fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9._-]{1,64}$",
+    name = ma.fields.String(required=True, validate=validate.Regexp(r"[A-Za-z0-9._-]{1,64}\Z",
                                                                      error="use 1-64 letters, digits, '.', '_' or '-'"))
     salt = ma.fields.String(required=True, validate=validate.Length(min=1, max=128))
     status = ma.fields.String(required=True, validate=validate.OneOf([RUNNING, STOPPED]))

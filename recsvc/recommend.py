@@ -13,6 +13,7 @@ from recsvc import metrics
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import Cache, recommendation_key
 from recsvc.errors import InvalidInput, ModelUnavailable, NotFound
+from recsvc.experiments import Assignment
 from recsvc.model_store import ModelStore
 from recsvc.ranking import personal_top
 from recsvc.scoring import PopularityScorer, Scorer, top_k
@@ -130,9 +131,16 @@ class Recommender:
             raise ModelUnavailable("no model version is loaded yet; train one with `recsvc-train fit`")
         return bundle
 
-    def recommend(self, query: RecommendationQuery, request_id: str) -> tuple[bytes, bool]:
+    def recommend(self, query: RecommendationQuery, request_id: str, expose: bool = True) -> tuple[bytes, bool]:
         """(JSON body, served from cache). The body is assembled around a cached fragment so each
-        response carries its own request_id without re-encoding the list."""
+        response carries its own request_id without re-encoding the list. `expose`: record the experiment's
+        exposure (False for an answer no one will see: HEAD, or a batch that may still fail)."""
+        body, hit, assignment = self._answer(query, request_id)
+        if assignment and expose:  # also on cache hits: every serving counts
+            self.experiments.expose(assignment, query.customer_id, request_id)
+        return body, hit
+
+    def _answer(self, query: RecommendationQuery, request_id: str) -> tuple[bytes, bool, Assignment | None]:
         bundle = self.bundle()
         assignment = self.experiments.assign(query.customer_id, query.strategy, bundle.scorers) \
             if self.experiments else None
@@ -144,15 +152,27 @@ class Recommender:
                                                   lambda: orjson.dumps(self.compute(bundle, strategy, query)),
                                                   self.cache_ttl)
         metrics.observe_cache(hit)
-        if assignment:  # also on cache hits: every serving counts
-            self.experiments.expose(assignment, query.customer_id, request_id)
         # The experiment stays outside the cached fragment, so a cached list never carries a stale one.
         head = orjson.dumps({"request_id": request_id, "experiment": assignment.ref() if assignment else None})
-        return head[:-1] + b"," + fragment[1:], hit
+        return head[:-1] + b"," + fragment[1:], hit, assignment
 
     def recommend_batch(self, queries: list[RecommendationQuery], request_id: str) -> bytes:
-        """One JSON body holding each query's answer, in order, all with the batch's request_id."""
-        bodies = [self.recommend(query, request_id)[0] for query in queries]
+        """One JSON body holding each query's answer, in order, all with the batch's request_id. Every entry is
+        checked before any is computed, and exposures are recorded once all are answered: a refused batch
+        leaves no trace."""
+        bundle = self.bundle()
+        for index, query in enumerate(queries):
+            try:
+                if query.strategy is not None:
+                    self._strategy(bundle, query.strategy)
+                self._check_category(bundle, query.category)
+            except InvalidInput as error:
+                raise InvalidInput(f"requests[{index}]: {error.message}", details={"index": index, **error.details})
+        answers = [self._answer(query, request_id) for query in queries]
+        for query, (_body, _hit, assignment) in zip(queries, answers):
+            if assignment:
+                self.experiments.expose(assignment, query.customer_id, request_id)
+        bodies = [body for body, _hit, _assignment in answers]
         return b'{"request_id":' + orjson.dumps(request_id) + b',"results":[' + b",".join(bodies) + b"]}"
 
     def similar(self, item_id: str, limit: int, strategy: str | None, category: str | None) -> dict:

@@ -19,11 +19,14 @@ from __future__ import annotations
 import mmap
 import time
 
+import orjson
+from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 ACCEPT_DEFER_SECONDS = 0.020  # at most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake
 DEFER_STEP_SECONDS = 0.0005
 FREE = -1  # a slot no live worker holds
+SERVER_FAULT = "the server could not answer; the error was logged"
 
 
 class ConnectionBoard:
@@ -91,3 +94,21 @@ class BalancedThreadWorker(ThreadWorker):
 def release_slot(worker) -> None:
     """For gunicorn's child_exit hook (in the master): the exited worker's slot is free for its successor."""
     BOARD.release(getattr(worker, "board_slot", None))
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's answer to a request it could not parse (a bad request line, an over-long URI or header, broken
+    chunks), in the API's one error shape with a request id, instead of its HTML page. gunicorn's workers
+    call util.write_error only from handle_error, after logging the error."""
+    from recsvc.api.errors import CODE_BY_STATUS  # loaded by then (the app is preloaded); not at the master's start
+    from recsvc.app import REQUEST_ID_HEADER
+    from recsvc.recommend import new_request_id
+
+    body = orjson.dumps({"error": {"code": CODE_BY_STATUS.get(status_int, "http_error"),
+                                   "message": mesg or (SERVER_FAULT if status_int >= 500 else reason), "details": {}}})
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{REQUEST_ID_HEADER}: {new_request_id()}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = write_json_error

@@ -10,6 +10,7 @@ import marshmallow as ma
 from apispec import BasePlugin
 from flask import Flask, jsonify
 from flask_smorest import Api
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
 
 from recsvc.errors import (ArtifactError, ConfigError, EventLogUnavailable, InvalidInput, ModelUnavailable, NotFound,
@@ -28,8 +29,12 @@ STATUS_BY_ERROR: dict[type[RecsvcError], int] = {
 
 # Werkzeug names (e.g. "Not Found") become stable snake_case codes.
 CODE_BY_STATUS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-                  429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+                  405: "method_not_allowed", 413: "payload_too_large", 414: "uri_too_long",
+                  415: "unsupported_media_type", 417: "expectation_failed", 429: "rate_limited",
+                  431: "headers_too_large", 500: "internal_error", 501: "not_implemented", 503: "unavailable"}
+# Headers of an HTTP error worth passing on (405's Allow, 401's WWW-Authenticate, 429's Retry-After); never its HTML
+# Content-Type.
+_KEPT_HEADERS = {"allow", "www-authenticate", "retry-after"}
 
 
 class ErrorBodySchema(ma.Schema):
@@ -61,7 +66,9 @@ class ErrorStatusesPlugin(BasePlugin):
                 responses["400"] = http.HTTPStatus(400).name
             codes = set()
             if path.startswith("/v1/"):
-                codes |= {401, 429, 503}  # no or wrong key; rate limit; no model loaded or event log down
+                # a path or query that is not UTF-8 or holds control characters; no or wrong key; rate limit;
+                # no model loaded or event log down
+                codes |= {400, 401, 429, 503}
             if path.startswith("/v1/admin/"):
                 codes.add(403)
             if "requestBody" in operation:
@@ -79,6 +86,8 @@ class RecsvcApi(Api):
     def __init__(self, app: Flask):
         super().__init__(app, spec_kwargs={"extra_plugins": [ErrorStatusesPlugin()]})
         app.register_error_handler(RecsvcError, self.handle_domain_error)
+        app.register_error_handler(ParseException, self.handle_unreadable_body)
+        app.register_error_handler(NoMoreData, self.handle_unreadable_body)
         app.register_error_handler(Exception, self.handle_unexpected)
 
     def handle_http_exception(self, error: HTTPException):
@@ -88,7 +97,15 @@ class RecsvcApi(Api):
         if error.code == 422 and isinstance(details, dict):
             details = {"fields": _flatten_locations(details)}
         message = data.get("message") or ("invalid request parameters" if error.code == 422 else error.description)
-        return error_response(status, CODE_BY_STATUS.get(status, "http_error"), message, details, data.get("headers"))
+        headers = {name: value for name, value in error.get_headers() if name.lower() in _KEPT_HEADERS}
+        headers.update(data.get("headers") or {})
+        return error_response(status, CODE_BY_STATUS.get(status, "http_error"), message, details, headers)
+
+    @staticmethod
+    def handle_unreadable_body(error: Exception):
+        # gunicorn reads a chunked body as the app asks for it: broken framing, or a client that stopped sending.
+        return error_response(400, "invalid_request", f"the request body could not be read: "
+                                                      f"{error or type(error).__name__}")
 
     @staticmethod
     def handle_domain_error(error: RecsvcError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -13,15 +14,11 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.recommendations import _json_bodies_only
 from recsvc.api.schemas import Id
 from recsvc.event_log import EVENT, FEEDBACK, event_time
 from recsvc.experiment_report import ACTIONS
 
 blp = Blueprint("feedback", __name__, url_prefix="/v1", description="Feedback on suggestions and real-time events")
-# A form or text body would be read as "no body" and answered with missing-field errors: say 415, as the
-# recommendation endpoints do (and as the OpenAPI document lists for every operation with a body).
-blp.before_request(_json_bodies_only)
 
 MAX_EVENTS = 500  # per call; the body limit (RECSVC_MAX_BODY_BYTES) applies as well
 
@@ -43,15 +40,16 @@ class Timestamp(ma.fields.Field):
 
 
 def _numeric(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    """Unix seconds written plainly: float() would also take "1_764_500_000", " 5", "nan" and other scripts'
+    digits."""
+    return _SECONDS.fullmatch(text) is not None
+
+
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
 class FeedbackSchema(ma.Schema):
-    request_id = ma.fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9._-]{1,64}$"),
+    request_id = ma.fields.String(required=True, validate=validate.Regexp(r"[A-Za-z0-9._-]{1,64}\Z"),
                                   metadata={"description": "The request_id of the recommendations response"})
     customer_id = Id(required=True)
     item_id = Id(required=True)

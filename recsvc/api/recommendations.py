@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Response, abort, current_app, g, request
+from flask import Response, current_app, g, request
 from flask.views import MethodView
 
 from recsvc.api.parsing import Blueprint
@@ -12,13 +12,6 @@ from recsvc.errors import InvalidInput
 from recsvc.recommend import RecommendationQuery
 
 blp = Blueprint("recommendations", __name__, url_prefix="/v1", description="Suggestions for a customer")
-
-
-@blp.before_request
-def _json_bodies_only():
-    # webargs would read a form or text body as "no body" and answer with defaults: say so instead.
-    if request.method == "POST" and request.content_length and not request.is_json:
-        abort(415, "send the body as JSON with 'Content-Type: application/json'")
 
 
 def _customer_id(customer_id: str) -> str:
@@ -47,7 +40,7 @@ class CustomerRecommendations(MethodView):
         """Suggestions for one customer: personal, else from context, else popular; never an empty list
         while the catalog has anything left to suggest."""
         body, _hit = current_app.extensions["recsvc"].recommender.recommend(
-            _query(_customer_id(customer_id), args), g.request_id)
+            _query(_customer_id(customer_id), args), g.request_id, expose=request.method != "HEAD")
         return _json(body)
 
     @blp.arguments(RecommendationBodySchema())

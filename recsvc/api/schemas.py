@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import marshmallow as ma
 from marshmallow import validate
 from webargs.fields import DelimitedList
@@ -15,11 +17,24 @@ MAX_STRATEGY = 64  # characters of a strategy name
 Id = lambda **kw: ma.fields.String(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
 
 
+class QueryInteger(ma.fields.Integer):
+    """A whole number written in ASCII digits. marshmallow's Integer takes what int() takes, which includes
+    "1_0", "+5", " 5" and other scripts' digits ("\u0665")."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and not _DIGITS.fullmatch(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+_DIGITS = re.compile(r"-?[0-9]{1,12}")
+
+
 class RecommendationArgsSchema(ma.Schema):
     """Query string of GET /v1/customers/{customer_id}/recommendations."""
 
-    limit = ma.fields.Integer(load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT),
-                              metadata={"description": "How many items to return (1-100)"})
+    limit = QueryInteger(load_default=DEFAULT_LIMIT, validate=validate.Range(min=1, max=MAX_LIMIT),
+                         metadata={"description": "How many items to return (1-100)"})
     strategy = ma.fields.String(validate=validate.Length(min=1, max=MAX_STRATEGY),
                                 metadata={"description": "A strategy of the current model; default: the model's best"})
     exclude = DelimitedList(Id(), load_default=list, validate=validate.Length(max=MAX_LIST),
@@ -71,7 +86,7 @@ class BatchRequestSchema(ma.Schema):
 class SimilarArgsSchema(ma.Schema):
     """Query string of GET /v1/items/{item_id}/similar."""
 
-    limit = ma.fields.Integer(**_LIMIT)
+    limit = QueryInteger(**_LIMIT)
     strategy = ma.fields.String(**_STRATEGY)
     category = ma.fields.String(**_CATEGORY)
 

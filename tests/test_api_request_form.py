@@ -1,0 +1,194 @@
+"""Requests a client can get wrong in form rather than content: encodings, repeated or oddly written values,
+chunked and compressed bodies, and requests gunicorn itself refuses. Each gets the one JSON error shape."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+
+import pytest
+
+from tests.conftest import API_KEY
+from tests.server_process import running_server
+from tests.test_experiments import experiment_settings, exposures, start_app, stop_app  # noqa: F401 (a fixture)
+
+RECS = "/v1/customers/C000003/recommendations"
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    assert response.headers["X-Request-ID"]
+    return response.get_json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/customers/a%00b/recommendations", "/v1/customers/a%0Ab/recommendations",
+                                  "/v1/items/%7F/similar"])
+def test_ids_that_hold_control_characters_are_refused(client, auth, path):
+    error = error_of(client.get(path, headers=auth), 400)
+    assert error["code"] == "invalid_request" and "control character" in error["message"]
+
+
+@pytest.mark.parametrize("query", ["exclude=%FF", "category=a%0Ab", "strategy=%ED%A0%80", "exclude=a%00"])
+def test_query_values_that_are_not_utf8_or_hold_control_characters_are_refused(client, auth, query):
+    error = error_of(client.get(f"{RECS}?{query}", headers=auth), 400)
+    assert "the query string" in error["message"]
+
+
+def test_an_id_in_plain_non_ascii_utf8_is_served(client, auth):
+    assert client.get("/v1/customers/J%C3%BCrgen/recommendations", headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize("limit", ["1_0", "+5", "%205", "%EF%BC%95", "%D9%A5", "5.0"])
+def test_limit_must_be_written_in_ascii_digits(client, auth, limit):
+    error = error_of(client.get(f"{RECS}?limit={limit}", headers=auth), 400)
+    assert "limit" in error["details"]["fields"]
+    error_of(client.get(f"/v1/items/SKU-00001/similar?limit={limit}", headers=auth), 400)
+
+
+def test_a_name_given_twice_is_refused_and_a_repeated_exclude_is_a_list(client, auth):
+    for query in ("limit=1&limit=200", "limit=200&limit=1", "strategy=als&strategy=popular"):
+        error = error_of(client.get(f"{RECS}?{query}", headers=auth), 400)
+        assert "give it once" in error["message"]
+    top = [item["item_id"] for item in client.get(f"{RECS}?limit=3", headers=auth).get_json()["items"]]
+    repeated = client.get(f"{RECS}?limit=5&exclude={top[0]}&exclude={top[1]}", headers=auth).get_json()
+    listed = client.get(f"{RECS}?limit=5&exclude={top[0]},{top[1]}", headers=auth).get_json()
+    assert [item["item_id"] for item in repeated["items"]] == [item["item_id"] for item in listed["items"]]
+    assert not {top[0], top[1]} & {item["item_id"] for item in repeated["items"]}
+
+
+@pytest.mark.parametrize("headers", [{"Content-Type": "text/plain"}, {},
+                                     {"Content-Type": "application/json; charset=latin-1"},
+                                     {"Content-Type": "application/json", "Content-Encoding": "gzip"}])
+@pytest.mark.parametrize("path", [RECS, "/v1/recommendations/batch", "/v1/events", "/v1/feedback"])
+def test_a_body_that_is_not_plain_utf8_json_is_415_however_it_is_sent(client, auth, headers, path):
+    body = b'{"limit": 2}'
+    if headers.get("Content-Encoding") == "gzip":
+        body = gzip.compress(body)
+    response = client.post(path, headers={**auth, **headers}, data=body)
+    assert error_of(response, 415)["code"] == "unsupported_media_type"
+
+
+def test_a_405_says_which_methods_are_allowed(client, auth):
+    response = client.delete("/v1/events", headers=auth)
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+def test_options_answers_204_with_allow_and_no_body(client, auth):
+    response = client.options(RECS, headers=auth)
+    assert response.status_code == 204 and "GET" in response.headers["Allow"] and response.data == b""
+    assert "Content-Type" not in response.headers
+
+
+def test_double_slashes_are_a_json_404_not_a_redirect(client, auth):
+    assert error_of(client.get("/v1//customers/C000003/recommendations", headers=auth), 404)["code"] == "not_found"
+
+
+def test_a_feedback_request_id_with_a_trailing_newline_is_refused(client, auth):
+    response = client.post("/v1/feedback", headers=auth, json={
+        "request_id": "abcdef12\n", "customer_id": "C000003", "item_id": "SKU-00001", "action": "accepted"})
+    assert "request_id" in error_of(response, 400)["details"]["fields"]
+
+
+@pytest.mark.parametrize("timestamp", ["1_764_500_000", "\u0661\u0667\u0666\u0664\u0665\u0660\u0660\u0660\u0660\u0660",
+                                       " 1764500000", "nan"])
+def test_event_timestamps_written_oddly_are_refused(client, auth, timestamp):
+    response = client.post("/v1/events", headers=auth, json={"events": [
+        {"customer_id": "C000003", "item_id": "SKU-00001", "timestamp": timestamp}]})
+    error_of(response, 400)
+
+
+def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_settings, auth):
+    app = start_app(experiment_settings)
+    try:
+        response = app.test_client().post("/v1/recommendations/batch", headers=auth, json={"requests": [
+            {"customer_id": "c-1"}, {"customer_id": "c-2"}, {"customer_id": "c-3", "strategy": "bogus"}]})
+        error = error_of(response, 400)
+        assert error["message"].startswith("requests[2]: unknown strategy") and error["details"]["index"] == 2
+        assert exposures(app) == []
+        app.test_client().head("/v1/customers/c-1/recommendations", headers=auth)
+        assert exposures(app) == []  # no one saw that answer
+        assert app.test_client().get("/v1/customers/c-1/recommendations", headers=auth).status_code == 200
+        assert len(exposures(app)) == 1
+    finally:
+        stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def server(trained_registry, tmp_path_factory):
+    env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY, "RECSVC_MAX_BODY_BYTES": "4096"}
+    with running_server(env, tmp_path_factory.mktemp("form") / "server.log", workers=1) as base:
+        yield base.removeprefix("http://").split(":")
+
+
+def raw(server, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client library tidies them) and read the whole answer."""
+    host, port = server
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def post_chunked(server, chunks: bytes) -> bytes:
+    return (f"POST {RECS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + chunks
+
+
+@pytest.mark.parametrize("chunks", [b"zz\r\nabc\r\n0\r\n\r\n", b"2;x=\"\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"])
+def test_broken_chunked_bodies_are_400_not_500(server, chunks):
+    status, headers, body = raw(server, post_chunked(server, chunks))
+    assert status == 400, body
+    assert headers["content-type"] == "application/json" and headers["x-request-id"]
+    assert b'"code":"invalid_request"' in body and b"could not be read" in body
+
+
+def test_a_chunked_body_cut_short_is_400(server):
+    status, headers, body = raw(server, post_chunked(server, b"20\r\n{\"limit\": 2"))
+    assert status == 400 and headers["content-type"] == "application/json" and b'"invalid_request"' in body
+
+
+def test_a_chunked_body_that_is_not_json_is_415(server):
+    request = post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n").replace(b"application/json", b"text/plain")
+    status, _headers, body = raw(server, request)
+    assert status == 415 and b'"unsupported_media_type"' in body
+
+
+@pytest.mark.parametrize("path", ["/v1/customers/%FF/recommendations", "/v1/customers/%ED%A0%80/recommendations",
+                                  "/v1/customers/%C0%AF/recommendations", "/v1/items/%FE/similar",
+                                  "/v1/customers/C000003/recommendations?exclude=%FF"])
+def test_ids_and_values_that_are_not_utf8_are_refused(server, path):
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    status, headers, body = raw(server, request)
+    assert status == 400 and headers["content-type"] == "application/json", body
+    assert b"is not valid UTF-8 once percent-decoded" in body
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_cut_short(server):
+    payload = b'{"limit": 2' + b" " * 5000 + b"}"
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (payload[:3000], payload[3000:])) + b"0\r\n\r\n"
+    status, _headers, body = raw(server, post_chunked(server, chunks))
+    assert status == 413 and b'"code":"payload_too_large"' in body
+    small = b'{"limit": 2}'
+    status, _headers, body = raw(server, post_chunked(server, b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)))
+    assert status == 200 and body.count(b'"item_id"') == 2
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /v1/customers/" + b"x" * 5000 + b"/recommendations HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n", 431),
+    (b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+])
+def test_requests_gunicorn_refuses_get_the_json_error_shape(server, request_bytes, status):
+    answered, headers, body = raw(server, request_bytes)
+    assert answered == status, body
+    assert headers["content-type"] == "application/json" and len(headers["x-request-id"]) == 32
+    assert body.startswith(b'{"error":{"code":') and b"<html>" not in body
