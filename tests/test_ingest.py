@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from recsvc.errors import InvalidInput
 from training.cli import main as train_cli
+from training import ingest
 from training.ingest import IngestOptions, load_catalog, load_interactions
 
 CSV = """customer_id,item_id,event_type,timestamp,weight
@@ -44,16 +45,17 @@ def test_csv_rows_are_weighted_by_event_type_and_weight_column(csv_path):
     interactions = load_interactions(csv_path, options)
     assert _as_dict(interactions) == {
         ("alice", "router"): 8 + 1 * 2,  # duplicates are summed
-        ("bob", "phone"): 1, ("bob", "case"): 2 * 0.5,  # carol's row has no timestamp: rejected
+        ("bob", "phone"): 1, ("bob", "case"): 2 * 0.5,
+        ("carol", "phone"): 1,  # no timestamp: nothing here needs one
     }
-    assert list(interactions.customers) == [b"alice", b"bob"]  # sorted: position = id index
+    assert list(interactions.customers) == [b"alice", b"bob", b"carol"]  # sorted: position = id index
 
 
 def test_timestamps_accept_iso_and_unix_seconds(csv_path):
-    interactions = load_interactions(csv_path, IngestOptions(max_bad_share=0.5))
-    # carol's empty timestamp is a bad row: 4 usable rows remain
+    interactions = load_interactions(csv_path, IngestOptions(max_bad_share=0.5), need_timestamps=True)
+    # carol's empty timestamp is a bad row when timestamps are needed: 4 usable rows remain
     assert len(interactions) == 4
-    assert interactions.report.counts == {"timestamp not ISO-8601 or Unix seconds": 1}
+    assert interactions.report.counts == {"missing timestamp (time decay or the time holdout needs one)": 1}
     assert interactions.timestamp[:2].tolist() == [1790848800.0, 1790848800.0]  # 2026-10-01T10:00:00Z both ways
     assert interactions.timestamp[2] == 1790933400.0  # naive ISO times are UTC
     assert interactions.timestamp[3] == 1790933460.0 - 2 * 3600
@@ -91,7 +93,7 @@ def test_bad_rows_are_counted_by_reason_with_examples(tmp_path, row, reason):
     path.write_text("customer_id,item_id,event_type\n" + "ok,item,view\n" * 9 + row + "\n")
     interactions = load_interactions(path, IngestOptions(max_bad_share=0.2))
     assert interactions.report.counts == {reason: 1}
-    assert interactions.report.examples[reason][0].startswith("row 11:")
+    assert interactions.report.examples[reason][0].startswith("data row 10:")
     assert len(interactions) == 9
 
 
@@ -129,3 +131,108 @@ def test_catalog_aligns_with_item_index(tmp_path):
     assert catalog.title.tolist() == ["", "Smartphone", "Wi-Fi router"]
     assert catalog.category.tolist() == ["", "Devices", "Broadband"]
     assert catalog.active.tolist() == [True, False, True]
+
+
+def _write(tmp_path, text: str | bytes, name: str = "i.csv"):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+GOOD = "".join(f"c{i % 7},i{i % 5},{1_700_000_000 + i}\n" for i in range(40))
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("1700000000000", "timestamp in the future (Unix milliseconds?)"),
+    ("9999-12-31T00:00:00", "timestamp in the future (Unix milliseconds?)"),
+    ("-5", "timestamp before 1970"),
+    ("inf", "timestamp not ISO-8601 or Unix seconds"),
+    ("1e309", "timestamp not ISO-8601 or Unix seconds"),
+    ("nan", "timestamp not ISO-8601 or Unix seconds"),
+])
+def test_a_timestamp_no_interaction_can_have_is_a_bad_row_and_leaves_decay_intact(tmp_path, value, reason):
+    path = _write(tmp_path, "customer_id,item_id,timestamp\n" + GOOD + f"c1,i1,{value}\n")
+    interactions = load_interactions(path, IngestOptions(half_life_days=30))
+    assert interactions.report.counts == {reason: 1} and len(interactions) == 40
+    assert np.nanmax(interactions.timestamp) == 1_700_000_039  # the newest real event stays the reference
+
+
+def test_ids_spelled_like_null_tokens_are_ids_and_a_nan_weight_is_bad(tmp_path):
+    tokens = ["NA", "N/A", "NULL", "null", "nan", "NaN", "#N/A", "None"]
+    rows = "".join(f"{token},item,1\n" for token in tokens) + "".join(f"c,{token},1\n" for token in tokens)
+    path = _write(tmp_path, "customer_id,item_id,weight\n" + rows + "c,item,NaN\n")
+    interactions = load_interactions(path, IngestOptions(max_bad_share=0.1))
+    assert {c.decode() for c in interactions.customers} == {*tokens, "c"}
+    assert {i.decode() for i in interactions.items} >= set(tokens)
+    assert interactions.report.counts == {"weight not a positive number": 1}
+
+
+def test_a_malformed_line_is_a_bad_row_not_a_refused_file(tmp_path):
+    path = _write(tmp_path, "customer_id,item_id,timestamp\n" + GOOD + "c1,i1\nc1,i1,1700000000,extra\n")
+    interactions = load_interactions(path)
+    assert len(interactions) == 40 and interactions.report.total_rows == 42
+    reason = "malformed line (wrong number of fields)"
+    assert interactions.report.counts == {reason: 2}
+    assert "'c1,i1' (2 fields, not 3)" in interactions.report.examples[reason][0]
+    with pytest.raises(InvalidInput, match="too many bad rows"):
+        load_interactions(path, IngestOptions(max_bad_share=0.01))
+
+
+def test_text_that_is_not_utf8_is_a_bad_row(tmp_path):
+    rows = "".join(f"c{i % 7},i{i % 5},view\n" for i in range(40)).encode()
+    path = _write(tmp_path, b"customer_id,item_id,event_type\n" + rows + b"caf\xe9,i1,view\nc1,i\xff,view\n")
+    interactions = load_interactions(path)
+    assert interactions.report.counts == {"text that is not UTF-8": 2} and len(interactions) == 40
+    assert {c.decode() for c in interactions.customers} == {f"c{i}" for i in range(7)}
+
+
+@pytest.mark.parametrize("header, message", [
+    ("customer_id,customer_id,item_id", "names column(s) customer_id more than once"),
+    ("customer_id,item_id,timestamp,Timestamp", "names column(s) timestamp more than once"),
+])
+def test_a_column_named_twice_is_refused(tmp_path, header, message):
+    path = _write(tmp_path, header + "\nc1,c2,i1,1\n")
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_interactions(path)
+
+
+def test_header_names_ignore_case_and_spaces(tmp_path):
+    path = _write(tmp_path, "\ufeff Customer_ID ,ITEM_ID,Timestamp\n" + GOOD)
+    interactions = load_interactions(path)
+    assert len(interactions) == 40 and interactions.timestamp is not None
+
+
+def test_empty_timestamps_are_missing_not_bad_unless_needed(tmp_path):
+    path = _write(tmp_path, "customer_id,item_id,timestamp\n" + "".join(f"c{i},i{i % 3},\n" for i in range(20)))
+    interactions = load_interactions(path)
+    assert interactions.report.bad_rows == 0 and interactions.timestamp is None and len(interactions) == 20
+    with pytest.raises(InvalidInput, match="missing timestamp"):
+        load_interactions(path, IngestOptions(half_life_days=7))
+
+
+def test_parquet_is_recognised_by_pq_suffix_and_by_content(tmp_path):
+    table = pa.table({"customer_id": ["a", "b"], "item_id": ["x", "y"]})
+    for name in ("t.pq", "t.PARQUET", "export.dat"):
+        pq.write_table(table, tmp_path / name)
+        assert len(load_interactions(tmp_path / name)) == 2
+
+
+def test_a_share_just_over_the_limit_is_not_printed_as_equal(tmp_path):
+    rows = "c,i,1\n" * 94_999 + "c,i,-1\n" * 5_001  # 5.001%
+    path = _write(tmp_path, "customer_id,item_id,weight\n" + rows)
+    with pytest.raises(InvalidInput, match=r"5\.001% > the allowed 5\.000%"):
+        load_interactions(path)
+
+
+def test_a_file_rewritten_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    path = _write(tmp_path, "customer_id,item_id\n" + "c1,i1\n" * 10)
+    read = ingest.read_interactions_table
+
+    def read_then_the_export_rewrites_it(file):
+        raw = read(file)
+        file.write_text("customer_id,item_id\n" + "c1,i1\n" * 20)
+        return raw
+
+    monkeypatch.setattr(ingest, "read_interactions_table", read_then_the_export_rewrites_it)
+    with pytest.raises(InvalidInput, match="changed while it was read"):
+        load_interactions(path)

@@ -188,6 +188,26 @@ def test_gate_refuses_to_compare_across_holdout_definitions(fit_args, tmp_path):
     assert "evaluated on a different basis" in result.output
 
 
+def test_an_empty_holdout_cannot_replace_the_current_model(demo_paths, tmp_path):
+    config = tmp_path / "empty.toml"
+    config.write_text(FAST_ALS + "\n[evaluation.holdout]\nmin_items = 100000\n")
+    args = ["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(tmp_path / "registry"),
+            "--config", str(config)]
+    first = CliRunner().invoke(train_cli, args)
+    assert first.exit_code == 0 and "the holdout is empty" in first.stderr  # the first model: nothing to compare
+    again = CliRunner().invoke(train_cli, args)
+    assert again.exit_code == 3, again.output
+    assert "the holdout is empty, so the new model could not be measured" in again.stderr
+    assert CliRunner().invoke(train_cli, [*args, "--force"]).exit_code == 0
+
+
+def test_event_weight_names_in_the_config_ignore_case_like_the_data(tmp_path):
+    config = tmp_path / "weights.toml"
+    config.write_text("[data.event_weights]\nPurchase = 100\n' Return ' = 0\n")
+    weights = TrainConfig.from_file(config).ingest.event_weights
+    assert weights["purchase"] == 100 and weights["return"] == 0 and "Purchase" not in weights
+
+
 def test_bad_rows_are_reported_and_publishing_goes_on_below_the_threshold(tmp_path, demo_paths):
     lines = demo_paths["interactions"].read_text().splitlines()
     path = tmp_path / "some-bad.csv"
@@ -209,7 +229,7 @@ def test_bad_share_above_the_configured_threshold_exits_2(tmp_path):
     result = run(["fit", "--interactions", str(path), "--registry", str(tmp_path / "r"), "--config", str(config)])
     assert result.exit_code == 2
     assert "too many bad rows (33.33% > the allowed 20.00%)" in result.output
-    assert "weight not a positive number: 1" in result.output and "e.g. row 4:" in result.output
+    assert "weight not a positive number: 1" in result.output and "e.g. data row 3:" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "r" / "CURRENT").exists()
 
 

@@ -234,7 +234,9 @@ def _ingest_options(data: dict) -> IngestOptions:
     if half_life is not None and float(half_life) <= 0:
         raise ValueError(f"data.half_life_days must be positive, not {half_life}")
     return IngestOptions(
-        event_weights={**defaults.event_weights, **data.get("event_weights", {})},
+        # Event types are matched without case or spaces in the data; so are the config's names.
+        event_weights={**defaults.event_weights,
+                       **{str(name).strip().lower(): w for name, w in data.get("event_weights", {}).items()}},
         unknown_event_weight=float(data.get("unknown_event_weight", defaults.unknown_event_weight)),
         max_bad_share=max_bad_share,
         half_life_days=None if half_life is None else float(half_life),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from collections.abc import Callable
@@ -61,7 +63,7 @@ class BadRowReport:
         shown = self.examples.setdefault(reason, [])
         for row in rows[: EXAMPLES_PER_REASON - len(shown)]:
             values = {name: table.column(name)[int(row)].as_py() for name in table.column_names}
-            shown.append(f"row {int(row) + 2}: {values}")  # +2: 1-based, after the header line
+            shown.append(f"data row {int(row) + 1}: {values}")  # 1-based, the header not counted
 
     def summary(self) -> str:
         lines = [f"{self.bad_rows} of {self.total_rows} rows rejected ({self.bad_share:.2%})"]
@@ -99,28 +101,126 @@ class Interactions:
 
 
 CATEGORY_COLUMNS = ("event_type",)  # few distinct values: read dictionary-encoded, unified cheaply
+TEXT_COLUMNS = ("customer_id", "item_id", "timestamp", "weight", "title", "category", "active")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class RawTable:
+    """An interactions file's rows as read, with what could not be read as a row at all."""
+
+    table: pa.Table
+    malformed: list[str] = field(default_factory=list)  # lines that are no CSV row of the header's width
+    not_utf8: np.ndarray | None = None  # rows with a text cell that is not UTF-8 (now null)
 
 
 def read_table(path: Path) -> pa.Table:
-    """The file as an Arrow table of its raw columns; InvalidInput when it cannot be read."""
-    path = Path(path)
+    """The file as an Arrow table of its raw columns; InvalidInput when it cannot be read (any bad line: a
+    catalog is small and hand-made, so it is fixed rather than partly read)."""
+    return _read(Path(path), tolerant=False).table
+
+
+def read_interactions_table(path: Path) -> RawTable:
+    """Like read_table, but a line that is no row (wrong number of fields) and text that is not UTF-8 are
+    left out and reported, as bad rows are: one broken line of an export must not refuse the whole night."""
+    return _read(Path(path), tolerant=True)
+
+
+def _read(path: Path, tolerant: bool) -> RawTable:
     if path.is_dir():
         raise InvalidInput(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
+    parquet = _is_parquet(path)
     try:
-        if path.suffix == ".parquet":
+        if parquet:
             names = pq.read_schema(path).names
-            table = pq.read_table(path, read_dictionary=[c for c in CATEGORY_COLUMNS if c in names])
+            raw = RawTable(pq.read_table(path, read_dictionary=[c for c in CATEGORY_COLUMNS if c in names]))
+            raw.table = raw.table.rename_columns(_column_names(names, path))
         else:
-            column_types = {name: pa.string() for name in ("customer_id", "item_id", "timestamp", "weight", "title",
-                                                           "category", "active")}
-            column_types.update({name: pa.dictionary(pa.int32(), pa.string()) for name in CATEGORY_COLUMNS})
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=column_types,
-                                                                               strings_can_be_null=True))
-        return table.unify_dictionaries()
+            raw = _read_csv(path, tolerant)
+        raw.table = raw.table.unify_dictionaries()
+        return raw
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"{path}: cannot be read as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: {exc}") from exc
+        raise InvalidInput(f"{path}: cannot be read as {'Parquet' if parquet else 'CSV'}: {exc}") from exc
+
+
+def _is_parquet(path: Path) -> bool:
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PAR1"  # whatever the name says
+
+
+def _column_names(names: list[str], path: Path) -> list[str]:
+    """Header names as recsvc spells them ("Customer_ID " is customer_id); a name twice is refused."""
+    normalised = [name.strip().lower() for name in names]
+    repeated = sorted({name for name in normalised if normalised.count(name) > 1})
+    if repeated:
+        raise InvalidInput(f"{path}: the header names column(s) {', '.join(repeated)} more than once "
+                           f"({', '.join(names)})")
+    return normalised
+
+
+def _read_csv(path: Path, tolerant: bool, text_type: pa.DataType = pa.string()) -> RawTable:
+    header = next(csv.reader([_first_line(path)]), [])
+    names = _column_names(header, path)
+    column_types = {name: text_type for name in TEXT_COLUMNS}
+    column_types.update({name: pa.dictionary(pa.int32(), text_type) for name in CATEGORY_COLUMNS})
+    malformed: list[str] = []
+
+    def skip(row) -> str:
+        where = f"line {row.number}" if row.number is not None else "a line"
+        malformed.append(f"{where}: {row.text[:200]!r} ({row.actual_columns} fields, not {row.expected_columns})")
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=skip if tolerant else None),
+            # Only an empty cell is missing: "NA", "NULL" or "nan" can be someone's id.
+            convert_options=pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=True,
+                                                 null_values=[""]))
+    except pa.ArrowInvalid as exc:
+        if not tolerant or text_type != pa.string() or "UTF8" not in str(exc):
+            raise
+        return _without_invalid_text(_read_csv(path, tolerant, pa.binary()))
+    return RawTable(table, malformed)
+
+
+def _first_line(path: Path) -> str:
+    """The header line (of a .csv.gz too), without a byte-order mark."""
+    head = b""
+    with pa.input_stream(path, compression="detect") as stream:
+        while b"\n" not in head and (block := stream.read(1 << 16)):
+            head += block
+    return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig")
+
+
+def _without_invalid_text(raw: RawTable) -> RawTable:
+    """Binary text columns as strings; a value that is not UTF-8 becomes null and marks its rows. Decoded per
+    distinct value, so only files that need it pay."""
+    table, not_utf8 = raw.table, np.zeros(raw.table.num_rows, dtype=bool)
+    for index, name in enumerate(table.column_names):
+        column = table.column(name)
+        dictionary_type = pa.types.is_dictionary(column.type)
+        if not (pa.types.is_binary(column.type) or dictionary_type and pa.types.is_binary(column.type.value_type)):
+            continue
+        encoded = (column if dictionary_type else pc.dictionary_encode(column)).combine_chunks()
+        texts = [_utf8_or_none(value) for value in encoded.dictionary.to_pylist()]
+        codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        invalid = np.append(np.array([t is None for t in texts], dtype=bool), False)
+        not_utf8 |= invalid[codes]
+        decoded = pa.DictionaryArray.from_arrays(encoded.indices, pa.array(texts, pa.string()))
+        table = table.set_column(index, name, decoded if dictionary_type else decoded.dictionary_decode())
+    return RawTable(table, raw.malformed, not_utf8)
+
+
+def _utf8_or_none(value: bytes | None) -> str | None:
+    try:
+        return None if value is None else value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _require_columns(table: pa.Table, path: Path) -> None:
@@ -206,6 +306,30 @@ def _timestamps(column: pa.ChunkedArray) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in parsed], dtype=np.float64)
 
 
+FUTURE_TOLERANCE_SECONDS = 86_400  # clocks of export machines differ; a day ahead is no timestamp's mistake
+
+
+def _check_timestamps(column: pa.ChunkedArray, rows: "_RowCheck", needed: bool) -> np.ndarray | None:
+    """Unix seconds per row (NaN where missing), rejecting what cannot be a time of an interaction.
+
+    One timestamp in milliseconds (or the year 9999) would be the newest event: time decay would weigh
+    every real row as ancient and the time holdout would test that one row. A missing cell is no mistake
+    unless time decay or the time holdout needs the time; None when no row has one and none is needed.
+    """
+    seconds = _timestamps(column)
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        missing |= pc.equal(pc.utf8_trim_whitespace(column), "").fill_null(True).to_numpy(zero_copy_only=False)
+    rows.reject("timestamp not ISO-8601 or Unix seconds", ~missing & ~np.isfinite(seconds))
+    rows.reject("timestamp in the future (Unix milliseconds?)", seconds > time.time() + FUTURE_TOLERANCE_SECONDS)
+    rows.reject("timestamp before 1970", seconds < 0)
+    if needed:
+        rows.reject("missing timestamp (time decay or the time holdout needs one)", missing)
+    elif missing.all():
+        return None
+    return np.where(missing, np.nan, seconds)
+
+
 def _weights(column: pa.ChunkedArray) -> np.ndarray:
     """Float64 weights; NaN where missing or not a number."""
     try:
@@ -237,16 +361,19 @@ def fingerprint_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_interactions(path: Path, options: IngestOptions | None = None) -> Interactions:
+def load_interactions(path: Path, options: IngestOptions | None = None, need_timestamps: bool = False) -> Interactions:
     """Read, validate and id-map an interactions file.
 
     Bad rows are dropped and counted by reason; raises InvalidInput when the file
-    lacks a required column, has no usable row, or its bad share exceeds
-    options.max_bad_share.
+    lacks a required column, has no usable row, its bad share exceeds
+    options.max_bad_share, or it changed while being read. `need_timestamps`: rows without one are bad
+    (time decay and the time holdout need them; options.half_life_days implies it).
     """
     options = options or IngestOptions()
     path = Path(path)
-    table = read_table(path)
+    before = _identity(path) if path.is_file() else None  # else read_interactions_table says what is wrong
+    raw = read_interactions_table(path)
+    table = raw.table
     _require_columns(table, path)
     for name in (*REQUIRED_COLUMNS, *CATEGORY_COLUMNS):
         kind = table.schema.field(name).type if name in table.column_names else pa.string()
@@ -254,7 +381,9 @@ def load_interactions(path: Path, options: IngestOptions | None = None) -> Inter
             kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
             raise InvalidInput(f"{path}: column {name} holds {kind}; ids and event types must be text or whole numbers")
-    rows = _RowCheck(table)
+    rows = _RowCheck(table, raw.malformed)
+    if raw.not_utf8 is not None:
+        rows.reject("text that is not UTF-8", raw.not_utf8)
     # Arrow releases the GIL while hashing: encode both id columns at once.
     with ThreadPoolExecutor(max_workers=len(REQUIRED_COLUMNS)) as pool:
         ids = dict(zip(REQUIRED_COLUMNS, pool.map(EncodedIds.of, (table.column(c) for c in REQUIRED_COLUMNS))))
@@ -263,29 +392,43 @@ def load_interactions(path: Path, options: IngestOptions | None = None) -> Inter
         rows.reject(f"{column} longer than {MAX_ID_LENGTH} characters", encoded.too_long())
     strength = _row_strengths(table, options, rows)
     timestamp = None
+    need_timestamps = need_timestamps or bool(options.half_life_days)
     if "timestamp" in table.column_names:
-        timestamp = _timestamps(table.column("timestamp"))
-        rows.reject("timestamp not ISO-8601 or Unix seconds", np.isnan(timestamp))
+        timestamp = _check_timestamps(table.column("timestamp"), rows, need_timestamps)
 
     _check_bad_share(rows.report, options, path)
     keep = ~rows.bad
     customers, customer = ids["customer_id"].positions(keep)
     items, item = ids["item_id"].positions(keep)
+    fingerprint = fingerprint_file(path)
+    if _identity(path) != before:
+        raise InvalidInput(f"{path}: the file changed while it was read (is the export still writing it?); "
+                           "run again once it is complete")
     return Interactions(
         customers=customers, items=items, customer=customer, item=item,
         strength=strength[keep].astype(np.float32),
         timestamp=None if timestamp is None else timestamp[keep],
-        report=rows.report, fingerprint=fingerprint_file(path),
+        report=rows.report, fingerprint=fingerprint,
     )
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten or replaced: inode, device, size, modification time."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns
 
 
 class _RowCheck:
     """Accumulates the bad-row mask and report; a row is counted under its first reason only."""
 
-    def __init__(self, table: pa.Table):
+    def __init__(self, table: pa.Table, malformed: list[str] = ()):
         self.table = table
-        self.report = BadRowReport(total_rows=table.num_rows)
+        self.report = BadRowReport(total_rows=table.num_rows + len(malformed))
         self.bad = np.zeros(table.num_rows, dtype=bool)
+        if malformed:  # never rows of the table: counted and shown as the lines they were
+            reason = "malformed line (wrong number of fields)"
+            self.report.counts[reason] = len(malformed)
+            self.report.examples[reason] = list(malformed[:EXAMPLES_PER_REASON])
 
     def reject(self, reason: str, mask: np.ndarray) -> None:
         mask = mask & ~self.bad
@@ -302,15 +445,21 @@ def _row_strengths(table: pa.Table, options: IngestOptions, rows: _RowCheck) -> 
     weight = _weights(table.column("weight"))
     weight = np.where(np.isnan(weight) & table.column("weight").is_null().to_numpy(zero_copy_only=False), 1.0, weight)
     rows.reject("weight not a positive number", ~(weight > 0) | ~np.isfinite(weight))
-    return strength * np.where(rows.bad, 1.0, weight)
+    strength = strength * np.where(rows.bad, 1.0, weight)
+    rows.reject("weight too large", strength > np.finfo(np.float32).max / 1e6)  # room to sum and decay in float32
+    return strength
 
 
 def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path) -> None:
     if report.total_rows == report.bad_rows:
         raise InvalidInput(f"{path}: no usable interaction rows.\n{report.summary()}")
     if report.bad_share > options.max_bad_share:
+        digits = 2
+        while f"{report.bad_share:.{digits}%}" == f"{options.max_bad_share:.{digits}%}" and digits < 6:
+            digits += 1  # 5,001 bad rows of 100,000 is not "5.00% > 5.00%"
         raise InvalidInput(
-            f"{path}: too many bad rows ({report.bad_share:.2%} > the allowed {options.max_bad_share:.2%}).\n"
+            f"{path}: too many bad rows ({report.bad_share:.{digits}%} > the allowed "
+            f"{options.max_bad_share:.{digits}%}).\n"
             f"{report.summary()}", details=report.as_dict())
 
 

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from recsvc import artifacts
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
-from recsvc.errors import ArtifactError, InvalidInput
+from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
 from recsvc.scoring import Scorer
 from training.config import TrainConfig
 from training.evaluate import evaluate, split, split_by_time
@@ -65,6 +65,7 @@ class PreparedData:
     prepare_report: PrepareReport
     catalog: Catalog
     matrix: sp.csr_matrix
+    held_out: int | None = None  # customer-item pairs in the evaluation's test split, once split
 
 
 def _library_versions() -> dict[str, str]:
@@ -118,7 +119,7 @@ def build_strategies(names: list[str], config: TrainConfig) -> dict[str, Strateg
 
 def load_prepared(interactions_path: Path, config: TrainConfig, catalog_path: Path | None, log: RunLog) -> PreparedData:
     """Read, validate, decay and filter the interactions; InvalidInput for unusable input."""
-    interactions = load_interactions(interactions_path, config.ingest)
+    interactions = load_interactions(interactions_path, config.ingest, need_timestamps=config.holdout.kind == "time")
     if interactions.report.bad_rows:
         log.warning(interactions.report.summary(), bad_rows=interactions.report.as_dict())
     interactions, report = prepare(interactions, config.ingest)
@@ -148,17 +149,24 @@ def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix
     # they keep only rows whose pair is in `train`, so held-out rows never leak.
     training = TrainingData(train, timestamps=data.interactions.timestamp,
                             interactions=(data.interactions.customer, data.interactions.item))
+    from implicit.recommender_base import ModelFitError
+
     scorers, metrics, params = {}, {}, {}
     for name, strategy in strategies.items():
         with log.step(f"fit.{name}"):
-            scorers[name] = strategy.fit(training)
+            try:
+                scorers[name] = strategy.fit(training)
+            except ModelFitError as exc:  # NaN factors: no model to publish, and no traceback to read
+                raise RecsvcError(f"{name} could not be fitted ({exc}); lower its learning rate or regularisation, "
+                                  "or look for extreme weights in the data") from exc
         with log.step(f"evaluate.{name}"):
             metrics[name] = evaluate(scorers[name], train, test, k=config.k, exclude_items=inactive)
         params[name] = strategy.params
     return scorers, metrics, params
 
 
-def gate_decision(registry: Path, config: TrainConfig, new_value: float, force: bool = False) -> GateDecision:
+def gate_decision(registry: Path, config: TrainConfig, new_value: float, force: bool = False,
+                  measured: bool = True) -> GateDecision:
     """Compare the new default strategy's primary metric with the current model's, recorded in its
     manifest, when both were measured on the same evaluation basis (see docs/training.md)."""
     metric = config.primary_metric
@@ -168,6 +176,9 @@ def gate_decision(registry: Path, config: TrainConfig, new_value: float, force: 
         decision.reason = "no current model: the first model is published"
         return decision
     decision.current_version = current
+    if not measured:  # every metric is 0 then: 0 >= (1 - tolerance) x 0 would pass any model
+        return _refuse(decision, "the holdout is empty, so the new model could not be measured against the "
+                                 f"current model {current}", force)
     try:
         manifest = artifacts.read_manifest(artifacts.versions_root(registry) / current)
         basis = manifest.get("evaluation", {}).get("basis")
@@ -205,7 +216,8 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
     with log.steps(total=3 + 2 * len(names)):
         data, scorers, metrics, params = _train_and_evaluate(interactions_path, config, catalog_path, log, strategies)
         default = choose_default(metrics, config.primary_metric, scorers)
-        gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force)
+        gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force,
+                             measured=bool(data.held_out))
         manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
         if not gate.passed:
             log.seconds["total"] = time.perf_counter() - started
@@ -290,8 +302,13 @@ def _train_and_evaluate(interactions_path: Path, config: TrainConfig, catalog_pa
         data = load_prepared(interactions_path, config, catalog_path, log)
     with log.step("split"):
         train, test = holdout_split(data, config)
+    data.held_out = int(test.nnz)
     if not test.nnz:
-        log.warning(f"the holdout is empty (no customer has {config.holdout.min_items} items or more to hold some "
-                    f"out): every metric is 0, so they cannot tell strategies apart and the gate compares nothing")
+        why = (f"no customer has {config.holdout.min_items} items or more to hold some out"
+               if config.holdout.kind == "random" else
+               f"no customer has a new item in the last {config.holdout.days:g} days and "
+               f"{config.holdout.min_items} or more before them")
+        log.warning(f"the holdout is empty ({why}): every metric is 0, so they cannot tell strategies apart, "
+                    "and the gate refuses to replace a current model")
     scorers, metrics, params = fit_strategies(data, train, test, strategies, config, log)
     return data, scorers, metrics, params
