@@ -19,7 +19,7 @@ from recsvc.event_log import from_settings as event_log_from_settings
 from recsvc.experiments import ExperimentRouter
 from recsvc.experiments import from_settings as experiments_from_settings
 from recsvc.model_store import ModelStore
-from recsvc.recommend import Recommender, new_request_id
+from recsvc.recommend import Recommender, check_serves, new_request_id
 
 REQUEST_ID_HEADER = "X-Request-ID"
 access_log = logging.getLogger("recsvc.access")
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
     )
-    store = ModelStore(settings.registry, settings.reload_interval)
+    store = ModelStore(settings.registry, settings.reload_interval, check=check_serves)
     store.refresh()  # load before serving; under gunicorn --preload workers inherit the mapped arrays
     cache = make_cache(settings)
     shared = cache if isinstance(cache, LocalCache) else None  # without Redis, recent items live beside the lists

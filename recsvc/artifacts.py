@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from recsvc.checks import check_csr, check_ids, check_vector
 from recsvc.errors import ArtifactError
 from recsvc.scoring import Scorer, load_scorer
 
@@ -36,6 +38,10 @@ FORMAT_VERSION = 1
 CURRENT_POINTER = "CURRENT"
 VERSIONS_DIR = "versions"
 MANIFEST = "manifest.json"
+# A version id as new_version_id makes them: a name inside versions/, never a path.
+VERSION_ID = re.compile(r"v[A-Za-z0-9._-]+")
+BAD_POINTER = ("the registry's current pointer (CURRENT) does not hold a version id; "
+               "`recsvc-train registry rollback VERSION` rewrites it")
 
 
 # --- arrays -----------------------------------------------------------------
@@ -115,14 +121,21 @@ def new_version_id(fingerprint: str, now: dt.datetime | None = None) -> str:
 
 
 def current_version(registry: Path) -> str | None:
-    """The version id the CURRENT pointer names, or None for an empty registry."""
+    """The version id the CURRENT pointer names, or None when there is no pointer (an empty registry).
+
+    ArtifactError when it cannot be read or holds anything but a version id (bytes that are not UTF-8, a
+    path, nothing). The message never repeats what it holds: that may be a path, and /readyz shows it."""
     try:
         text = (Path(registry) / CURRENT_POINTER).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ArtifactError(f"cannot read the registry's current pointer: {exc}") from exc
-    return text or None
+    except UnicodeDecodeError:
+        raise ArtifactError(BAD_POINTER) from None
+    if not VERSION_ID.fullmatch(text):
+        raise ArtifactError(BAD_POINTER)
+    return text
 
 
 def set_current(registry: Path, version_id: str) -> None:
@@ -215,6 +228,12 @@ class Catalog:
         """The catalog's category names, sorted."""
         return [name for name in self._active_by_category if name]
 
+    def check(self, n_items: int) -> None:
+        """One title, category and flag per item: requests read them by item position."""
+        check_vector(self.title, "catalog.title", n_items, "U")
+        check_vector(self.category, "catalog.category", n_items, "U")
+        check_vector(self.active, "catalog.active", n_items, "b")
+
     def prepare_filters(self) -> None:
         """Build the derived filter arrays now rather than on the first request."""
         self._active_by_category  # noqa: B018 (computed and kept by cached_property)
@@ -248,16 +267,19 @@ class ModelBundle:
         return self.owned.indices[self.owned.indptr[customer] : self.owned.indptr[customer + 1]]
 
     def validate(self) -> None:
-        """Cross-check shapes so a damaged version is refused before it serves anyone."""
+        """Check every array a request reads (dtypes, lengths, index ranges, finite values; recsvc.checks),
+        so a damaged version is refused before it serves anyone, by the server and by a rollback alike."""
+        check_ids(self.customers.ids, "customers")
+        check_ids(self.items.ids, "items")
         n_customers, n_items = len(self.customers), len(self.items)
         if self.owned.shape != (n_customers, n_items):
             raise ArtifactError(f"owned matrix shape {self.owned.shape} != ({n_customers}, {n_items})")
-        if len(self.catalog.active) != n_items:
-            raise ArtifactError("catalog arrays do not match the item count")
+        check_csr(self.owned, "owned")
+        self.catalog.check(n_items)
         if self.default_strategy not in self.scorers:
             raise ArtifactError(f"default strategy {self.default_strategy!r} has no arrays")
         for name, scorer in self.scorers.items():
-            scorer.check_shape(n_customers, n_items, name)
+            scorer.check(n_customers, n_items, name)
 
 
 def write_version(registry: Path, bundle: ModelBundle) -> Path:
@@ -290,7 +312,11 @@ def write_version(registry: Path, bundle: ModelBundle) -> Path:
 
 
 def load_version(registry: Path, version_id: str, *, mmap: bool = True) -> ModelBundle:
-    """Load and validate one version; raises ArtifactError when anything is missing or inconsistent."""
+    """Load, validate and prepare one version. Raises ArtifactError, and nothing else, when anything is missing,
+    inconsistent or damaged: damage can surface as any error of numpy or scipy, and every caller (the server's
+    watcher, a rollback) must be able to refuse the version without a traceback."""
+    if not VERSION_ID.fullmatch(version_id):
+        raise ArtifactError(f"{version_id!r} is not a version id")
     path = versions_root(registry) / version_id
     manifest = read_manifest(path)
     if manifest.get("version") != version_id:
@@ -305,10 +331,12 @@ def load_version(registry: Path, version_id: str, *, mmap: bool = True) -> Model
             scorers={name: load_scorer(path / "strategies" / name, mmap=mmap) for name in manifest["strategies"]},
             path=path,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"version {version_id} is inconsistent: {exc}") from exc
-    bundle.validate()
-    bundle.catalog.prepare_filters()
+        bundle.validate()
+        bundle.catalog.prepare_filters()
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (see the docstring)
+        raise ArtifactError(f"version {version_id} is inconsistent: {type(exc).__name__}: {exc}") from exc
     return bundle
 
 

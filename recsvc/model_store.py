@@ -2,8 +2,10 @@
 
 A watcher thread reads the pointer every few seconds; a new version is loaded
 beside the old one and swapped in with one reference assignment, so requests
-in flight finish on the version they started with. A version that fails to load
-or validate is refused and the old one keeps serving.
+in flight finish on the version they started with. A version that fails to load,
+validate or answer the check requests is refused and the old one keeps serving.
+A pointer that goes missing, and files of the served version that change on disk,
+are reported the same way while the loaded version keeps serving.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from recsvc import artifacts, metrics
 from recsvc.artifacts import ModelBundle
@@ -40,11 +43,31 @@ class LoadFailure:
     at: float  # Unix seconds
 
 
+def _files(bundle: ModelBundle) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of each file of the bundle's version directory, by relative path."""
+    if bundle.path is None:
+        return {}
+    found = {}
+    for path in bundle.path.rglob("*"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # removed meanwhile: the next comparison shows it missing
+        if not path.is_dir():
+            found[str(path.relative_to(bundle.path))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
 class ModelStore:
-    def __init__(self, registry: Path, reload_interval: float = 5.0):
+    def __init__(self, registry: Path, reload_interval: float = 5.0,
+                 check: Callable[[ModelBundle], None] | None = None):
+        """`check`: run on a loaded version before it is swapped in; any exception refuses the version
+        (the app passes recsvc.recommend.check_serves)."""
         self.registry = Path(registry)
         self.reload_interval = reload_interval
+        self.check = check
         self.bundle: ModelBundle | None = None
+        self._served_files: dict[str, tuple[int, int]] = {}
         self.last_failure: LoadFailure | None = None
         self.loaded_at: float | None = None
         self._lock = threading.Lock()
@@ -69,23 +92,49 @@ class ModelStore:
             except ArtifactError as exc:
                 self._refuse(None, str(exc))
                 return False
+            if version is None:
+                if self.bundle is not None:  # an empty registry before the first model is no failure
+                    self._refuse(None, "the registry's current pointer (CURRENT) is missing")
+                return False
             if self.last_failure is not None and self.last_failure.version is None:
                 self.last_failure = None  # the pointer reads again: its failure is over
-            if version is None or (self.bundle is not None and self.bundle.version == version):
+            if self.bundle is not None and self.bundle.version == version:
+                self._check_served_files()
                 return False
             if not retry_refused and self.last_failure is not None and self.last_failure.version == version:
                 return False  # already refused; wait for the pointer to move on
             try:
-                bundle = artifacts.load_version(self.registry, version)
-            except ArtifactError as exc:
-                self._refuse(version, str(exc))
+                bundle = self._load(version)
+            except Exception as exc:  # noqa: BLE001 (whatever the version throws, the old one keeps serving)
+                self._refuse(version, exc.message if isinstance(exc, ArtifactError)
+                             else f"it cannot serve: {type(exc).__name__}: {exc}")
                 return False
             previous = self.bundle.version if self.bundle else None
             self.bundle, self.loaded_at, self.last_failure = bundle, time.time(), None
+            self._served_files = _files(bundle)
             metrics.model_swapped(previous, version, self.created_at)
             log.info("model version %s loaded (was %s)", version, previous,
                      extra={"model_version": version, "previous_version": previous})
             return True
+
+    def _load(self, version: str) -> ModelBundle:
+        bundle = artifacts.load_version(self.registry, version)
+        if self.check is not None:
+            self.check(bundle)
+        return bundle
+
+    def _check_served_files(self) -> None:
+        """CURRENT names the served version: its failure, if any, is over (a rollback to it), unless its files
+        changed on disk. They are memory-mapped: one cut short makes the processes reading it die of SIGBUS,
+        so say so loudly, once, and keep it on /readyz."""
+        now = _files(self.bundle)
+        changed = sorted(name for name in self._served_files.keys() | now.keys()
+                         if self._served_files.get(name) != now.get(name))
+        if changed:
+            self._refuse(self.bundle.version, f"files of the served version changed on disk "
+                         f"({', '.join(changed[:5])}); versions are immutable: publish a new one instead", served=True)
+        else:
+            self.last_failure = None
 
     @property
     def created_at(self) -> float | None:
@@ -96,15 +145,21 @@ class ModelStore:
         except (KeyError, TypeError, ValueError):
             return None
 
-    def _refuse(self, version: str | None, reason: str) -> None:
+    def _refuse(self, version: str | None, reason: str, *, served: bool = False) -> None:
+        """Show the failure on /readyz, count and log it, once while it stays the same. `served`: it is about
+        the served version itself (nothing was refused)."""
         shown = _without_paths(reason)  # the log keeps the paths: only /readyz is public
         failure = self.last_failure
         if failure is not None and (failure.version, failure.reason) == (version, shown):
             return  # the same failure as at the last check (an unreadable pointer): counted and logged once
         self.last_failure = LoadFailure(version, shown, time.time())
         metrics.model_refused()
-        log.error("model version %s refused, keeping %s: %s", version, self.bundle.version if self.bundle else None,
-                  reason, extra={"refused_version": version})
+        serving = self.bundle.version if self.bundle else None
+        if served:
+            log.error("model version %s is served, but %s", version, reason, extra={"model_version": version})
+        else:
+            log.error("model version %s refused, keeping %s: %s", version, serving, reason,
+                      extra={"refused_version": version})
 
     def start_watching(self) -> None:
         """In a process forked after the app was loaded (a gunicorn worker): watch the registry from now on,

@@ -23,6 +23,7 @@ POPULAR = "popular"
 FALLBACK_STRATEGIES = ("trending", POPULAR)
 MAX_REASON_ITEMS = 2
 MAX_LISTED = 100  # category names an "unknown category" error lists at most
+CHECK_CUSTOMER = "recsvc-check-unknown-customer"  # check_serves' customer the model does not know
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,11 @@ class Recommender:
 
     def similar(self, item_id: str, limit: int, strategy: str | None, category: str | None) -> dict:
         """Items like `item_id` by the strategy's item similarity; never the item itself or an inactive one."""
-        bundle = self.bundle()
+        return self.similar_in(self.bundle(), item_id, limit, strategy, category)
+
+    def similar_in(self, bundle: ModelBundle, item_id: str, limit: int, strategy: str | None,
+                   category: str | None) -> dict:
+        """similar() with the given version (check_serves asks one that is not served yet)."""
         strategy = self._strategy(bundle, strategy)
         self._check_category(bundle, category)
         position = bundle.items.position(item_id)
@@ -212,8 +217,15 @@ class Recommender:
                                         "categories": len(known)})
 
     def compute(self, bundle: ModelBundle, strategy: str, query: RecommendationQuery) -> dict:
-        """The response body (less request_id) from the model: personal, topped up by context, then popular."""
+        """The response body (less request_id) from the model, counted in the metrics by the step that answered."""
         self.computations += 1
+        body = self.build_body(bundle, strategy, query)
+        metrics.observe_source(body["source"])
+        return body
+
+    def build_body(self, bundle: ModelBundle, strategy: str, query: RecommendationQuery) -> dict:
+        """The response body (less request_id) from the model: personal, topped up by context, then popular.
+        Records nothing, so check_serves can run it on a version that serves no one yet."""
         customer = bundle.customers.position(query.customer_id)
         owned = bundle.owned_items(customer)
         if self.recent_items is not None:  # items from POST /v1/events count as owned straight away
@@ -234,7 +246,6 @@ class Recommender:
         if len(ranked.items) < query.limit:
             ranked.extend(*popular_step(fallback, owned, query.limit, eligible, buffer), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
-        metrics.observe_source(source)
         evidence = _evidence_items(scorer, ranked, owned, context)
         items = [self._item(bundle, fallback, pos, score, source, evidence.get(pos))
                  for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)]
@@ -270,6 +281,25 @@ class Recommender:
         if source == "popular":
             return [popular_reason_text(fallback)]
         return reason_texts(source, [item_label(bundle, position) for position in evidence or ()])
+
+
+def check_serves(bundle: ModelBundle) -> None:
+    """Answer a request of every kind with each strategy of `bundle`, through the code that serves them: a known
+    customer, an unknown one with context items, one the popular step answers alone (in a category when the
+    catalog has one), and similar items. The model store runs it before swapping a version in, so damage the
+    array checks do not know of is refused (any exception) instead of answering every request with a 500.
+    Uses no cache, experiment or recent items and records no metric."""
+    recommender = Recommender(store=None, cache=None, cache_ttl=0.0)
+    owners = np.flatnonzero(np.diff(bundle.owned.indptr))
+    known = bundle.customers.external(int(owners[0])) if len(owners) else CHECK_CUSTOMER
+    context = tuple(bundle.items.external(p) for p in sorted({0, len(bundle.items) - 1}))
+    category = bundle.catalog.categories[0] if bundle.catalog.categories else None
+    queries = (RecommendationQuery(known), RecommendationQuery(CHECK_CUSTOMER, context_items=context),
+               RecommendationQuery(CHECK_CUSTOMER, category=category))
+    for strategy in bundle.scorers:
+        for query in queries:
+            orjson.dumps(recommender.build_body(bundle, strategy, query))
+        orjson.dumps(recommender.similar_in(bundle, context[0], 10, strategy, None))
 
 
 def response_body(customer_id: str, model_version: str, strategy: str, source: str, items: list[dict]) -> dict:

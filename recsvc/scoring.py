@@ -21,6 +21,7 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from recsvc.checks import MAX_WEIGHT, check_csr, check_floats, check_vector, require
 from recsvc.errors import ArtifactError
 
 SCORER_FILE = "scorer.json"
@@ -208,8 +209,9 @@ class Scorer(ABC):
     def params(self) -> dict:
         return {}
 
-    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
-        """Raise ArtifactError when the arrays do not fit the bundle's id maps."""
+    def check(self, n_customers: int, n_items: int, name: str) -> None:
+        """Raise ArtifactError when the arrays do not fit the bundle's id maps or hold what no trained model
+        does (another dtype, values that are not finite): see recsvc.checks."""
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -269,12 +271,17 @@ class FactorScorer(Scorer):
     def arrays(self) -> dict[str, np.ndarray]:
         return {"user_factors": self.user_factors, "item_factors_t": self.item_factors_t, "item_norms": self.item_norms}
 
-    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+    def check(self, n_customers: int, n_items: int, name: str) -> None:
+        require(self.user_factors.ndim == 2, f"{name}: user_factors has shape {self.user_factors.shape}")
         if self.user_factors.shape[0] != n_customers or self.item_factors.shape[0] != n_items:
             raise ArtifactError(f"{name}: factor shapes {self.user_factors.shape}/{self.item_factors.shape} "
                                 f"do not match {n_customers} customers x {n_items} items")
         if self.user_factors.shape[1] != self.item_factors.shape[1]:
             raise ArtifactError(f"{name}: customer and item factors differ in width")
+        check_floats(self.user_factors, f"{name}.user_factors", MAX_WEIGHT)
+        check_floats(self.item_factors_t, f"{name}.item_factors_t", MAX_WEIGHT)
+        check_vector(self.item_norms, f"{name}.item_norms", n_items, "f")
+        check_floats(self.item_norms, f"{name}.item_norms")
 
     def fold_in(self, history: np.ndarray) -> np.ndarray:
         """A customer vector for a history of items (implicit-feedback ALS step, confidence 1 + 1)."""
@@ -415,9 +422,13 @@ class ItemSimilarityScorer(Scorer):
         return {"data": m.data.astype(np.float32), "indices": m.indices.astype(index_dtype),
                 "indptr": m.indptr.astype(index_dtype), "shape": np.asarray(m.shape, dtype=np.int64)}
 
-    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+    def check(self, n_customers: int, n_items: int, name: str) -> None:
         if self.matrix.shape != (n_items, n_items):
             raise ArtifactError(f"{name}: similarity shape {self.matrix.shape} does not match {n_items} items")
+        if self.dense:
+            check_floats(self.matrix, f"{name}.dense", MAX_WEIGHT)
+        else:
+            check_csr(self.matrix, name, MAX_WEIGHT)
 
     def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if len(history) == 0:
@@ -491,9 +502,9 @@ class PopularityScorer(Scorer):
     def arrays(self) -> dict[str, np.ndarray]:
         return {"popularity": self.popularity.astype(np.float32, copy=False)}
 
-    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
-        if len(self.popularity) != n_items:
-            raise ArtifactError(f"{name}: popularity has {len(self.popularity)} entries for {n_items} items")
+    def check(self, n_customers: int, n_items: int, name: str) -> None:
+        check_vector(self.popularity, f"{name}.popularity", n_items, "f")
+        check_floats(self.popularity, f"{name}.popularity")  # counts: no bound
 
     def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
@@ -553,9 +564,11 @@ class BlendScorer(Scorer):
             weights[name], scales[name] = spec["weight"], spec["scale"]
         return cls(parts, weights, scales)
 
-    def check_shape(self, n_customers: int, n_items: int, name: str) -> None:
+    def check(self, n_customers: int, n_items: int, name: str) -> None:
+        require(np.isfinite([*self.weights.values(), *self.factors.values()]).all(),
+                f"{name}: blend weights or scales are not finite")
         for part_name, part in self.parts.items():
-            part.check_shape(n_customers, n_items, f"{name}.{part_name}")
+            part.check(n_customers, n_items, f"{name}.{part_name}")
 
     def scores(self, customer: int | None, history: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         total = sum(f * self.parts[n].scores(customer, history) for n, f in self.factors.items())

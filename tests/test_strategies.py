@@ -78,7 +78,7 @@ class TestContract:
     def test_fit_returns_a_scorer_that_fits_the_matrix(self, fitted, matrix):
         strategy, scorer = fitted
         assert isinstance(scorer, Scorer) and strategy.scorer is scorer
-        scorer.check_shape(N_CUSTOMERS, N_ITEMS, strategy.name)  # raises ArtifactError when wrong
+        scorer.check(N_CUSTOMERS, N_ITEMS, strategy.name)  # raises ArtifactError when wrong
         assert scorer.scores(0, history(matrix, 0)).shape == (N_ITEMS,)
 
     def test_recommend_excludes_history_and_finds_the_missing_item(self, fitted, matrix):

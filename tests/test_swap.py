@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 import requests
 
@@ -121,3 +122,17 @@ def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(server, reg
     assert all(len(line["request_id"]) >= 8 for line in access)
     assert any(line["request_id"] == "desk-0042" and line["status"] == 200 for line in access)
     artifacts.set_current(registry, "v1")  # leave the registry consistent for the fixture's shutdown
+
+
+def test_a_version_that_loads_but_cannot_answer_is_refused_while_the_old_one_keeps_serving(server, registry):
+    """Titles cut short: it loaded, and every answer was a 500 while /readyz said ready."""
+    path = artifacts.write_version(registry, tiny_bundle("v2"))
+    np.save(path / "catalog.title.npy", np.load(path / "catalog.title.npy")[:0], allow_pickle=False)
+    artifacts.set_current(registry, "v2")
+    with Traffic(server, threads=2) as traffic:
+        time.sleep(1.5)
+    assert traffic.outcomes and {(status, version) for _t, status, version in traffic.outcomes} == {(200, "v1")}
+    ready = requests.get(f"{server}/readyz", timeout=5).json()
+    assert ready["model_version"] == "v1" and ready["last_load_failure"]["version"] == "v2"
+    assert "catalog.title has 0 entries" in ready["last_load_failure"]["reason"]
+    artifacts.set_current(registry, "v1")

@@ -156,12 +156,14 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
         config_path: Path | None, force: bool, log) -> None:
     """Train, evaluate on a holdout and, when the quality gate passes, publish a new model version
     (exit 3 when refused)."""
+    from recsvc import artifacts
     from training.config import TrainConfig
     from training.pipeline import fit_and_publish
 
     config = TrainConfig.from_file(config_path)
     _strategy_list(strategies, config)
     _usable_directory(registry)
+    artifacts.current_version(registry)  # a damaged pointer stops fit now, not after the training (quality gate)
     result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
     report_fit(result, config, log)
 

@@ -74,7 +74,12 @@ def rollback(registry: Path, version: str | None = None) -> tuple[str | None, st
     """Point CURRENT at `version` (default: the one before the current) after checking that it loads:
     (old current, new current)."""
     _require_registry(registry)
-    current = artifacts.current_version(registry)
+    try:
+        current = artifacts.current_version(registry)
+    except ArtifactError:
+        if version is None:
+            raise
+        current = None  # a damaged pointer: rolling back to a named version is how it is repaired
     target = version or previous_version(registry, current)
     if target is None:
         raise InvalidInput(f"{registry}: no version before {current} to roll back to")
