@@ -310,10 +310,13 @@ def tune(interactions_path: Path, strategy: str, trials: int, metric: str, searc
     """Search a strategy's parameters on validation folds carved from the training part (never the test split)."""
     from dataclasses import replace
 
+    from recsvc.files import check_writable_file
     from training.config import TrainConfig
     from training.tune import format_leaderboard, run, write_best
 
     config = TrainConfig.from_file(config_path if config_path is not None and config_path.exists() else None)
+    if config_path is not None:
+        check_writable_file(config_path)  # a read-only config fails now, not after the trials
     config = replace(config, tuning=replace(config.tuning, folds=folds or config.tuning.folds,
                                             validation_fraction=validation_fraction or config.tuning.validation_fraction))
     result = run(interactions_path, strategy, config, trials, metric, search, seed,
