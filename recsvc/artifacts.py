@@ -4,6 +4,7 @@ A registry is a directory:
 
     REGISTRY/
       CURRENT                      the current version id (one line), replaced atomically
+      HISTORY                      the trainer's: versions that were current (training/registry.py); servers ignore it
       versions/<version_id>/       one immutable directory per training run
         manifest.json
         customers.npy items.npy    ids as sorted UTF-8 byte strings: index = position
@@ -32,6 +33,7 @@ import scipy.sparse as sp
 
 from recsvc.checks import check_csr, check_ids, check_vector
 from recsvc.errors import ArtifactError
+from recsvc.files import naming, save_array, shared_directory_mode, shared_file_mode, write_atomically
 from recsvc.scoring import Scorer, load_scorer
 
 FORMAT_VERSION = 1
@@ -45,10 +47,6 @@ BAD_POINTER = ("the registry's current pointer (CURRENT) does not hold a version
 
 
 # --- arrays -----------------------------------------------------------------
-
-
-def save_array(path: Path, array: np.ndarray) -> None:
-    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_array(path: Path, *, mmap: bool = True) -> np.ndarray:
@@ -139,20 +137,13 @@ def current_version(registry: Path) -> str | None:
 
 
 def set_current(registry: Path, version_id: str) -> None:
-    """Point CURRENT at version_id atomically: write a temporary file, fsync, rename over."""
+    """Point CURRENT at version_id atomically: write a temporary file, fsync, rename over (the trainer's
+    training.registry.make_current also keeps the history rollbacks use)."""
     registry = Path(registry)
     if not (versions_root(registry) / version_id / MANIFEST).is_file():
         raise ArtifactError(f"version {version_id} does not exist in {registry}")
-    fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=registry)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(version_id + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, registry / CURRENT_POINTER)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # The umask's mode, not the existing file's: servers under another user must read it.
+    write_atomically(registry / CURRENT_POINTER, version_id + "\n", mode=shared_file_mode())
 
 
 def list_versions(registry: Path) -> list[str]:
@@ -285,8 +276,9 @@ class ModelBundle:
 def write_version(registry: Path, bundle: ModelBundle) -> Path:
     """Write bundle as a new immutable version directory; returns its path. Does not touch CURRENT.
 
-    Files go to a hidden temporary directory first, which is renamed into place
-    only when complete, so a crash never leaves a half-written version behind.
+    Files go to a hidden temporary directory first, which is renamed into place only
+    when complete, so nobody ever reads a half-written version. A run killed outright leaves the hidden
+    directory; training.registry.sweep_leftovers removes it later.
     """
     root = versions_root(registry)
     root.mkdir(parents=True, exist_ok=True)
@@ -303,7 +295,9 @@ def write_version(registry: Path, bundle: ModelBundle) -> Path:
         for name, scorer in bundle.scorers.items():
             scorer.save(staging / "strategies" / name)
         manifest = dict(bundle.manifest, format=FORMAT_VERSION)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        with naming(staging / MANIFEST):
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        os.chmod(staging, shared_directory_mode())  # mkdtemp's 0700 would hide the version from other users
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

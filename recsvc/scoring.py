@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from recsvc.checks import MAX_WEIGHT, check_csr, check_floats, check_vector, require
 from recsvc.errors import ArtifactError
+from recsvc.files import naming, save_array
 
 SCORER_FILE = "scorer.json"
 # Up to this many items, approximate cosines for reasons come from one cached item x item matrix (64 MB).
@@ -216,8 +217,10 @@ class Scorer(ABC):
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         for name, array in self.arrays().items():
-            np.save(directory / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-        (directory / SCORER_FILE).write_text(json.dumps({"kind": self.kind, "params": self.params()}), encoding="utf-8")
+            save_array(directory / f"{name}.npy", array)
+        with naming(directory / SCORER_FILE):
+            (directory / SCORER_FILE).write_text(json.dumps({"kind": self.kind, "params": self.params()}),
+                                                 encoding="utf-8")
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict) -> "Scorer":

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -186,3 +190,22 @@ def test_catalog_rows_that_repeat_an_item_are_warned_about(demo_paths, tmp_path)
     assert result.exit_code == 0, result.output
     assert "1 catalog rows repeat an item id listed before; the last row of each is used" in result.stderr
     assert "'SKU-00001' in rows 2 and 4" in result.stderr
+
+
+def test_a_full_disk_is_named_with_the_file_it_stopped(tmp_path):
+    with pytest.raises(OSError) as raised:  # /dev/full: every write fails as on a full disk
+        artifacts.save_array(Path("/dev/full"), np.arange(100_000))
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == "/dev/full"
+    assert str(raised.value) == "[Errno 28] No space left on device: '/dev/full'"
+
+
+def test_a_registry_that_cannot_take_the_model_exits_1_naming_the_problem_and_the_file(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    done = subprocess.run([str(Path(sys.executable).parent / "recsvc-train"), "fit", "--interactions",
+                           str(demo_paths["interactions"]), "--registry", str(registry), "--strategies", "popular"],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    assert done.returncode == 1, done.stderr  # the machine's trouble, not the user's input
+    assert f"error: File too large: {artifacts.versions_root(registry)}/." in done.stderr
+    assert "requested and" not in done.stderr and "Traceback" not in done.stderr
+    assert list(artifacts.versions_root(registry).iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_nightly_exits_4_while_another_process_holds_the_lock(demo_paths, tmp_pa
         holder.kill()
         holder.communicate(timeout=10)
     assert result.returncode == 4, result.stderr
-    assert "another nightly run is in progress" in result.stderr and "this run did nothing" in result.stderr
+    assert "another nightly run or rollback is in progress" in result.stderr and "this run did nothing" in result.stderr
     assert artifacts.list_versions(registry) == []
     assert nightly(config).returncode == 0  # the lock died with its holder
 
@@ -130,3 +131,80 @@ def test_two_concurrent_nightly_runs_cannot_both_proceed(tmp_path):
     codes = sorted(run.returncode for run in runs)
     assert codes == [0, 4], outputs
     assert len(artifacts.list_versions(registry)) == 1
+
+
+def json_lines(text: str) -> list[dict]:
+    """Every line parsed as JSON: fails on any plain-text line."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_json_log_mode_writes_errors_as_json_lines_with_the_exit_code(tmp_path):
+    done = nightly(tmp_path / "missing.toml", "--quiet", "--log-format", "json")
+    assert done.returncode == 2
+    [error] = json_lines(done.stderr)
+    assert error["level"] == "error" and error["exit_code"] == 2 and "missing.toml" in error["message"]
+    assert error["ts"] and done.stdout == ""
+
+
+def test_json_log_mode_says_busy_in_json(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry / ".nightly.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = nightly(config, "--quiet", "--log-format", "json")
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
+    assert result.returncode == 4
+    [error] = json_lines(result.stderr)
+    assert error["exit_code"] == 4 and "this run did nothing" in error["message"]
+
+
+def test_json_log_mode_logs_an_unexpected_exception_as_one_line_with_its_traceback(demo_paths, tmp_path,
+                                                                                    monkeypatch):
+    import training.nightly
+
+    def bug(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(training.nightly, "fit_and_publish", bug)  # no real bug to trigger on purpose
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], tmp_path / "registry")
+    result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config), "--quiet", "--log-format", "json"])
+    assert result.exit_code == 1
+    [error] = json_lines(result.stderr)
+    assert error["message"] == "internal error: RuntimeError: a bug" and error["exit_code"] == 1
+    assert "Traceback (most recent call last)" in error["traceback"] and "RuntimeError: a bug" in error["traceback"]
+    text = CliRunner().invoke(train_cli, ["nightly", "--config", str(config), "--quiet"])
+    assert isinstance(text.exception, RuntimeError)  # text mode: the traceback as before
+
+
+def test_every_json_summary_has_an_outcome(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry,
+                            strategies='[strategies]\nenabled = ["popular"]\n')
+    outcomes = []
+    for _ in range(2):
+        result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config), "--log-format", "json"])
+        outcomes.append(json.loads(result.stdout.splitlines()[-1])["outcome"])
+    stricter = tmp_path / "stricter.toml"  # another holdout: the gate refuses to compare
+    stricter.write_text('[strategies]\nenabled = ["popular"]\n[evaluation.holdout]\nfraction = 0.3\n')
+    result = CliRunner().invoke(train_cli, ["fit", "--interactions", str(demo_paths["interactions"]), "--registry",
+                                            str(registry), "--config", str(stricter), "--log-format", "json"])
+    assert result.exit_code == 3
+    outcomes.append(json.loads(result.stdout.splitlines()[-1])["outcome"])
+    assert outcomes == ["published", "up_to_date", "refused"]
+
+
+def test_the_nightly_lock_sweeps_leftovers_even_when_nothing_is_published(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry,
+                            strategies='[strategies]\nenabled = ["popular"]\n')
+    assert nightly(config).returncode == 0
+    half_deleted = artifacts.versions_root(registry) / ".deleting.v20261101T023000000000Z-abcdef01.4242"
+    half_deleted.mkdir()
+    again = nightly(config)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert not half_deleted.exists()

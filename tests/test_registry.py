@@ -1,8 +1,16 @@
-"""recsvc-train registry list|show|rollback, and retention that never removes CURRENT or the version before it."""
+"""recsvc-train registry list|show|rollback, retention that never removes CURRENT or the version current before
+it, the sweep of what killed runs leave, and the modes of what the trainer writes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +21,9 @@ from recsvc import artifacts
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
 from recsvc.model_store import ModelStore
 from recsvc.scoring import PopularityScorer
+from tests.test_nightly import HOLD_LOCK
 from training.cli import main as train_cli
-from training.registry import apply_retention, protected_versions
+from training.registry import apply_retention, make_current, protected_versions
 
 
 def publish(registry, version: str, ndcg: float, current: bool = True) -> None:
@@ -143,3 +152,129 @@ def test_fit_applies_the_configured_retention(demo_paths, tmp_path):
     assert result.exit_code == 0, result.output
     assert "retention removed v01, v02" in result.output
     assert artifacts.list_versions(registry) == ["v03", artifacts.current_version(registry)]
+
+
+# --- the history of CURRENT: what a rollback goes to and what retention keeps --------------------------
+
+
+def fit(demo_paths, registry, *extra):
+    result = CliRunner().invoke(train_cli, ["fit", "--interactions", str(demo_paths["interactions"]), "--registry",
+                                            str(registry), "--strategies", "popular", "--force", *extra],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return artifacts.current_version(registry)
+
+
+def test_retention_after_two_rollbacks_keeps_the_version_rolled_back_to(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    v1, v2, v3, v4 = (fit(demo_paths, registry) for _ in range(4))
+    run("rollback", "--registry", str(registry))
+    assert run("rollback", "--registry", str(registry)).output.strip() == f"CURRENT: {v3} -> {v2}"
+    config = tmp_path / "keep1.toml"
+    config.write_text("[retention]\nkeep_versions = 1\n")
+    v5 = fit(demo_paths, registry, "--config", str(config))
+    assert artifacts.list_versions(registry) == [v2, v5]  # v4 and v3 were rolled away from as bad
+    assert run("rollback", "--registry", str(registry)).output.strip() == f"CURRENT: {v5} -> {v2}"
+
+
+def test_a_rollback_goes_to_the_version_current_before_not_the_next_older_id(registry):
+    assert run("rollback", "--registry", str(registry)).output.strip() == "CURRENT: v12 -> v11"
+    publish(registry, "v13", 0.33, current=False)
+    make_current(registry, "v13")  # the next night publishes on top of v11
+    assert protected_versions(registry, keep=0) == {"v13", "v11"}
+    assert run("rollback", "--registry", str(registry)).output.strip() == "CURRENT: v13 -> v11"
+    assert run("rollback", "--registry", str(registry)).output.strip() == "CURRENT: v11 -> v10"  # not back to v13
+
+
+def test_rollback_on_an_empty_registry_says_there_is_no_current_version(tmp_path):
+    artifacts.versions_root(tmp_path).mkdir()
+    result = run("rollback", "--registry", str(tmp_path))
+    assert result.exit_code == 2
+    assert "the registry has no current version" in result.output and "None" not in result.output
+
+
+def test_rollback_exits_4_while_a_nightly_run_holds_the_lock(registry):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry / ".nightly.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = CliRunner().invoke(train_cli, ["registry", "rollback", "--registry", str(registry)])
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
+    assert result.exit_code == 4, result.output
+    assert "another nightly run or rollback is in progress" in result.stderr
+    assert artifacts.current_version(registry) == "v12"
+
+
+# --- what killed runs leave behind, and who can read the registry --------------------------------------
+
+
+def leftover(path, age_seconds: float, directory: bool = True):
+    """A hidden entry as a killed run leaves it, `age_seconds` old."""
+    if directory:
+        path.mkdir()
+        (path / "items.npy").write_bytes(b"x" * 1000)
+    else:
+        path.write_text("v1\n")
+    stamp = time.time() - age_seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_publishing_sweeps_what_killed_runs_left_but_not_a_run_in_progress(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    fit(demo_paths, registry)
+    root = artifacts.versions_root(registry)
+    stale = [leftover(root / ".v20261101T023000000000Z-abcdef01.k2j4h5", 2 * 3600),
+             leftover(root / ".deleting.v20261101T023000000000Z-abcdef01.4242", 10),  # renamed away: any age
+             leftover(registry / ".CURRENT.x8d7f", 2 * 3600, directory=False)]
+    in_progress = leftover(root / ".v20261130T023000000000Z-abcdef02.p0o9i8", 60)
+    lock = leftover(registry / ".nightly.lock", 2 * 3600, directory=False)
+    result = CliRunner().invoke(train_cli, ["fit", "--interactions", str(demo_paths["interactions"]), "--registry",
+                                            str(registry), "--strategies", "popular", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "removed what interrupted runs left in" in result.stderr
+    assert not any(path.exists() for path in stale)
+    assert in_progress.exists() and lock.exists()
+
+
+SIGTERM_WHILE_PUBLISHING = """
+import os, signal, sys
+from recsvc import artifacts
+from training.cli import main
+
+written = artifacts.save_array
+def save_then_sigterm(path, array):  # the signal arrives once the version's first file is on disk
+    written(path, array)
+    os.kill(os.getpid(), signal.SIGTERM)
+artifacts.save_array = save_then_sigterm
+main(sys.argv[1:], prog_name="recsvc-train")
+"""
+
+
+def test_sigterm_while_publishing_leaves_no_half_written_version(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_PUBLISHING, "fit", "--interactions",
+                           str(demo_paths["interactions"]), "--registry", str(registry), "--strategies", "popular",
+                           "--log-format", "json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert json.loads(done.stderr.splitlines()[-1])["message"] == "terminated by SIGTERM"
+    assert list(artifacts.versions_root(registry).iterdir()) == []  # the staging directory was removed
+    assert artifacts.current_version(registry) is None
+
+
+def test_registry_files_follow_the_umask_so_a_server_under_another_user_can_read_them(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    done = subprocess.run([str(Path(sys.executable).parent / "recsvc-train"), "fit", "--interactions",
+                           str(demo_paths["interactions"]), "--registry", str(registry), "--strategies", "popular"],
+                          capture_output=True, text=True, timeout=120, umask=0o027)
+    assert done.returncode == 0, done.stderr
+    version = artifacts.versions_root(registry) / artifacts.current_version(registry)
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(version) == 0o750 and mode(version / "strategies") == 0o750
+    assert {mode(path) for path in version.rglob("*") if path.is_file()} == {0o640}
+    assert mode(registry / "CURRENT") == 0o640 and mode(registry / "HISTORY") == 0o640

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import resource
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +198,33 @@ def test_cli_refuses_a_broken_config(demo_paths, tmp_path):
 def test_parse_metric():
     assert parse_metric("map@20") == ("map", 20)
     assert np.all([parse_metric(f"{m}@10")[1] == 10 for m in ("precision", "recall", "ndcg", "hit_rate")])
+
+
+RECSVC_TRAIN = str(Path(sys.executable).parent / "recsvc-train")
+
+
+def limit_file_size(size: int):
+    """preexec_fn: files of the child cannot grow past `size` bytes (EFBIG), as on a disk that fills up."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_a_write_that_fails_leaves_the_config_whole(demo_paths, tmp_path):
+    config_path = tmp_path / "recsvc.toml"
+    config_path.write_text(CONFIG, encoding="utf-8")
+    config_path.chmod(0o640)
+    done = subprocess.run([RECSVC_TRAIN, "tune", "--interactions", str(demo_paths["interactions"]), "--strategy",
+                           "ease", "--trials", "1", "--config", str(config_path)], capture_output=True, text=True,
+                          timeout=240, preexec_fn=limit_file_size(len(CONFIG) + 8))
+    assert done.returncode == 1, done.stderr  # the machine's trouble, not the user's input
+    assert f"error: File too large: {config_path}" in done.stderr
+    assert config_path.read_text(encoding="utf-8") == CONFIG
+    assert [p.name for p in tmp_path.iterdir()] == ["recsvc.toml"]  # no temporary file left
+    assert stat.S_IMODE(config_path.stat().st_mode) == 0o640
+
+
+def test_a_config_that_cannot_be_written_is_refused_before_the_trials(demo_paths, tmp_path):
+    result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), "--strategy",
+                                       "ease", "--trials", "1", "--config", str(tmp_path / "no-such-dir" / "x.toml")])
+    assert result.exit_code == 2, result.output
+    assert f"No such file or directory: {tmp_path / 'no-such-dir'}" in result.stderr
+    assert "trial 1/" not in result.stderr

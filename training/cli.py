@@ -12,10 +12,12 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import dataclasses  # noqa: E402
-import errno  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
@@ -27,26 +29,78 @@ EXIT_REFUSED_BY_GATE = 3
 EXIT_BUSY = 4
 
 
+class Terminated(SystemExit):
+    """SIGTERM (a stopped container, `kill`, a CronJob's deadline) as an exception: the `finally` and
+    `except BaseException` blocks run, so a run stopped while publishing leaves no half-written version."""
+
+
+def _raise_terminated(signum, _frame) -> None:
+    raise Terminated(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into Terminated while a command runs, and restore the previous handler after it
+    (tests invoke commands inside the pytest process)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+def exit_code_of(exc: Exception) -> int | None:
+    """The documented exit code of an error we expect, None for a bug.
+
+    2 when the fix is in what the user gave: a value, a file's content, or a path that cannot be used as
+    asked (missing, a file where a directory goes, no permission); 1 when the machine is in trouble (disk
+    full, read-only filesystem, I/O error) or a model on disk is damaged; 4 when another run holds the lock.
+    """
+    from training.registry import NightlyBusy
+
+    if isinstance(exc, (InvalidInput, ConfigError)):  # ConfigError: a RECSVC_* setting or an experiments file
+        return EXIT_UNUSABLE_INPUT
+    if isinstance(exc, NightlyBusy):
+        return EXIT_BUSY
+    if isinstance(exc, RecsvcError):
+        return 1
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):
+        return EXIT_UNUSABLE_INPUT
+    if isinstance(exc, OSError):
+        return 1
+    return None
+
+
+def error_message(exc: Exception) -> str:
+    if isinstance(exc, RecsvcError):
+        return exc.message
+    if isinstance(exc, OSError):  # "No space left on device: /srv/registry/versions/..."
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return f"internal error: {exc.__class__.__name__}: {exc}"
+
+
 def user_errors(command):
-    """Turn a user's mistake into a readable message and a documented exit code, never a traceback."""
+    """Turn an error into a readable message and a documented exit code, never a traceback for a user's
+    mistake. With --log-format json every error is one JSON line on stderr (with `exit_code`), an unexpected
+    one too (the traceback in a field), so that a cron job's .jsonl log stays JSON."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from training.runlog import RunLog
+
+        log = kwargs.get("log") or RunLog()
         try:
             return command(*args, **kwargs)
-        except (InvalidInput, ConfigError) as exc:  # ConfigError: a RECSVC_* setting or an experiments file
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(EXIT_UNUSABLE_INPUT)
-        except RecsvcError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(1)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
-            # A path the user gave that cannot be used as asked (read-only, a file where a directory goes, ...).
-            click.echo(f"error: {exc.strerror or exc}: {exc.filename}", err=True)
-            sys.exit(EXIT_UNUSABLE_INPUT)
-        except OSError as exc:  # the machine's trouble (disk full, I/O error): no traceback either
-            click.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
-            sys.exit(1)
+        except Terminated as exc:
+            log.error("terminated by SIGTERM", exit_code=exc.code)
+            raise
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own usage errors and exits
+        except Exception as exc:
+            code = exit_code_of(exc)
+            if code is None and log.log_format != "json":
+                raise  # a bug: the traceback, exit 1
+            fields = {"traceback": traceback.format_exc()} if code is None else {}
+            log.error(error_message(exc), exit_code=code or 1, **fields)
+            sys.exit(code or 1)
 
     return wrapper
 
@@ -70,6 +124,7 @@ def metric_columns(k: int) -> list[str]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Build, evaluate and publish recsvc recommendation models."""
+    _exit_cleanly_on_sigterm()
 
 
 @main.command("demo-data")
@@ -127,16 +182,9 @@ def report_fit(result, config, log) -> None:
                    f"in {result.timings['total']:.1f}s -> {result.path}{removed}", err=log.quiet)
 
 
-def _usable_directory(path: Path) -> None:
-    """Create a directory the command will write into now, so that a path that cannot hold it (a file in the way,
-    no permission) fails before the training, not after it."""
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-
-
 def fit_summary(result) -> dict:
-    return {"event": "summary", "version": result.version, "published": result.published,
+    return {"event": "summary", "outcome": "published" if result.published else "refused",
+            "version": result.version, "published": result.published,
             "default_strategy": result.default_strategy, "gate": result.gate.as_dict(), "metrics": result.metrics,
             "seconds": {step: round(seconds, 3) for step, seconds in result.timings.items()},
             "path": result.path, "removed_versions": result.removed_versions}
@@ -157,13 +205,14 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
     """Train, evaluate on a holdout and, when the quality gate passes, publish a new model version
     (exit 3 when refused)."""
     from recsvc import artifacts
+    from recsvc.files import check_writable_directory
     from training.config import TrainConfig
     from training.pipeline import fit_and_publish
 
     config = TrainConfig.from_file(config_path)
     _strategy_list(strategies, config)
-    _usable_directory(registry)
-    artifacts.current_version(registry)  # a damaged pointer stops fit now, not after the training (quality gate)
+    check_writable_directory(registry)  # a path that cannot hold it fails before the training, not after
+    artifacts.current_version(registry)  # so does a damaged pointer (the quality gate reads it)
     result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
     report_fit(result, config, log)
 
@@ -218,13 +267,9 @@ def nightly(config_path: Path, force: bool, log) -> None:
     4 another nightly run is in progress.
     """
     from training.config import TrainConfig
-    from training.nightly import NightlyBusy, run_nightly
+    from training.nightly import run_nightly
 
-    try:
-        result = run_nightly(config_path, log, force=force)
-    except NightlyBusy as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(EXIT_BUSY)
+    result = run_nightly(config_path, log, force=force)
     if result.fit is None:
         click.echo(json.dumps({"event": "summary", "outcome": result.outcome, "message": result.message})
                    if log.log_format == "json" else result.message)
@@ -282,7 +327,9 @@ def registry_show(registry: Path, version: str | None) -> None:
 @click.argument("version", required=False)
 @user_errors
 def registry_rollback(registry: Path, version: str | None) -> None:
-    """Make VERSION current (default: the version before the current one); servers follow within seconds."""
+    """Make VERSION current (default: the version current before the current one); servers follow within seconds.
+
+    Takes the nightly lock (exit 4 while a nightly run holds it)."""
     from training.registry import rollback
 
     previous, current = rollback(registry, version)
@@ -312,10 +359,13 @@ def tune(interactions_path: Path, strategy: str, trials: int, metric: str, searc
     """Search a strategy's parameters on validation folds carved from the training part (never the test split)."""
     from dataclasses import replace
 
+    from recsvc.files import check_writable_file
     from training.config import TrainConfig
     from training.tune import format_leaderboard, run, write_best
 
     config = TrainConfig.from_file(config_path if config_path is not None and config_path.exists() else None)
+    if config_path is not None:
+        check_writable_file(config_path)  # a read-only config fails now, not after the trials
     config = replace(config, tuning=replace(config.tuning, folds=folds or config.tuning.folds,
                                             validation_fraction=validation_fraction or config.tuning.validation_fraction))
     result = run(interactions_path, strategy, config, trials, metric, search, seed,

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from recsvc import artifacts
 from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
 from training.config import TrainConfig
 from training.ingest import fingerprint_file
-from training.pipeline import FitResult, config_digest, fit_and_publish
+from training.pipeline import FitResult, config_digest, fit_and_publish, sweep_leftovers_step
+from training.registry import nightly_lock
 from training.runlog import RunLog
-
-LOCK_FILE = ".nightly.lock"  # in the registry directory: runs that share a registry exclude each other
-
-
-class NightlyBusy(RecsvcError):
-    """Another nightly run holds the registry's lock."""
-
-    code = "busy"
 
 
 @dataclass
@@ -31,32 +20,6 @@ class NightlyResult:
     message: str
     fit: FitResult | None = None
     warm: str | None = None  # the warm-up's summary, or why it did not run
-
-
-@contextmanager
-def nightly_lock(registry: Path) -> Iterator[Path]:
-    """Hold an exclusive flock on REGISTRY/.nightly.lock, or raise NightlyBusy at once.
-
-    The kernel releases a flock when its process ends, so a crashed run never leaves a stale lock.
-    """
-    registry.mkdir(parents=True, exist_ok=True)
-    path = registry / LOCK_FILE
-    with open(path, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise NightlyBusy(f"another nightly run is in progress on {registry} (lock {path}, pid {holder}); "
-                              "this run did nothing") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield path
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _required(config: TrainConfig, source: Path) -> tuple[Path, Path]:
@@ -123,10 +86,12 @@ def sweep_recent_items_step(redis_url: str | None, log: RunLog) -> None:
 
 
 def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyResult:
-    """One nightly run; raises InvalidInput for unusable input and NightlyBusy when another run holds the lock."""
+    """One nightly run; raises InvalidInput for unusable input and training.registry.NightlyBusy when another run
+    holds the lock."""
     config = TrainConfig.from_file(config_path)
     interactions, registry = _required(config, config_path)
     with nightly_lock(registry):
+        sweep_leftovers_step(registry, log)  # also when nothing is published tonight
         sweep_recent_items_step(config.nightly.redis_url, log)
         current = None if force else up_to_date(registry, config)
         if current is not None:

@@ -24,6 +24,7 @@ from training.config import TrainConfig
 from training.evaluate import evaluate, split, split_by_time
 from training.ingest import Interactions, load_catalog, load_interactions
 from training.prepare import PrepareReport, prepare
+from training.registry import apply_retention, make_current, remove_version, sweep_leftovers
 from training.runlog import RunLog
 from training.strategies import STRATEGIES, Strategy, TrainingData
 
@@ -223,6 +224,7 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
             log.seconds["total"] = time.perf_counter() - started
             return FitResult(manifest["version"], None, metrics, default, False, gate, dict(log.seconds))
         with log.step("publish"):
+            sweep_leftovers_step(registry, log)
             path, removed = publish(registry, data, scorers, manifest, config.keep_versions)
     log.seconds["total"] = time.perf_counter() - started
     return FitResult(manifest["version"], path, metrics, default, True, gate, dict(log.seconds), removed)
@@ -231,19 +233,25 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
 def publish(registry: Path, data: PreparedData, scorers: dict[str, Scorer], manifest: dict,
             keep_versions: int) -> tuple[Path, list[str]]:
     """Write the version, switch CURRENT to it, then apply retention: (version path, removed version ids)."""
-    from training.registry import apply_retention, remove_version
-
     bundle = ModelBundle(manifest=manifest, customers=IdIndex(data.interactions.customers),
                          items=IdIndex(data.interactions.items), owned=data.matrix, catalog=data.catalog,
                          scorers=scorers)
     path = artifacts.write_version(registry, bundle)
     try:
-        artifacts.set_current(registry, bundle.version)
-    except BaseException:
-        with contextlib.suppress(OSError):  # never current, so no server maps it: do not leave it behind
-            remove_version(registry, bundle.version)
+        make_current(registry, bundle.version)
+    except BaseException:  # SIGTERM too (training.cli.Terminated)
+        with contextlib.suppress(OSError, RecsvcError):
+            if artifacts.current_version(registry) != bundle.version:  # never current: no server maps it
+                remove_version(registry, bundle.version)
         raise
     return path, apply_retention(registry, keep_versions)
+
+
+def sweep_leftovers_step(registry: Path, log: RunLog) -> None:
+    """Remove the hidden staging and deleting directories that killed runs left (a whole model each)."""
+    swept = sweep_leftovers(registry)
+    if swept:
+        log.warning(f"removed what interrupted runs left in {registry}: {', '.join(swept)}", swept=swept)
 
 
 def _manifest(data: PreparedData, names: list[str], params: dict, metrics: dict, default: str,

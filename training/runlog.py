@@ -19,7 +19,7 @@ class RunLog:
 
     text: one line per message on `stream`, and a progress bar over the steps when
           `stream` is a terminal; json: one JSON object per line (no bar), for cron
-          and log shippers; quiet: warnings and errors only.
+          and log shippers (errors too, with their exit code); quiet: warnings and errors only.
     """
 
     def __init__(self, stream: TextIO | None = None, log_format: str = "text", quiet: bool = False,
@@ -44,6 +44,10 @@ class RunLog:
 
     def warning(self, message: str, **fields) -> None:
         self._emit("warning", message, fields)
+
+    def error(self, message: str, **fields) -> None:
+        """What ends the run: "error: ..." in text (as always), a JSON object like any other line in json."""
+        self._emit("error", message if self.log_format == "json" else f"error: {message}", fields)
 
     def _emit(self, level: str, message: str, fields: dict) -> None:
         if self.sink is not None:

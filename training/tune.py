@@ -15,6 +15,7 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from recsvc.errors import InvalidInput
+from recsvc.files import write_atomically
 from training.config import TrainConfig
 from training.evaluate import METRICS, evaluate, split
 from training.pipeline import PreparedData, holdout_split, load_prepared
@@ -166,11 +167,14 @@ def format_leaderboard(result: TuneResult) -> str:
 
 def write_best(path: Path, result: TuneResult) -> None:
     """Put the best parameters under [strategies.<name>] of a TOML (or .json) config, keeping the
-    rest of the file (TOML comments and layout included); creates the file when missing."""
+    rest of the file (TOML comments and layout included) and its permissions; creates the file when missing.
+
+    The new text replaces the file in one rename: a full disk leaves the old config whole, never cut.
+    """
     path = Path(path)
     best = {k: v.item() if isinstance(v, np.generic) else v for k, v in result.best.params.items()}
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
     try:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
         if path.suffix == ".json":
             raw = json.loads(text or "{}")
             raw.setdefault("strategies", {}).setdefault(result.strategy, {}).update(best)
@@ -185,6 +189,6 @@ def write_best(path: Path, result: TuneResult) -> None:
                 table.update(best)
                 strategies[result.strategy] = table.add(tomlkit.nl())  # a blank line before the next table
             updated = tomlkit.dumps(document)
-        path.write_text(updated, encoding="utf-8")
-    except (OSError, ValueError, AttributeError, TypeError, TOMLKitError) as exc:  # JSONDecodeError is a ValueError
+    except (ValueError, AttributeError, TypeError, TOMLKitError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidInput(f"{path}: cannot update the configuration: {exc}") from exc
+    write_atomically(path, updated)  # OSError: exit 2 for the path (permission), 1 for the machine (disk full)
