@@ -27,6 +27,9 @@ CACHE_LOOKUPS = Counter("recsvc_cache_lookups_total", "Recommendation cache look
 # Redis cache health (recsvc/cache.py): breaker 0 closed, 1 half-open, 2 open; the worst worker wins.
 REDIS_BREAKER = Gauge("recsvc_redis_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
                       multiprocess_mode="max")
+# The breaker of writes alone: it opens when writes fail while reads still answer (a write-only stall).
+REDIS_WRITE_BREAKER = Gauge("recsvc_redis_write_breaker_state",
+                            "Redis circuit breaker of writes: 0 closed, 1 half-open, 2 open", multiprocess_mode="max")
 REDIS_ERRORS = Counter("recsvc_redis_errors_total", "Redis commands that failed or timed out", ["operation"])
 CACHE_COALESCED = Counter("recsvc_cache_coalesced_total",
                           "Requests that waited for another request's computation of the same list")
@@ -92,6 +95,10 @@ def local_cache_size(entries: int, held_bytes: int) -> None:
 
 def redis_breaker(state: str) -> None:
     REDIS_BREAKER.set(BREAKER_STATES[state])
+
+
+def redis_write_breaker(state: str) -> None:
+    REDIS_WRITE_BREAKER.set(BREAKER_STATES[state])
 
 
 def redis_error(operation: str) -> None:
