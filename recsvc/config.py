@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,17 +49,28 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
-def checked_redis_url(url: str, label: str) -> str:
-    """`url`, or ConfigError naming it as `label` (RECSVC_REDIS_URL=..., --redis-url ...) and saying why."""
+def redacted_url(url: str) -> str:
+    """`url` as messages and logs show it: user name and password (everything before the host's '@') and a
+    password= query value become ***, so an error message never prints a secret."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    shown = url.replace(netloc, "***@" + netloc.rpartition("@")[2], 1) if "@" in netloc else url
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", shown)
+
+
+def checked_redis_url(url: str, option: str) -> str:
+    """`url`, or ConfigError naming it as `option` (RECSVC_REDIS_URL, --redis-url), shown without its password,
+    and saying why."""
     problem = redis_url_problem(url)
     if problem:
+        shown = redacted_url(url)
+        label = f"{option}={shown!r}" if option.startswith("RECSVC_") else f"{option} {shown!r}"
         raise ConfigError(f"{label} is not a Redis URL: {problem}")
     return url
 
 
 def _redis_url(env: Mapping[str, str], name: str) -> str | None:
     url = _text(env, name, None)
-    return url and checked_redis_url(url, f"{name}={url!r}")
+    return url and checked_redis_url(url, name)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

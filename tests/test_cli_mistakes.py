@@ -80,10 +80,13 @@ def test_a_manifest_that_is_not_an_object_is_an_artifact_error(demo_paths, tmp_p
 @pytest.mark.parametrize("name, value, message", [
     ("RECSVC_REDIS_URL", "http://x", "RECSVC_REDIS_URL='http://x' is not a Redis URL"),
     ("RECSVC_REDIS_URL", "redis://127.0.0.1:6379/abc", "the database after the host must be a number"),
+    ("RECSVC_REDIS_URL", "redis://:s3cret@127.0.0.1:6379/abc", "RECSVC_REDIS_URL='redis://***@127.0.0.1:6379/abc'"),
+    ("RECSVC_REDIS_URL", "http://admin:s3cret@x/?password=s3cret", "'http://***@x/?password=***' is not a Redis URL"),
 ])
 def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError) as refused:
         Settings.from_env({name: value})
+    assert message in str(refused.value) and "s3cret" not in str(refused.value)  # never the password
 
 
 @pytest.mark.parametrize("name, value, message", [
