@@ -347,15 +347,30 @@ class LocalCache(Cache):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._lists = self._generations = None
-        share = max(max_bytes // self.GENERATION_SHARE, shared_table.Geometry(1, 1, self.GENERATION_SLOT_BYTES).bytes)
-        generations = shared_table.geometry_for(max(max_entries, 16), share, self.GENERATION_SLOT_BYTES)
-        lists = shared_table.geometry_for(max_entries, max_bytes - generations.bytes, self.SLOT_BYTES) \
-            if generations and max_entries > 0 else None
+        generations, lists = self.geometries(max_entries, max_bytes)
         if lists is None:  # too small to hold anything: every lookup is a miss
             return
         self.memory = shared_table.SharedMemory(generations.bytes + lists.bytes)
         self._generations = shared_table.SlotTable(self.memory, 0, generations, evictions_change_epoch=True)
         self._lists = shared_table.SlotTable(self.memory, generations.bytes, lists)
+
+    @classmethod
+    def geometries(cls, max_entries: int, max_bytes: int):
+        """(generations, lists) tables for these bounds; lists is None when not even one list fits."""
+        share = max(max_bytes // cls.GENERATION_SHARE, shared_table.Geometry(1, 1, cls.GENERATION_SLOT_BYTES).bytes)
+        generations = shared_table.geometry_for(max(max_entries, 16), share, cls.GENERATION_SLOT_BYTES)
+        lists = shared_table.geometry_for(max_entries, max_bytes - generations.bytes, cls.SLOT_BYTES) \
+            if generations and max_entries > 0 else None
+        return generations, lists
+
+    @classmethod
+    def smallest_bytes(cls, max_entries: int) -> int:
+        """The fewest bytes in which a table with these entries holds one list (for the settings' check)."""
+        low, high = 0, 2**20
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if cls.geometries(max_entries, middle)[1] else (middle + 1, high)
+        return low
 
     # --- the Cache interface ------------------------------------------------------------------------------
 

@@ -96,8 +96,12 @@ def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, messa
     ("RECSVC_BIND", "127.0.0.1:abc", "RECSVC_BIND='127.0.0.1:abc' must be HOST:PORT"),
     ("RECSVC_LOG_LEVEL", "bogus", "RECSVC_LOG_LEVEL='bogus' must be one of debug, info"),
     ("RECSVC_REDIS_URL", "http://x", "is not a Redis URL"),
+    ("RECSVC_SPOOL_DIR", "/etc/passwd", "RECSVC_SPOOL_DIR='/etc/passwd' must be a directory"),
+    ("RECSVC_SPOOL_DIR", "/etc/passwd/spool", "RECSVC_SPOOL_DIR='/etc/passwd/spool' must be a directory"),
+    ("RECSVC_LOCAL_CACHE_BYTES", "100", "RECSVC_LOCAL_CACHE_BYTES='100' must be between 704 and"),
+    ("RECSVC_LOCAL_CACHE_ENTRIES", "0", "RECSVC_LOCAL_CACHE_ENTRIES='0' must be between 1 and"),
 ])
-def test_recsvc_serve_refuses_a_wrong_gunicorn_setting_with_exit_2(tmp_path, name, value, message):
+def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value, message):
     env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), name: value}
     done = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--port", "1"], env=env,
                           capture_output=True, text=True, timeout=60)
