@@ -140,11 +140,12 @@ def _warm_up_requests(app: Flask, service: Service) -> None:
     item = bundle.items.external(0) if bundle is not None and len(bundle.items) else "warm-up"
     client.get("/healthz")
     client.get("/readyz")
-    for customer in (known, "warm-up-unknown-customer"):
-        client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)  # computed, then cached
-        client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)
-    client.post(f"/v1/customers/{known}/recommendations", json={"limit": 5}, headers=auth)
-    client.get(f"/v1/items/{item}/similar?limit=5", headers=auth)
+    if bundle is not None:  # without a model these would only log "no model version is loaded yet"
+        for customer in (known, "warm-up-unknown-customer"):
+            client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)  # computed, then cached
+            client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)
+        client.post(f"/v1/customers/{known}/recommendations", json={"limit": 5}, headers=auth)
+        client.get(f"/v1/items/{item}/similar?limit=5", headers=auth)
     client.get(f"/v1/customers/{known}/recommendations?limit=0", headers=auth)  # 400
     client.get(f"/v1/customers/{known}/recommendations")  # 401
 
