@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flask import Flask, g, request
 
 from recsvc import __version__, logs, metrics
-from recsvc.cache import Cache, LocalCache, make_cache
+from recsvc.cache import Cache, LocalCache, make_cache, make_local_cache
 from recsvc.config import Settings
 from recsvc.event_log import EventLog, RecentItems
 from recsvc.event_log import from_settings as event_log_from_settings
@@ -78,7 +78,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = ModelStore(settings.registry, settings.reload_interval, check=check_serves)
     store.refresh()  # load before serving; under gunicorn --preload workers inherit the mapped arrays
     cache = make_cache(settings)
-    shared = cache if isinstance(cache, LocalCache) else None  # without Redis, recent items live beside the lists
+    # Recent items live in shared memory for all workers: beside the lists without Redis, in a table of their
+    # own with it (every worker must know them while Redis is down, full or refusing us).
+    shared = cache if isinstance(cache, LocalCache) else make_local_cache(settings)
     event_log, recent_items = event_log_from_settings(settings, shared=shared)
     router = experiments_from_settings(settings, event_log)  # a bad definitions file stops start-up here
     recommender = Recommender(store, cache, settings.cache_ttl, experiments=router, recent_items=recent_items)
@@ -138,11 +140,12 @@ def _warm_up_requests(app: Flask, service: Service) -> None:
     item = bundle.items.external(0) if bundle is not None and len(bundle.items) else "warm-up"
     client.get("/healthz")
     client.get("/readyz")
-    for customer in (known, "warm-up-unknown-customer"):
-        client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)  # computed, then cached
-        client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)
-    client.post(f"/v1/customers/{known}/recommendations", json={"limit": 5}, headers=auth)
-    client.get(f"/v1/items/{item}/similar?limit=5", headers=auth)
+    if bundle is not None:  # without a model these would only log "no model version is loaded yet"
+        for customer in (known, "warm-up-unknown-customer"):
+            client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)  # computed, then cached
+            client.get(f"/v1/customers/{customer}/recommendations?limit=10", headers=auth)
+        client.post(f"/v1/customers/{known}/recommendations", json={"limit": 5}, headers=auth)
+        client.get(f"/v1/items/{item}/similar?limit=5", headers=auth)
     client.get(f"/v1/customers/{known}/recommendations?limit=0", headers=auth)  # 400
     client.get(f"/v1/customers/{known}/recommendations")  # 401
 

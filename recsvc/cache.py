@@ -37,7 +37,8 @@ POLL_SECONDS = 0.005  # how often a waiter looks for the entry another process i
 # Generations outlive every entry made before them, the warm-up's day-long entries included (training/warm.py).
 GENERATION_TTL = 2 * 86400.0
 UNREACHABLE = object()  # what a Redis command returns when the breaker is open or the command failed
-MAX_UNSENT_INVALIDATIONS = 100_000  # customers whose invalidation waits for Redis, per process
+# Customers whose invalidation waits for Redis, shared by a server's workers: 2 MiB of ids (100,000 of 20 bytes).
+OWED_INVALIDATION_BYTES = 2 * 2**20
 
 
 def params_digest(params: dict) -> str:
@@ -127,14 +128,19 @@ def new_generation() -> bytes:
 
 class CircuitBreaker:
     """Closed until `failures` consecutive failures, then open: calls are skipped for `cooldown` seconds,
-    after which one probe goes through (half-open); its success closes the breaker, its failure reopens it."""
+    after which one probe goes through (half-open); its success closes the breaker, its failure reopens it.
+    A probe that never reports (its caller was stopped by another breaker) is granted again after another
+    cooldown, so the breaker cannot stay half-open for good. `publish` gets each new state (a metric)."""
 
     CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 
-    def __init__(self, failures: int = 3, cooldown: float = 1.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, failures: int = 3, cooldown: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 publish: Callable[[str], None] = metrics.redis_breaker, name: str = "redis circuit breaker"):
         self.threshold = failures
         self.cooldown = cooldown
         self.clock = clock
+        self.publish = publish
+        self.name = name
         self.state = self.CLOSED
         self.failures = 0
         self.opened_at = 0.0
@@ -145,7 +151,8 @@ class CircuitBreaker:
         if self.state == self.CLOSED:
             return True
         with self._lock:
-            if self.state == self.OPEN and self.clock() - self.opened_at >= self.cooldown:
+            if self.clock() - self.opened_at >= self.cooldown:
+                self.opened_at = self.clock()  # the probe's own cooldown, should it never report
                 self._move(self.HALF_OPEN)
                 return True
             return False
@@ -165,9 +172,9 @@ class CircuitBreaker:
 
     def _move(self, state: str) -> None:
         if state != self.state:
-            log.warning("redis circuit breaker %s -> %s", self.state, state)
+            log.warning("%s %s -> %s", self.name, self.state, state)
             self.state = state
-            metrics.redis_breaker(state)
+            self.publish(state)
 
 
 class _Flight:
@@ -340,15 +347,30 @@ class LocalCache(Cache):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._lists = self._generations = None
-        share = max(max_bytes // self.GENERATION_SHARE, shared_table.Geometry(1, 1, self.GENERATION_SLOT_BYTES).bytes)
-        generations = shared_table.geometry_for(max(max_entries, 16), share, self.GENERATION_SLOT_BYTES)
-        lists = shared_table.geometry_for(max_entries, max_bytes - generations.bytes, self.SLOT_BYTES) \
-            if generations and max_entries > 0 else None
+        generations, lists = self.geometries(max_entries, max_bytes)
         if lists is None:  # too small to hold anything: every lookup is a miss
             return
         self.memory = shared_table.SharedMemory(generations.bytes + lists.bytes)
         self._generations = shared_table.SlotTable(self.memory, 0, generations, evictions_change_epoch=True)
         self._lists = shared_table.SlotTable(self.memory, generations.bytes, lists)
+
+    @classmethod
+    def geometries(cls, max_entries: int, max_bytes: int):
+        """(generations, lists) tables for these bounds; lists is None when not even one list fits."""
+        share = max(max_bytes // cls.GENERATION_SHARE, shared_table.Geometry(1, 1, cls.GENERATION_SLOT_BYTES).bytes)
+        generations = shared_table.geometry_for(max(max_entries, 16), share, cls.GENERATION_SLOT_BYTES)
+        lists = shared_table.geometry_for(max_entries, max_bytes - generations.bytes, cls.SLOT_BYTES) \
+            if generations and max_entries > 0 else None
+        return generations, lists
+
+    @classmethod
+    def smallest_bytes(cls, max_entries: int) -> int:
+        """The fewest bytes in which a table with these entries holds one list (for the settings' check)."""
+        low, high = 0, 2**20
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if cls.geometries(max_entries, middle)[1] else (middle + 1, high)
+        return low
 
     # --- the Cache interface ------------------------------------------------------------------------------
 
@@ -460,7 +482,7 @@ class LocalCache(Cache):
 
 
 class RedisCache(Cache):
-    """Redis with short timeouts behind a circuit breaker; any Redis error is logged and treated as a miss.
+    """Redis with short timeouts behind circuit breakers; any Redis error is logged and treated as a miss.
 
     Every entry is tagged with a generation token that exists in Redis: the first computation for a
     customer without one creates it (SET NX). A customer whose token is missing therefore has no entry
@@ -468,47 +490,67 @@ class RedisCache(Cache):
     not, become misses, instead of matching "never invalidated" and serving a list made before an
     invalidation (an item the customer has since bought).
 
-    An invalidation Redis does not take (down, slow, breaker open) is kept and sent again with the
-    next command that succeeds; until then this process trusts no entry of that customer. Other
-    processes may serve the old list until it is sent: Redis's outage plus one request of this one.
+    An invalidation Redis does not take (down, slow, full, refusing us, breaker open) is owed: the customer
+    goes into a set in shared memory that every worker of the server reads (recsvc.shared_table.SharedIdSet,
+    made here, before gunicorn forks), and no worker trusts a Redis entry of that customer until the
+    invalidation reached Redis. The first worker whose Redis command succeeds again sends every owed one.
+
+    Two breakers: `breaker` counts every failure and, open, keeps every command away from Redis (a Redis
+    that is down); `write_breaker` counts failed writes only, and successful reads do not reset it, so a
+    Redis that answers reads but stalls writes (CLIENT PAUSE WRITE, as FAILOVER does) soon costs misses no
+    write timeouts, while hits keep coming from Redis.
     """
 
     kind = "redis"
+    WRITES = frozenset({"set", "lock", "unlock"})  # the actions write_breaker guards
 
-    def __init__(self, url: str, timeout: float = 0.05, breaker: CircuitBreaker | None = None, **options):
+    def __init__(self, url: str, timeout: float = 0.05, breaker: CircuitBreaker | None = None,
+                 write_breaker: CircuitBreaker | None = None, **options):
         super().__init__(**options)
         # No retries: a failed call is a miss at once; the breaker decides when to try Redis again.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            health_check_interval=0, retry=Retry(NoBackoff(), 0))
         self.breaker = breaker or CircuitBreaker()
-        self._unsent: set[str] = set()  # customers whose invalidation Redis has not taken yet
-        self._unsent_lock = threading.Lock()
+        self.write_breaker = write_breaker or CircuitBreaker(self.breaker.threshold, self.breaker.cooldown,
+                                                             publish=metrics.redis_write_breaker,
+                                                             name="redis write breaker")
+        self.owed = shared_table.SharedIdSet(OWED_INVALIDATION_BYTES)  # customers whose invalidation Redis lacks
 
     def _call(self, action: str, command: Callable, default):
-        """Run one Redis command through the breaker; `default` when it is open or the command fails."""
-        if not self.breaker.allow():
+        """Run one Redis command through the breakers; `default` when one is open or the command fails.
+        After a success, send the invalidations Redis missed."""
+        result = self._attempt(action, command)
+        if result is UNREACHABLE:
             return default
+        if len(self.owed):
+            self._send_invalidations()
+        return result
+
+    def _attempt(self, action: str, command: Callable):
+        """One command through the breakers: its result, or UNREACHABLE."""
+        write = action in self.WRITES
+        if not ((not write or self.write_breaker.allow()) and self.breaker.allow()):
+            return UNREACHABLE
         try:
             result = command()
         except redis.RedisError as exc:
             self.breaker.failure()
+            if write:
+                self.write_breaker.failure()
             metrics.redis_error(action)
             log.warning("redis %s failed: %s", action, exc.__class__.__name__)
-            return default
+            return UNREACHABLE
         self.breaker.success()
-        if self._unsent:  # Redis answers again: send what it missed
-            self._send_invalidations()
+        if write:
+            self.write_breaker.success()
         return result
 
     def invalidate_customer(self, customer_id: str) -> None:
         if self._call("set", lambda: self._write_generations([customer_id]), UNREACHABLE) is not UNREACHABLE:
             return
-        with self._unsent_lock:
-            if len(self._unsent) < MAX_UNSENT_INVALIDATIONS:
-                self._unsent.add(customer_id)
-                return
-        log.error("redis: %d invalidations wait already; %s's is dropped (its cached lists live out their TTL)",
-                  MAX_UNSENT_INVALIDATIONS, customer_id)
+        if not self.owed.add(customer_id):
+            log.error("redis: %d bytes of owed invalidations wait already; %s's is dropped (its cached lists "
+                      "live out their TTL)", OWED_INVALIDATION_BYTES, customer_id)
 
     def _write_generations(self, customer_ids) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -517,11 +559,10 @@ class RedisCache(Cache):
         pipe.execute()
 
     def _send_invalidations(self) -> None:
-        with self._unsent_lock:
-            unsent, self._unsent = self._unsent, set()
-        if self._call("set", lambda: self._write_generations(sorted(unsent)), UNREACHABLE) is UNREACHABLE:
-            with self._unsent_lock:
-                self._unsent |= unsent
+        """Send every owed invalidation in one pipeline; the set empties only once Redis took them all."""
+        with self.owed.draining() as owed:
+            if owed and self._attempt("set", lambda: self._write_generations(owed)) is not UNREACHABLE:
+                self.owed.clear()
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return self._call("get", lambda: self.client.mget(keys), [None] * len(keys))
@@ -530,10 +571,10 @@ class RedisCache(Cache):
         self._call("set", lambda: self.client.set(key, value, px=int(ttl * 1000)), None)
 
     def lookup(self, key: str, customer_id: str) -> tuple[bytes | None, bytes]:
-        unsent = customer_id in self._unsent  # read first: the call below may send it
+        owed = self.owed.holds(customer_id)  # read first: the call below may send it
         raw, generation = self.get_many([key, generation_key(customer_id)])
-        # No token, no trusted entry (see the class docstring); nor while this process owes an invalidation.
-        trusted = generation and not unsent
+        # No token, no trusted entry (see the class docstring); nor while the customer's invalidation is owed.
+        trusted = generation and not owed
         return (current_fragment(raw, generation) if trusted else None), generation or NO_GENERATION
 
     def claim(self, key: str, customer_id: str) -> tuple[bool, bytes | None, bytes | None]:
@@ -546,12 +587,12 @@ class RedisCache(Cache):
             pipe.mget([key, token_key])
             return pipe.execute()
 
-        unsent = customer_id in self._unsent  # read first: the call below may send it
+        owed = self.owed.holds(customer_id)  # read first: the call below may send it
         result = self._call("lock", lock_and_look, UNREACHABLE)
         if result is UNREACHABLE:
             return True, None, None  # compute here rather than wait for a lock nobody can hold
         taken, _created, (raw, generation) = result
-        fragment = current_fragment(raw, generation) if generation and not unsent else None
+        fragment = current_fragment(raw, generation) if generation and not owed else None
         if taken and fragment is not None:
             self._call("unlock", lambda: self.client.delete(lock_key(key)), None)
         return bool(taken), fragment, generation or NO_GENERATION
@@ -569,14 +610,22 @@ class RedisCache(Cache):
         self._call("set", store_and_unlock, None)
 
     def status(self) -> dict:
-        return {"kind": self.kind, "breaker": self.breaker.state}
+        return {"kind": self.kind, "breaker": self.breaker.state, "write_breaker": self.write_breaker.state,
+                "owed_invalidations": len(self.owed)}
 
 
 def make_cache(settings: Settings) -> Cache:
     """Redis when RECSVC_REDIS_URL is set, otherwise the embedded cache (shared by the workers forked after)."""
+    if not settings.redis_url:
+        return make_local_cache(settings)
     options = {"ttl": settings.cache_ttl, "max_entry_bytes": settings.cache_max_entry_bytes,
                "lock_wait": settings.cache_lock_wait}
-    if not settings.redis_url:
-        return LocalCache(settings.local_cache_entries, settings.local_cache_bytes, **options)
     breaker = CircuitBreaker(settings.redis_breaker_failures, settings.redis_breaker_cooldown)
     return RedisCache(settings.redis_url, settings.redis_timeout, breaker, **options)
+
+
+def make_local_cache(settings: Settings) -> LocalCache:
+    """The embedded cache's shared table: the cache itself without Redis; with Redis, the table where every
+    worker keeps the customers' recent items (recsvc.event_log.RecentItems), readable while Redis is not."""
+    return LocalCache(settings.local_cache_entries, settings.local_cache_bytes, ttl=settings.cache_ttl,
+                      max_entry_bytes=settings.cache_max_entry_bytes, lock_wait=settings.cache_lock_wait)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,17 +49,50 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
-def checked_redis_url(url: str, label: str) -> str:
-    """`url`, or ConfigError naming it as `label` (RECSVC_REDIS_URL=..., --redis-url ...) and saying why."""
+def redacted_url(url: str) -> str:
+    """`url` as messages and logs show it: user name and password (everything before the host's '@') and a
+    password= query value become ***, so an error message never prints a secret."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    shown = url.replace(netloc, "***@" + netloc.rpartition("@")[2], 1) if "@" in netloc else url
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", shown)
+
+
+def checked_redis_url(url: str, option: str) -> str:
+    """`url`, or ConfigError naming it as `option` (RECSVC_REDIS_URL, --redis-url), shown without its password,
+    and saying why."""
     problem = redis_url_problem(url)
     if problem:
+        shown = redacted_url(url)
+        label = f"{option}={shown!r}" if option.startswith("RECSVC_") else f"{option} {shown!r}"
         raise ConfigError(f"{label} is not a Redis URL: {problem}")
     return url
 
 
 def _redis_url(env: Mapping[str, str], name: str) -> str | None:
     url = _text(env, name, None)
-    return url and checked_redis_url(url, f"{name}={url!r}")
+    return url and checked_redis_url(url, name)
+
+
+def _local_cache_bytes(env: Mapping[str, str], name: str, default: int, entries: int) -> int:
+    """The shared table's size: it must hold at least one list, or the cache (and, with or without Redis, the
+    recent items every worker reads) would be silently off."""
+    from recsvc.cache import LocalCache  # here: recsvc.cache imports this module
+
+    return int(_number(env, name, default, minimum=LocalCache.smallest_bytes(entries), maximum=64 * 2**30))
+
+
+def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
+    """A directory the server creates files in: refused at start-up when it, or the nearest part of it that
+    exists, is not a directory it may write to (otherwise every write would fail later, on a request)."""
+    path = Path(_text(env, name, str(default)))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name}={str(path)!r} must be a directory, and {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}={str(path)!r}: this user may not write in {str(existing)!r}")
+    return path
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -153,6 +187,8 @@ class Settings:
         auth = (_text(env, "RECSVC_AUTH", "on") or "on").lower()
         if auth not in ("on", "off"):
             raise ConfigError(f"RECSVC_AUTH={auth!r} must be 'on' or 'off' (off: local development only)")
+        entries = int(_number(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries, minimum=1,
+                              maximum=10_000_000))
         return cls(
             registry=Path(_text(env, "RECSVC_REGISTRY", str(cls.registry))),
             reload_interval=_number(env, "RECSVC_RELOAD_INTERVAL", cls.reload_interval, minimum=0.1, maximum=3600),
@@ -160,10 +196,8 @@ class Settings:
             cache_ttl=_number(env, "RECSVC_CACHE_TTL", cls.cache_ttl, minimum=1, maximum=7 * 86400),
             redis_timeout=_number(env, "RECSVC_REDIS_TIMEOUT_MS", cls.redis_timeout * 1000, minimum=1,
                                   maximum=10_000) / 1000,
-            local_cache_entries=int(_number(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries,
-                                            minimum=0, maximum=10_000_000)),
-            local_cache_bytes=int(_number(env, "RECSVC_LOCAL_CACHE_BYTES", cls.local_cache_bytes, minimum=0,
-                                          maximum=64 * 2**30)),
+            local_cache_entries=entries,
+            local_cache_bytes=_local_cache_bytes(env, "RECSVC_LOCAL_CACHE_BYTES", cls.local_cache_bytes, entries),
             cache_max_entry_bytes=int(_number(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
                                               minimum=1024, maximum=16 * 1024 * 1024)),
             cache_lock_wait=_number(env, "RECSVC_CACHE_LOCK_WAIT_MS", cls.cache_lock_wait * 1000, minimum=0,
@@ -180,7 +214,7 @@ class Settings:
             max_body_bytes=int(_number(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
                                        maximum=64 * 1024 * 1024)),
             experiments_path=Path(experiments) if experiments else None,
-            spool_dir=Path(_text(env, "RECSVC_SPOOL_DIR", str(cls.spool_dir))),
+            spool_dir=_directory(env, "RECSVC_SPOOL_DIR", cls.spool_dir),
             spool_fsync=_choice(env, "RECSVC_SPOOL_FSYNC", cls.spool_fsync, ("always", "everysec")),
             event_dedupe_ttl=_number(env, "RECSVC_EVENT_DEDUPE_TTL", cls.event_dedupe_ttl, minimum=60,
                                      maximum=365 * 86400),

@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -30,7 +29,7 @@ import orjson
 import redis
 
 from recsvc import metrics
-from recsvc.cache import event_seen_key, event_stream_key, recent_items_key
+from recsvc.cache import LocalCache, event_seen_key, event_stream_key, recent_items_key
 from recsvc.errors import EventLogUnavailable
 
 log = logging.getLogger(__name__)
@@ -325,11 +324,14 @@ class EventLog:
 
 
 class RecentItems:
-    """Items customers interacted with since training (POST /v1/events): a Redis sorted set per customer, each
-    item scored with the time it stops counting (`ttl` after it was added; the key itself has no TTL, so
-    eviction cannot drop it, see recent_items_key), mirrored in a bounded in-process map that answers while
-    Redis is down; without Redis, entries of the embedded cache that every worker shares (`shared`, a
-    recsvc.cache.LocalCache)."""
+    """Items customers interacted with since training (POST /v1/events).
+
+    With Redis: a sorted set per customer, each item scored with the time it stops counting (`ttl` after it
+    was added; the key itself has no TTL, so eviction cannot drop it, see recent_items_key). Always also in
+    `shared`, the embedded cache's table in shared memory (a recsvc.cache.LocalCache, made before gunicorn
+    forks): every worker of the server reads what any of them was told, also while Redis is down, full or
+    refusing us, and without Redis it is the only copy. A list one worker computes must leave out what
+    another worker was told the customer has."""
 
     def __init__(self, redis_url: str | None, *, ttl: float = 86400.0, timeout: float = 0.05,
                  max_customers: int = 100_000, retry_interval: float = 1.0, shared=None):
@@ -338,16 +340,14 @@ class RecentItems:
         self.ttl = ttl
         self.max_customers = max_customers
         self.retry_interval = retry_interval
-        self._local: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
+        self.shared = shared if shared is not None else LocalCache()
         self._unsynced: dict[str, set[str]] = {}  # added while Redis was down
         self._lock = threading.Lock()
         self._down_until = 0.0
-        # A list one worker computes must leave out what another worker was told the customer has.
-        self.shared = shared
 
     def add(self, customer_id: str, item_ids: Iterable[str]) -> None:
         items = set(item_ids)
-        self._add_local(customer_id, items)
+        self.shared.add_recent_items(customer_id, items, self.ttl)
         if self.client is None:
             return  # no Redis to bring up to date later
         if not (self._redis_usable() and self._write(self.client, customer_id, items)):
@@ -356,13 +356,9 @@ class RecentItems:
                     self._unsynced.setdefault(customer_id, set()).update(items)
 
     def get(self, customer_id: str) -> set[str]:
-        """The customer's recent items: Redis (shared by all replicas) when it answers, with this process's copy
-        (which also holds what was added while Redis was down)."""
-        if self.shared is not None:
-            return self.shared.recent_items(customer_id)
-        with self._lock:
-            expires, items = self._local.get(customer_id, (0.0, set()))
-            local = set(items) if expires > time.monotonic() else set()
+        """The customer's recent items: those every worker of this server recorded (shared memory), with
+        Redis's (shared by all replicas) when it answers."""
+        local = self.shared.recent_items(customer_id)
         if self._redis_usable():
             try:
                 members = self.client.zrangebyscore(recent_items_key(customer_id), f"({time.time()!r}", "+inf")
@@ -400,17 +396,6 @@ class RecentItems:
     def _redis_usable(self) -> bool:
         return self.client is not None and time.monotonic() >= self._down_until
 
-    def _add_local(self, customer_id: str, items: set[str]) -> None:
-        if self.shared is not None:
-            self.shared.add_recent_items(customer_id, items, self.ttl)
-            return
-        with self._lock:
-            expires, known = self._local.pop(customer_id, (0.0, set()))
-            known = known if expires > time.monotonic() else set()
-            self._local[customer_id] = (time.monotonic() + self.ttl, known | items)
-            while len(self._local) > self.max_customers:
-                self._local.popitem(last=False)
-
 
 def sweep_recent_items(client: redis.Redis, now: float | None = None, batch: int = 1000) -> tuple[int, int]:
     """Remove expired items from every customer's recent items; Redis deletes a set left empty.
@@ -445,9 +430,9 @@ def event_time(value: object) -> float | None:
     return round(float(value), 3)
 
 
-def from_settings(settings, shared=None) -> tuple[EventLog, RecentItems]:
+def from_settings(settings, shared) -> tuple[EventLog, RecentItems]:
     """The event log and the recent-items store a server runs with (settings: recsvc.config.Settings; shared:
-    the embedded cache, which keeps recent items for all workers when there is no Redis)."""
+    the embedded cache's table, where all workers keep recent items, with or without Redis)."""
     event_log = EventLog(settings.redis_url, settings.spool_dir, timeout=settings.redis_timeout,
                          fsync=settings.spool_fsync, retry_interval=settings.redis_breaker_cooldown,
                          dedupe_ttl=int(settings.event_dedupe_ttl))

@@ -6,15 +6,28 @@ runs in multiprocess mode: each worker writes its metrics to files in one
 directory, which /metrics merges.
 """
 
+import atexit
 import gc
 import os
 import shutil
 import tempfile
 
+_made_by = None  # the master's pid when it made the metrics directory
 # Must be set before prometheus_client is imported (by the preloaded app): it picks its storage at import.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recsvc-metrics-")
+    _made_by = os.getpid()
 _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+@atexit.register
+def _remove_metrics_dir() -> None:
+    """The directory made here goes when the master exits, also after a failed start-up (the app failed to
+    load, the port was taken): gunicorn then exits through sys.exit without calling on_exit. Workers run the
+    hooks they inherit when they exit too: only the master removes it."""
+    if os.getpid() == _made_by:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
 os.makedirs(_metrics_dir, exist_ok=True)
 # Files of an earlier run would be merged into this one's counts.
 for _name in os.listdir(_metrics_dir):
@@ -77,7 +90,3 @@ def child_exit(server, worker):
     metrics.worker_exited(worker.pid)
     release_slot(worker)
 
-
-def on_exit(server):
-    if _metrics_dir.startswith(tempfile.gettempdir()) and os.path.basename(_metrics_dir).startswith("recsvc-metrics-"):
-        shutil.rmtree(_metrics_dir, ignore_errors=True)

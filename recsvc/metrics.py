@@ -27,6 +27,9 @@ CACHE_LOOKUPS = Counter("recsvc_cache_lookups_total", "Recommendation cache look
 # Redis cache health (recsvc/cache.py): breaker 0 closed, 1 half-open, 2 open; the worst worker wins.
 REDIS_BREAKER = Gauge("recsvc_redis_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
                       multiprocess_mode="max")
+# The breaker of writes alone: it opens when writes fail while reads still answer (a write-only stall).
+REDIS_WRITE_BREAKER = Gauge("recsvc_redis_write_breaker_state",
+                            "Redis circuit breaker of writes: 0 closed, 1 half-open, 2 open", multiprocess_mode="max")
 REDIS_ERRORS = Counter("recsvc_redis_errors_total", "Redis commands that failed or timed out", ["operation"])
 CACHE_COALESCED = Counter("recsvc_cache_coalesced_total",
                           "Requests that waited for another request's computation of the same list")
@@ -94,6 +97,10 @@ def redis_breaker(state: str) -> None:
     REDIS_BREAKER.set(BREAKER_STATES[state])
 
 
+def redis_write_breaker(state: str) -> None:
+    REDIS_WRITE_BREAKER.set(BREAKER_STATES[state])
+
+
 def redis_error(operation: str) -> None:
     REDIS_ERRORS.labels(operation).inc()
 
@@ -127,9 +134,20 @@ def event_log_replayed(records: int) -> None:
 def model_swapped(previous: str | None, version: str, created_at: float | None) -> None:
     """A new version serves in this process from now on."""
     if previous is not None and previous != version:
-        MODEL_INFO.labels(previous).set(0)
+        _retire_version(previous)
     MODEL_LOADS.inc()
     model_serving(version, created_at)
+
+
+def _retire_version(version: str) -> None:
+    """Drop the series of a version this process no longer serves, so the gauge does not keep one per version
+    ever loaded. prometheus_client cannot remove a labelled series in multiprocess mode: the value stays in this
+    process's mmap file (and would come back with the label). There it is set to 0, and exposition() leaves out
+    the info series at 0."""
+    if multiprocess_mode():
+        MODEL_INFO.labels(version).set(0)
+    else:
+        MODEL_INFO.remove(version)
 
 
 def model_serving(version: str, created_at: float | None) -> None:
@@ -158,11 +176,25 @@ def exposition() -> tuple[bytes, str]:
     """(body, content type) of a scrape: every worker's values when running under gunicorn."""
     if multiprocess_mode():
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_ServedVersionsOnly(multiprocess.MultiProcessCollector(None)))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
 
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _ServedVersionsOnly:
+    """Every worker's metrics, less the recsvc_model_info series at 0: versions a worker served before (see
+    _retire_version)."""
+
+    def __init__(self, collector):
+        self.collector = collector
+
+    def collect(self):
+        for metric in self.collector.collect():
+            if metric.name == MODEL_INFO._name:
+                metric.samples = [sample for sample in metric.samples if sample.value != 0]
+            yield metric
 
 
 def worker_exited(pid: int) -> None:

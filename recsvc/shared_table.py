@@ -339,3 +339,91 @@ def geometry_for(max_entries: int, budget: int, slot: int, ways: int = 16) -> Ge
             return Geometry(1, fewer, slot)
     return None
 
+
+
+class SharedIdSet:
+    """A bounded set of ids (customer ids) in shared memory, seen by every process forked after it was made.
+
+    For the Redis cache's owed invalidations (recsvc.cache.RedisCache): any worker adds a customer whose
+    invalidation Redis did not take, every worker asks holds() before trusting a Redis entry, and whichever
+    worker reaches Redis again sends them all and clears the set; so a worker that dies owes nothing.
+
+    Layout: count u64 | bytes used u64 | pad to 64 | one flag byte per bucket | ids, each followed by NUL.
+    holds() costs one 8-byte read while the set is empty (nearly always) and a crc32 and one byte otherwise;
+    it has no false negatives, and a false positive (another id of a held id's bucket) only costs a miss.
+    Writers hold a thread lock and a POSIX record lock on byte 0 (the kernel drops it when its holder dies).
+    """
+
+    COUNTS = struct.Struct("<QQ")
+    BUCKETS_AT = 64
+
+    def __init__(self, capacity_bytes: int = 2 * 2**20, buckets: int = 2**16):
+        self.buckets = buckets
+        self.ids_at = self.BUCKETS_AT + buckets
+        self.capacity = capacity_bytes
+        self.memory = SharedMemory(self.ids_at + 1 + capacity_bytes)  # a NUL before the first id
+        self.map = self.memory.map
+        self._thread_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.COUNTS.unpack_from(self.map, 0)[0]
+
+    def holds(self, value: str) -> bool:
+        """Might `value` be in the set? Never False for a value that is."""
+        if not self.COUNTS.unpack_from(self.map, 0)[0]:
+            return False
+        return self.map[self.BUCKETS_AT + self._bucket(value.encode())] != 0
+
+    def add(self, value: str) -> bool:
+        """Add `value` (no NUL in it); False when the set is full."""
+        raw = value.encode()
+        with self._locked(blocking=True):
+            count, used = self.COUNTS.unpack_from(self.map, 0)
+            bucket = self.BUCKETS_AT + self._bucket(raw)
+            if count and self.map[bucket] and self.map.find(b"\0" + raw + b"\0", self.ids_at, self.ids_at + 1 + used) >= 0:
+                return True
+            if used + len(raw) + 1 > self.capacity:
+                return False
+            start = self.ids_at + 1 + used
+            self.map[start:start + len(raw) + 1] = raw + b"\0"
+            self.map[bucket] = 1  # before the count: a reader that sees the count sees the flag
+            self.COUNTS.pack_into(self.map, 0, count + 1, used + len(raw) + 1)
+            return True
+
+    @contextmanager
+    def draining(self):
+        """Yields every id held (a list), or None when another thread or process is draining the set now.
+        The caller sends them and then calls clear(); ids cannot be added meanwhile (they wait for the lock)."""
+        with self._locked(blocking=False) as locked:
+            if not locked:
+                yield None
+                return
+            _count, used = self.COUNTS.unpack_from(self.map, 0)
+            held = self.map[self.ids_at + 1:self.ids_at + 1 + used].split(b"\0")[:-1]
+            yield [value.decode() for value in held]
+
+    def clear(self) -> None:
+        """Empty the set; only inside draining()."""
+        self.COUNTS.pack_into(self.map, 0, 0, 0)  # the count first: from now on holds() reads nothing else
+        self.map[self.BUCKETS_AT:self.ids_at] = bytes(self.buckets)
+
+    def _bucket(self, raw: bytes) -> int:
+        return zlib.crc32(raw) % self.buckets
+
+    @contextmanager
+    def _locked(self, blocking: bool):
+        if not self._thread_lock.acquire(blocking):
+            yield False
+            return
+        try:
+            try:
+                fcntl.lockf(self.memory.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB), 1, 0)
+            except OSError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.lockf(self.memory.fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            self._thread_lock.release()

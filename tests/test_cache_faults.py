@@ -86,7 +86,7 @@ def test_redis_killed_and_restarted_during_a_request_loop(own_redis, make_app, a
         own_redis.kill()
         assert wait_for(lambda: cache.breaker.state == CircuitBreaker.OPEN)
         ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.get_json()["cache"] == {"kind": "redis", "breaker": "open"}
+        assert ready.status_code == 200 and ready.get_json()["cache"]["breaker"] == "open"
         during = loop.count()
         assert wait_for(lambda: loop.count() > during + 50)  # served from the model while Redis is gone
         own_redis.start()
@@ -122,6 +122,29 @@ def test_a_frozen_redis_costs_at_most_a_few_timeouts(own_redis, make_app, auth):
     # Three timed-out commands open the breaker; after that no request waits for Redis at all.
     assert redis_errors() - errors_before == 3
     assert latencies[0] >= 0.03 and max(latencies) < 1.0
+
+
+def test_a_redis_that_stalls_writes_costs_a_few_timeouts_and_still_serves_hits(own_redis, make_app, auth):
+    """CLIENT PAUSE WRITE (what Redis's FAILOVER does): reads answer, writes wait. Successful reads must not
+    reset the count of write timeouts: three of them open the write breaker, then misses skip the lock and
+    the store instead of waiting 50 ms for each, and hits keep coming from Redis."""
+    app = make_app(redis_url=own_redis.url, redis_timeout=0.05, redis_breaker_cooldown=5.0)
+    client, service = app.test_client(), app.extensions["recsvc"]
+    cached = f"/v1/customers/{CUSTOMERS[0]}/recommendations"
+    assert client.get(cached, headers=auth).status_code == 200
+    errors_before = redis_errors()
+    own_redis.client().execute_command("CLIENT", "PAUSE", 4000, "WRITE")
+    try:
+        for customer in CUSTOMERS[1:21]:
+            assert client.get(f"/v1/customers/{customer}/recommendations", headers=auth).status_code == 200
+        computed = service.recommender.computations
+        assert client.get(cached, headers=auth).status_code == 200
+        assert service.recommender.computations == computed  # a hit, read from Redis during the stall
+    finally:
+        own_redis.client().execute_command("CLIENT", "UNPAUSE")
+    assert redis_errors() - errors_before == 3
+    assert (service.cache.breaker.state, service.cache.write_breaker.state) == ("closed", "open")
+    assert client.get("/readyz").get_json()["cache"]["write_breaker"] == "open"
 
 
 def redis_errors() -> float:

@@ -84,10 +84,13 @@ def test_a_manifest_that_is_not_an_object_is_an_artifact_error(demo_paths, tmp_p
 @pytest.mark.parametrize("name, value, message", [
     ("RECSVC_REDIS_URL", "http://x", "RECSVC_REDIS_URL='http://x' is not a Redis URL"),
     ("RECSVC_REDIS_URL", "redis://127.0.0.1:6379/abc", "the database after the host must be a number"),
+    ("RECSVC_REDIS_URL", "redis://:s3cret@127.0.0.1:6379/abc", "RECSVC_REDIS_URL='redis://***@127.0.0.1:6379/abc'"),
+    ("RECSVC_REDIS_URL", "http://admin:s3cret@x/?password=s3cret", "'http://***@x/?password=***' is not a Redis URL"),
 ])
 def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError) as refused:
         Settings.from_env({name: value})
+    assert message in str(refused.value) and "s3cret" not in str(refused.value)  # never the password
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -97,8 +100,12 @@ def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, messa
     ("RECSVC_BIND", "127.0.0.1:abc", "RECSVC_BIND='127.0.0.1:abc' must be HOST:PORT"),
     ("RECSVC_LOG_LEVEL", "bogus", "RECSVC_LOG_LEVEL='bogus' must be one of debug, info"),
     ("RECSVC_REDIS_URL", "http://x", "is not a Redis URL"),
+    ("RECSVC_SPOOL_DIR", "/etc/passwd", "RECSVC_SPOOL_DIR='/etc/passwd' must be a directory"),
+    ("RECSVC_SPOOL_DIR", "/etc/passwd/spool", "RECSVC_SPOOL_DIR='/etc/passwd/spool' must be a directory"),
+    ("RECSVC_LOCAL_CACHE_BYTES", "100", "RECSVC_LOCAL_CACHE_BYTES='100' must be between 704 and"),
+    ("RECSVC_LOCAL_CACHE_ENTRIES", "0", "RECSVC_LOCAL_CACHE_ENTRIES='0' must be between 1 and"),
 ])
-def test_recsvc_serve_refuses_a_wrong_gunicorn_setting_with_exit_2(tmp_path, name, value, message):
+def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value, message):
     env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), name: value}
     done = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--port", "1"], env=env,
                           capture_output=True, text=True, timeout=60)

@@ -69,8 +69,9 @@ def test_cli_report_errors_are_messages_with_exit_codes(experiment_settings, tmp
                                      experiment_settings.redis_url, "--chart", str(tmp_path / "chart.svg")])
     assert bad_chart.exit_code == 2 and "--chart must end in .html or .png" in bad_chart.output
     down = runner.invoke(main, ["experiments", "report", "als-vs-pop", "--redis-url",
-                                f"redis://127.0.0.1:{free_port()}/0"])
-    assert down.exit_code == 1 and "cannot read the event log" in down.output
+                                f"redis://:wrongpass@127.0.0.1:{free_port()}/0"])
+    assert down.exit_code == 1 and "cannot read the event log from redis://***@127.0.0.1:" in down.output
+    assert "wrongpass" not in down.output
     assert "Traceback" not in unknown.output + bad_chart.output + down.output
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, free_port
 from tests.server_process import running_server
 
 
@@ -91,3 +93,42 @@ def test_bad_configuration_exits_2_before_serving(tmp_path):
                             timeout=30)
     assert result.returncode == 2
     assert "RECSVC_CACHE_TTL='forever' is not a number" in result.stderr
+
+
+def start_and_stop(env: dict, argv: list[str], log: Path, until=lambda: False, timeout: float = 30.0) -> int:
+    """Run a server command until `until()` holds (or it exits, or `timeout`), stop it; its exit code."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not until() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process.poll() is None:
+        process.terminate()
+    return process.wait(timeout=30)
+
+
+def test_without_a_model_the_warm_up_logs_no_errors_and_failed_starts_leave_no_metrics_directory(tmp_path):
+    empty, temp = tmp_path / "registry", tmp_path / "tmp"
+    empty.mkdir(), temp.mkdir()
+    env = {"RECSVC_REGISTRY": str(empty), "RECSVC_API_KEYS": API_KEY, "TMPDIR": str(temp),
+           "RECSVC_SPOOL_DIR": str(tmp_path / "spool")}
+    port = free_port()
+    serve = [sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers", "1"]
+    alive = lambda: _answers(f"http://127.0.0.1:{port}/healthz")  # noqa: E731 (/readyz is 503 without a model)
+    start_and_stop(env, serve, tmp_path / "no-model.log", until=alive)
+    log = (tmp_path / "no-model.log").read_text()
+    assert "Booting worker" in log and "no model version is loaded yet" not in log
+    assert not list(temp.glob("recsvc-metrics-*"))
+
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:recsvc.gunicorn_conf", "--bind",
+                f"127.0.0.1:{free_port()}", "no_such_module:app"]
+    assert start_and_stop(env, gunicorn, tmp_path / "crash.log") != 0  # the app cannot be loaded
+    assert "no_such_module" in (tmp_path / "crash.log").read_text()
+    assert not list(temp.glob("recsvc-metrics-*"))
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False

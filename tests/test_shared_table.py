@@ -243,3 +243,21 @@ def test_recent_items_expire_with_their_ttl():
     assert cache.recent_items("c1") == {"i1"}
     time.sleep(0.1)
     assert cache.recent_items("c1") == set()
+
+
+def test_ids_one_process_adds_are_held_for_every_process_until_one_drains_them():
+    owed = shared_table.SharedIdSet(capacity_bytes=64, buckets=1024)
+    assert not owed.holds("c1") and len(owed) == 0
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if owed.add("c1") and owed.add("c1") and owed.add("customer-2") else 1)
+    _pid, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert owed.holds("c1") and owed.holds("customer-2") and len(owed) == 2  # added twice, held once
+    assert not owed.add("x" * 64)  # beyond the capacity: refused, not truncated
+    with owed.draining() as held:
+        with owed.draining() as meanwhile:
+            assert meanwhile is None  # one drainer at a time
+        assert held == ["c1", "customer-2"]
+        owed.clear()
+    assert not owed.holds("c1") and len(owed) == 0 and owed.add("c3") and owed.holds("c3")

@@ -97,7 +97,7 @@ def test_swap_under_load_fails_no_request_and_serves_both_versions(server, regis
     assert sum(_metric(metrics, "recsvc_responses_total", endpoint=endpoint, status="200")) == len(outcomes)
     assert sum(_metric(metrics, "recsvc_request_seconds_count", endpoint=endpoint)) == len(outcomes)
     assert _metric(metrics, "recsvc_model_info", version="v2") == [1.0, 1.0]  # one line per live worker
-    assert sum(_metric(metrics, "recsvc_model_info", version="v1")) == 0
+    assert _metric(metrics, "recsvc_model_info", version="v1") == []  # no series left per version ever loaded
 
 
 def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(server, registry, tmp_path):
@@ -136,3 +136,14 @@ def test_a_version_that_loads_but_cannot_answer_is_refused_while_the_old_one_kee
     assert ready["model_version"] == "v1" and ready["last_load_failure"]["version"] == "v2"
     assert "catalog.title has 0 entries" in ready["last_load_failure"]["reason"]
     artifacts.set_current(registry, "v1")
+
+
+def test_a_swapped_out_version_leaves_no_series_in_a_single_process():
+    from prometheus_client import REGISTRY, generate_latest
+
+    from recsvc import metrics
+
+    metrics.model_swapped(None, "t-old", None)
+    metrics.model_swapped("t-old", "t-new", None)
+    text = generate_latest(REGISTRY).decode()
+    assert 'recsvc_model_info{version="t-new"} 1.0' in text and 't-old' not in text

@@ -93,7 +93,8 @@ def test_cli_prints_entries_per_second(trained_registry, redis_url, redis_client
 @pytest.mark.parametrize("args, code, message", [
     (["--registry", "{empty}", "--redis-url", "{redis}"], 2, "has no current model version"),
     (["--registry", "{registry}", "--redis-url", "http://example.org"], 2, "is not a Redis URL"),
-    (["--registry", "{registry}", "--redis-url", "redis://127.0.0.1:{dead}/0"], 1, "cannot reach Redis"),
+    (["--registry", "{registry}", "--redis-url", "redis://:wrongpass@127.0.0.1:{dead}/0"], 1,
+     "cannot reach Redis at redis://***@127.0.0.1:"),
     (["--registry", "{registry}", "--redis-url", "{redis}", "--top", "0"], 2, "--top"),
     (["--registry", "{registry}", "--redis-url", "{redis}", "--ttl", "172800"], 2, "--ttl must be between"),
 ])
@@ -101,4 +102,4 @@ def test_cli_mistakes_give_a_message_and_an_exit_code(trained_registry, redis_ur
     values = {"empty": str(tmp_path), "redis": redis_url, "registry": str(trained_registry), "dead": free_port()}
     result = CliRunner().invoke(main, ["warm-cache", *(a.format(**values) for a in args)])
     assert result.exit_code == code, result.output
-    assert message in result.output and "Traceback" not in result.output
+    assert message in result.output and "Traceback" not in result.output and "wrongpass" not in result.output

@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recsvc.config import redis_url_problem
+from recsvc.config import redacted_url, redis_url_problem
 from recsvc.errors import InvalidInput
 from training.evaluate import METRICS, Holdout
 from training.ingest import IngestOptions
@@ -66,7 +66,7 @@ class NightlyPaths:
         redis_url = raw.get("redis_url") or None
         problem = redis_url and redis_url_problem(str(redis_url))
         if problem:
-            raise ValueError(f"nightly.redis_url {redis_url!r} is not a Redis URL: {problem}")
+            raise ValueError(f"nightly.redis_url {redacted_url(str(redis_url))!r} is not a Redis URL: {problem}")
         return cls(interactions=path("interactions"), catalog=path("catalog"), registry=path("registry"),
                    redis_url=redis_url, warm_top=_positive(raw.get("warm_top", 10_000), "nightly.warm_top"),
                    warm_workers=_positive(raw.get("warm_workers", 1), "nightly.warm_workers"))

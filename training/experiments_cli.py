@@ -12,7 +12,7 @@ import redis
 import scipy.sparse as sp
 
 from recsvc.cache import experiments_key
-from recsvc.config import checked_redis_url
+from recsvc.config import checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
 from recsvc.experiments import Experiment, load_experiments, parse_experiments
@@ -69,7 +69,7 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         streams = RedisStreams(client, dedupe_ttl=0)
         report = report_for(experiment, streams.read(EXPOSURE), streams.read(FEEDBACK), alpha)
     except redis.RedisError as exc:
-        raise RecsvcError(f"cannot read the event log from {redis_url}: {exc}") from None
+        raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {exc}") from None
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if chart_path is not None:
         write_chart(report, chart_path)
@@ -77,7 +77,7 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
 
 
 def _redis_client(redis_url: str) -> redis.Redis:
-    checked_redis_url(redis_url, f"--redis-url {redis_url!r}")
+    checked_redis_url(redis_url, "--redis-url")
     return redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
 
 
@@ -222,7 +222,7 @@ def replay_command(name: str, experiments_path: Path | None, redis_url: str | No
         try:
             experiment = _definition(name, None, client)
         except redis.RedisError as exc:
-            raise RecsvcError(f"cannot read the published experiment definitions from {redis_url}: {exc}") from None
+            raise RecsvcError(f"cannot read the published experiment definitions from {redacted_url(redis_url)}: {exc}") from None
         finally:
             client.close()
     config = TrainConfig.from_file(config_path)

@@ -18,7 +18,7 @@ from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import (GENERATION_TTL, encode_entry, generation_key, new_generation, recent_items_key,
                           recommendation_keys)
-from recsvc.config import Settings, checked_redis_url
+from recsvc.config import Settings, checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
 from training.warm_batch import DEFAULT_QUERY, BatchRecommender, EncodedLists
@@ -77,15 +77,15 @@ def most_active(bundle: ModelBundle, top: int) -> np.ndarray:
 
 
 def connect(redis_url: str) -> redis.Redis:
-    checked_redis_url(redis_url, f"--redis-url {redis_url!r}")
+    checked_redis_url(redis_url, "--redis-url")
     try:
         client = redis.Redis.from_url(redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
     except ValueError as exc:
-        raise InvalidInput(f"--redis-url {redis_url!r} is not a Redis URL: {exc}") from None
+        raise InvalidInput(f"--redis-url {redacted_url(redis_url)!r} is not a Redis URL: {exc}") from None
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise CacheUnavailable(f"cannot reach Redis at {redis_url}: {exc}") from None
+        raise CacheUnavailable(f"cannot reach Redis at {redacted_url(redis_url)}: {exc}") from None
     return client
 
 
