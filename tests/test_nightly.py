@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -100,18 +102,25 @@ time.sleep(120)
 """
 
 
-def test_nightly_exits_4_while_another_process_holds_the_lock(demo_paths, tmp_path):
-    registry = tmp_path / "registry"
-    registry.mkdir()
-    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry)
+@contextmanager
+def lock_held(registry: Path) -> Iterator[None]:
+    """Another process holds the registry's nightly lock while the block runs (it dies with the block)."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry / ".nightly.lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        result = nightly(config)
+        yield
     finally:
         holder.kill()
         holder.communicate(timeout=10)
+
+
+def test_nightly_exits_4_while_another_process_holds_the_lock(demo_paths, tmp_path):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry)
+    with lock_held(registry):
+        result = nightly(config)
     assert result.returncode == 4, result.stderr
     assert "another nightly run or rollback is in progress" in result.stderr and "this run did nothing" in result.stderr
     assert artifacts.list_versions(registry) == []
@@ -150,14 +159,8 @@ def test_json_log_mode_says_busy_in_json(demo_paths, tmp_path):
     registry = tmp_path / "registry"
     registry.mkdir()
     config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry / ".nightly.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(registry):
         result = nightly(config, "--quiet", "--log-format", "json")
-    finally:
-        holder.kill()
-        holder.communicate(timeout=10)
     assert result.returncode == 4
     [error] = json_lines(result.stderr)
     assert error["exit_code"] == 4 and "this run did nothing" in error["message"]

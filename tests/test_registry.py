@@ -21,7 +21,7 @@ from recsvc import artifacts
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
 from recsvc.model_store import ModelStore
 from recsvc.scoring import PopularityScorer
-from tests.test_nightly import HOLD_LOCK
+from tests.test_nightly import lock_held
 from training.cli import main as train_cli
 from training.registry import apply_retention, make_current, protected_versions
 
@@ -194,14 +194,8 @@ def test_rollback_on_an_empty_registry_says_there_is_no_current_version(tmp_path
 
 
 def test_rollback_exits_4_while_a_nightly_run_holds_the_lock(registry):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry / ".nightly.lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(registry):
         result = CliRunner().invoke(train_cli, ["registry", "rollback", "--registry", str(registry)])
-    finally:
-        holder.kill()
-        holder.communicate(timeout=10)
     assert result.exit_code == 4, result.output
     assert "another nightly run or rollback is in progress" in result.stderr
     assert artifacts.current_version(registry) == "v12"
