@@ -39,21 +39,28 @@ def redis_url_problem(url: str) -> str | None:
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError as exc:
-        return str(exc)
+    except ValueError as exc:  # its text may quote part of a password: say it in our words
+        return ("the port after the host is not a number (percent-encode '/', '?', '#' and '@' in a password)"
+                if "Port" in str(exc) else "it cannot be read as a URL")
     if parts.scheme not in ("redis", "rediss", "unix"):
         return "it must start with redis://, rediss:// or unix://"
     database = parts.path.lstrip("/")
     if parts.scheme != "unix" and database and not database.isdigit():
         return f"the database after the host must be a number, not {database!r}"
+    import redis  # here: the trainer reads settings without needing redis-py
+
+    try:  # what redis-py itself makes of the query (?password=, ?socket_timeout=...), without connecting
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (TypeError, ValueError) as exc:
+        return f"redis-py cannot use it ({exc})"
     return None
 
 
 def redacted_url(url: str) -> str:
     """`url` as messages and logs show it: user name and password (everything before the host's '@') and a
     password= query value become ***, so an error message never prints a secret."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    shown = url.replace(netloc, "***@" + netloc.rpartition("@")[2], 1) if "@" in netloc else url
+    # Up to the last '@', whatever the URL parser makes of it: a password may hold '/', '#' or '?' unescaped.
+    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?.*@", r"\1***@", url, flags=re.DOTALL)
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", shown)
 
 

@@ -129,7 +129,10 @@ class Recommender:
     def bundle(self) -> ModelBundle:
         bundle = self.store.current()
         if bundle is None:
-            raise ModelUnavailable("no model version is loaded yet; train one with `recsvc-train fit`")
+            failure = self.store.last_failure
+            raise ModelUnavailable("no model version is loaded yet: " + (
+                f"the registry's version was refused ({failure.reason}); /readyz says more" if failure else
+                "train one with `recsvc-train fit`"))
         return bundle
 
     def recommend(self, query: RecommendationQuery, request_id: str, expose: bool = True) -> tuple[bytes, bool]:

@@ -260,8 +260,10 @@ class FactorScorer(Scorer):
         self.item_factors_t = np.ascontiguousarray(item_factors.T if item_factors_t is None else item_factors_t)
         self.item_norms = item_norms if item_norms is not None else _row_norms(self.item_factors)
         self.regularization = float(regularization)
-        # Small (factors x factors), cheap to compute per process.
-        self._gram = (self.item_factors_t @ self.item_factors_t.T).astype(np.float64)
+        # Small (factors x factors), cheap to compute per process. Damaged factors can overflow here; the
+        # version's check (finite values) refuses them, with a message instead of numpy's warning in the log.
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._gram = (self.item_factors_t @ self.item_factors_t.T).astype(np.float64)
 
     @property
     def item_factors(self) -> np.ndarray:

@@ -155,10 +155,21 @@ def test_a_chunked_body_cut_short_is_400(server):
     assert status == 400 and headers["content-type"] == "application/json" and b'"invalid_request"' in body
 
 
-def test_a_chunked_body_that_is_not_json_is_415(server):
-    request = post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n").replace(b"application/json", b"text/plain")
+@pytest.mark.parametrize("old, new", [(b"application/json", b"text/plain"), (b"chunked", b"gzip, chunked")])
+def test_a_chunked_body_that_is_not_plain_json_is_415(server, old, new):
+    request = post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n").replace(old, new)
     status, _headers, body = raw(server, request)
     assert status == 415 and b'"unsupported_media_type"' in body
+
+
+@pytest.mark.parametrize("path", ["/v1/customers/%20C000003%20/recommendations", "/v1/customers/C000003/recommendations"])
+def test_ids_are_read_like_the_trainer_reads_them_without_surrounding_spaces(client, auth, path):
+    body = client.get(path, headers=auth).get_json()
+    assert body["customer_id"] == "C000003" and body["source"] == "personal"
+    error = error_of(client.get("/v1/customers/%20/recommendations", headers=auth), 400)
+    assert "customer_id must have 1 to 128 characters" in error["message"]
+    batch = client.post("/v1/recommendations/batch", headers=auth, json={"requests": [{"customer_id": " C000003 "}]})
+    assert batch.get_json()["results"][0]["customer_id"] == "C000003"
 
 
 @pytest.mark.parametrize("path", ["/v1/customers/%FF/recommendations", "/v1/customers/%ED%A0%80/recommendations",

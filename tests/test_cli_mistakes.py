@@ -86,11 +86,21 @@ def test_a_manifest_that_is_not_an_object_is_an_artifact_error(demo_paths, tmp_p
     ("RECSVC_REDIS_URL", "redis://127.0.0.1:6379/abc", "the database after the host must be a number"),
     ("RECSVC_REDIS_URL", "redis://:s3cret@127.0.0.1:6379/abc", "RECSVC_REDIS_URL='redis://***@127.0.0.1:6379/abc'"),
     ("RECSVC_REDIS_URL", "http://admin:s3cret@x/?password=s3cret", "'http://***@x/?password=***' is not a Redis URL"),
+    ("RECSVC_REDIS_URL", "redis://:s3cret@[::1:1/0", "'redis://***@[::1:1/0' is not a Redis URL"),
+    ("RECSVC_REDIS_URL", "redis://:s3c/ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL: the port"),
+    ("RECSVC_REDIS_URL", "redis://:s3c#ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL"),
+    ("RECSVC_REDIS_URL", "redis://127.0.0.1:1/0?Password=s3cret", "redis-py cannot use it"),
 ])
 def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, message):
     with pytest.raises(ConfigError) as refused:
         Settings.from_env({name: value})
-    assert message in str(refused.value) and "s3cret" not in str(refused.value)  # never the password
+    assert message in str(refused.value)
+    assert "s3c" not in str(refused.value) and "ret@" not in str(refused.value)  # never the password, nor part of it
+
+
+def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
+    refused(run(["warm-cache", "--registry", "r", "--redis-url", "redis://:s3cret@[::1:1/0"]), "is not a Redis URL")
+    assert "s3cret" not in run(["warm-cache", "--registry", "r", "--redis-url", "redis://:s3/cret@h:1/0"]).output
 
 
 @pytest.mark.parametrize("name, value, message", [

@@ -130,7 +130,7 @@ def _read(path: Path, tolerant: bool) -> RawTable:
     if path.is_dir():
         raise InvalidInput(f"{path}: is a directory, not a file")
     if not path.is_file():
-        raise InvalidInput(f"{path}: no such file")
+        raise InvalidInput(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     parquet = _is_parquet(path)
     try:
         if parquet:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from flask import current_app, g
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import MAX_ID, SimilarArgsSchema, SimilarItemsSchema
-from recsvc.errors import InvalidInput
+from recsvc.api.schemas import SimilarArgsSchema, SimilarItemsSchema, path_id
 
 blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items")
 
@@ -18,8 +17,7 @@ blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items"
 def similar(args: dict, item_id: str):
     """Active items most like this one, by the strategy's item similarity (best first); the item itself
     and inactive items are never listed."""
-    if not 0 < len(item_id) <= MAX_ID:
-        raise InvalidInput(f"item_id must have 1 to {MAX_ID} characters")
-    body = current_app.extensions["recsvc"].recommender.similar(item_id, args["limit"], args.get("strategy"),
+    body = current_app.extensions["recsvc"].recommender.similar(path_id(item_id, "item_id"), args["limit"],
+                                                                 args.get("strategy"),
                                                                  args.get("category"))
     return {"request_id": g.request_id, **body}

@@ -6,18 +6,11 @@ from flask import Response, current_app, g, request
 from flask.views import MethodView
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import (MAX_ID, BatchRequestSchema, BatchResponseSchema, RecommendationArgsSchema,
-                                RecommendationBodySchema, RecommendationsSchema)
-from recsvc.errors import InvalidInput
+from recsvc.api.schemas import (BatchRequestSchema, BatchResponseSchema, RecommendationArgsSchema,
+                                RecommendationBodySchema, RecommendationsSchema, path_id)
 from recsvc.recommend import RecommendationQuery
 
 blp = Blueprint("recommendations", __name__, url_prefix="/v1", description="Suggestions for a customer")
-
-
-def _customer_id(customer_id: str) -> str:
-    if not 0 < len(customer_id) <= MAX_ID:
-        raise InvalidInput(f"customer_id must have 1 to {MAX_ID} characters")
-    return customer_id
 
 
 def _query(customer_id: str, args: dict) -> RecommendationQuery:
@@ -40,7 +33,7 @@ class CustomerRecommendations(MethodView):
         """Suggestions for one customer: personal, else from context, else popular; never an empty list
         while the catalog has anything left to suggest."""
         body, _hit = current_app.extensions["recsvc"].recommender.recommend(
-            _query(_customer_id(customer_id), args), g.request_id, expose=request.method != "HEAD")
+            _query(path_id(customer_id, "customer_id"), args), g.request_id, expose=request.method != "HEAD")
         return _json(body)
 
     @blp.arguments(RecommendationBodySchema())
@@ -49,7 +42,7 @@ class CustomerRecommendations(MethodView):
         """The same with a JSON body, which can also carry `context_items`: what the customer is looking at
         now. A customer the model does not know gets suggestions from those items (`source: context`)."""
         body, _hit = current_app.extensions["recsvc"].recommender.recommend(
-            _query(_customer_id(customer_id), args), g.request_id)
+            _query(path_id(customer_id, "customer_id"), args), g.request_id)
         return _json(body)
 
 

@@ -61,4 +61,7 @@ def _body_problem() -> str | None:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return f"send the body uncompressed: Content-Encoding {encoding} is not accepted"
+    transfer = request.headers.get("Transfer-Encoding", "chunked").strip().lower()
+    if transfer != "chunked":  # gunicorn takes "gzip, chunked" and hands over the compressed bytes
+        return f"send the body uncompressed: Transfer-Encoding {transfer} is not accepted"
     return None

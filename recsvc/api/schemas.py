@@ -8,13 +8,30 @@ import marshmallow as ma
 from marshmallow import validate
 from webargs.fields import DelimitedList
 
+from recsvc.errors import InvalidInput
+
 MAX_ID = 128
 MAX_LIST = 100
 MAX_LIMIT = 100  # items in one list
 DEFAULT_LIMIT = 10
 MAX_STRATEGY = 64  # characters of a strategy name
 
-Id = lambda **kw: ma.fields.String(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
+class IdField(ma.fields.String):
+    """An id as the trainer reads it: whitespace around it is not part of it (" C1 " is C1)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs).strip()
+
+
+Id = lambda **kw: IdField(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
+
+
+def path_id(raw: str, name: str) -> str:
+    """An id from the path, read like IdField: trimmed, 1 to MAX_ID characters."""
+    value = raw.strip()
+    if not 0 < len(value) <= MAX_ID:
+        raise InvalidInput(f"{name} must have 1 to {MAX_ID} characters besides surrounding spaces")
+    return value
 
 
 class QueryInteger(ma.fields.Integer):
