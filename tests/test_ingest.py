@@ -87,6 +87,8 @@ def test_parquet_with_typed_timestamps(tmp_path):
     (",item,view", "missing customer_id"),
     ("cust,,view", "missing item_id"),
     ("c" * 129 + ",item,view", "customer_id longer than 128 characters"),
+    ('"a\nb",item,view', "customer_id with a control character"),
+    ("cust,it\tem,view", "item_id with a control character"),
 ])
 def test_bad_rows_are_counted_by_reason_with_examples(tmp_path, row, reason):
     path = tmp_path / "bad.csv"

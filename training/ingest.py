@@ -257,9 +257,16 @@ class EncodedIds:
 
     def too_long(self) -> np.ndarray:
         """Per-row mask of ids longer than MAX_ID_LENGTH characters."""
-        per_value = np.append(pc.greater(pc.utf8_length(self.values), MAX_ID_LENGTH).to_numpy(zero_copy_only=False),
-                              False)
-        return per_value[np.where(self.codes < 0, len(per_value) - 1, self.codes)]
+        return self._rows(pc.greater(pc.utf8_length(self.values), MAX_ID_LENGTH))
+
+    def with_control_characters(self) -> np.ndarray:
+        """Per-row mask of ids holding a control character (a quoted newline, a tab): the API refuses those in
+        ids, so no agent could ask for such a customer or item."""
+        return self._rows(pc.match_substring_regex(self.values, r"[\x00-\x1f\x7f]"))
+
+    def _rows(self, per_value: pa.Array) -> np.ndarray:
+        flags = np.append(per_value.to_numpy(zero_copy_only=False), False)  # code -1 (missing) picks False
+        return flags[np.where(self.codes < 0, len(flags) - 1, self.codes)]
 
     def positions(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sorted distinct ids of the kept rows as UTF-8 bytes, int32 position of each kept row's id)."""
@@ -390,6 +397,7 @@ def load_interactions(path: Path, options: IngestOptions | None = None, need_tim
     for column, encoded in ids.items():
         rows.reject(f"missing {column}", encoded.codes < 0)
         rows.reject(f"{column} longer than {MAX_ID_LENGTH} characters", encoded.too_long())
+        rows.reject(f"{column} with a control character", encoded.with_control_characters())
     strength = _row_strengths(table, options, rows)
     timestamp = None
     need_timestamps = need_timestamps or bool(options.half_life_days)
