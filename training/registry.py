@@ -14,7 +14,7 @@ from typing import Iterator
 
 from recsvc import artifacts
 from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
-from recsvc.files import write_atomically
+from recsvc.files import shared_file_mode, write_atomically
 
 LOCK_FILE = ".nightly.lock"  # in the registry directory: runs that share a registry exclude each other
 HISTORY_FILE = "HISTORY"  # the versions that were current, oldest first; only the trainer reads it
@@ -146,7 +146,8 @@ def make_current(registry: Path, version: str) -> None:
     except ArtifactError:  # a damaged pointer being repaired: the history starts again here
         past = []
     chain = _made_current(past, version)[-HISTORY_LENGTH:]
-    write_atomically(Path(registry) / HISTORY_FILE, "".join(f"{v}\n" for v in chain))
+    # The umask's mode like CURRENT's, not the existing file's: a cron user's new umask applies to both.
+    write_atomically(Path(registry) / HISTORY_FILE, "".join(f"{v}\n" for v in chain), mode=shared_file_mode())
     artifacts.set_current(registry, version)
 
 
