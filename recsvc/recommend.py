@@ -337,6 +337,7 @@ def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int, elig
 def _evidence_items(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: np.ndarray) -> dict[int, list[int]]:
     """For each personal (context) item, the customer's items (the context items) that speak for it: at most
     MAX_REASON_ITEMS with a positive contribution, largest first, equal ones in the order of the history.
+    Never the item itself (suggested with include_owned: "because the customer has X" says nothing for X).
     A step's contributions come from one call, exact, so the cache warm-up names the same reasons, and are
     ordered by one row-wise stable sort (fewer numpy calls than one argsort per item)."""
     evidence = {}
@@ -344,6 +345,7 @@ def _evidence_items(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: 
         positions = [p for p, s in zip(ranked.items, ranked.sources) if s == source]
         if positions and len(basis):
             weights = scorer.contributions_batch(np.array(positions), np.broadcast_to(basis, (len(positions), len(basis))))
+            weights = np.where(np.array(positions)[:, None] == basis[None, :], -np.inf, weights)
             order = np.argsort(-weights, axis=1, kind="stable")[:, :MAX_REASON_ITEMS]
             positive = np.take_along_axis(weights, order, axis=1) > 0
             for position, items, keep in zip(positions, basis[order].tolist(), positive.tolist()):

@@ -157,3 +157,13 @@ def test_item_knn_neighbours_are_the_reasons(tiny_client, auth):
 def test_similar_items_by_item_knn_weights(tiny_client, auth):
     body = tiny_client.get("/v1/items/i0/similar?strategy=knn", headers=auth).get_json()
     assert ids(body) == ["i2", "i1"]
+
+
+def test_an_owned_item_asked_for_is_not_its_own_reason(tiny_client, auth):
+    # c0 owns only i0: include_owned suggests i0 itself, and "because the customer has Item 0" says nothing for it.
+    body = ask(tiny_client, auth, "c0", limit=1, include_owned=True)
+    assert ids(body) == ["i0"] and body["items"][0]["reasons"] == ["Matches this customer's history"]
+    context = ask(tiny_client, auth, "walk-in", limit=2, context_items=["i3"], include_owned=True)
+    assert ids(context) == ["i3", "i4"]
+    assert context["items"][0]["reasons"] == ["Fits what the customer is looking at"]
+    assert context["items"][1]["reasons"] == ["Goes with Item 3 (i3), which the customer is looking at"]

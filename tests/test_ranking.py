@@ -235,7 +235,7 @@ def reference_reasons(bundle, scorer, fallback, position, source, owned, context
     if source == "popular":
         return [popular_reason_text(fallback)]
     basis = owned if source == "personal" else context
-    weights = scorer.contributions(position, basis)
+    weights = np.where(basis == position, -np.inf, scorer.contributions(position, basis))  # never the item itself
     order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]
     labels = []
     for i in order:
