@@ -248,9 +248,12 @@ def test_trending_ranks_recent_items_first_and_ignores_held_out_rows():
 
 
 def test_trending_without_timestamps_is_popularity(matrix):
-    trending = STRATEGIES["trending"]().fit(TrainingData(matrix))
+    strategy = STRATEGIES["trending"]()
+    trending = strategy.fit(TrainingData(matrix))
     popular = STRATEGIES["popular"]().fit(TrainingData(matrix))
     assert trending.window_days is None
+    # The parameters the manifest (and GET /v1/models) shows are those served: no window, not the default 7 days.
+    assert strategy.served_params() == {"window_days": None}
     np.testing.assert_array_equal(trending.popularity, popular.popularity)
 
 

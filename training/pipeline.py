@@ -162,7 +162,7 @@ def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix
                                   "or look for extreme weights in the data") from exc
         with log.step(f"evaluate.{name}"):
             metrics[name] = evaluate(scorers[name], train, test, k=config.k, exclude_items=inactive)
-        params[name] = strategy.params
+        params[name] = strategy.served_params()
     return scorers, metrics, params
 
 

@@ -79,6 +79,10 @@ class Strategy(ABC):
     def fit(self, data: TrainingData) -> Scorer:
         """Learn from data; sets and returns self.scorer."""
 
+    def served_params(self) -> dict:
+        """The parameters as the fitted model applies them: what the manifest (and GET /v1/models) shows."""
+        return self.params
+
     def _fitted(self) -> Scorer:
         if self.scorer is None:
             raise RuntimeError(f"{self.name} is not fitted")

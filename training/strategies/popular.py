@@ -50,6 +50,12 @@ class TrendingStrategy(Strategy):
         self.scorer = PopularityScorer((recent_counts + tie_break).astype(np.float32), window_days=window)
         return self.scorer
 
+    def served_params(self) -> dict:
+        """Without timestamps no window was applied: recorded as None, not the configured days."""
+        if self.scorer is not None and self.scorer.window_days is None:
+            return {**self.params, "window_days": None}
+        return self.params
+
 
 def _customers_per_item(matrix: sp.csr_matrix) -> np.ndarray:
     """Distinct customers per item (duplicate pairs count once)."""
