@@ -50,6 +50,13 @@ class Ranked:
     sources: list[str] = field(default_factory=list)
 
     def extend(self, positions: np.ndarray, scores: np.ndarray, source: str, limit: int) -> None:
+        """Add a step's items (best first) after those chosen so far. Steps score on unrelated scales (a
+        dot product, a count of customers), so a step whose best would outscore the last item before it is
+        scaled down by one factor, to that item's score: the list's scores never increase."""
+        if self.scores and len(scores) and scores[0] > self.scores[-1]:
+            floor = self.scores[-1]
+            scaled = np.asarray(scores, dtype=np.float64) * (floor / float(scores[0])) if floor > 0 else scores
+            scores = np.minimum(scaled, floor)
         for position, score in zip(positions.tolist(), scores.tolist()):
             if len(self.items) >= limit:
                 return

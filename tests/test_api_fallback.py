@@ -93,6 +93,8 @@ def test_a_short_personal_list_is_topped_up_with_popular_items(tiny_client, auth
     body = ask(tiny_client, auth, "c0", limit=4)
     assert body["source"] == "personal" and ids(body) == ["i1", "i2", "i5", "i4"]
     assert body["items"][2]["reasons"] == ["Popular with customers"]
+    # Popularity (6, 5 customers) is scaled below the personal scores: the list's scores never increase.
+    assert [item["score"] for item in body["items"]] == pytest.approx([0.95, 0.75, 0.75, 0.625])
 
 
 def test_a_filter_that_empties_the_personal_step_leaves_it_to_popular(tiny_client, auth):
@@ -106,6 +108,8 @@ def test_unknown_customer_with_context_items_is_answered_from_the_context(tiny_c
     assert body["source"] == "context" and ids(body) == ["i4", "i5", "i2"]
     assert body["items"][0]["reasons"] == ["Goes with Item 3 (i3), which the customer is looking at"]
     assert body["items"][2]["reasons"] == ["Popular with customers"]
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_context_items_unknown_to_the_model_fall_through_to_popular(tiny_client, auth):

@@ -214,9 +214,13 @@ def reference_compute(bundle: ModelBundle, strategy: str, query: RecommendationQ
         order = order[np.isfinite(scores[order])][: query.limit]
         if positive_only:
             order = order[scores[order] > 0]
-        for position in order:
+        reported = [round(float(scores[p]), 6) if source == "personal" else float(scores[p]) for p in order]
+        if chosen and reported and reported[0] > chosen[-1][1]:  # scaled below the last score before them
+            floor, top = chosen[-1][1], reported[0]
+            reported = [min(score * (floor / top) if floor > 0 else score, floor) for score in reported]
+        for position, score in zip(order, reported):
             if len(chosen) < query.limit and all(position != p for p, _, _ in chosen):
-                chosen.append((int(position), float(scores[position]), source))
+                chosen.append((int(position), score, source))
     items = []
     for position, score, source in chosen:
         item = {"item_id": bundle.items.external(position), "score": round(score, 6),

@@ -99,15 +99,18 @@ class BatchRecommender:
         histories = self._histories(customers, customer_ids, recent)
         slots = np.full((len(customers), self.limit, PIECES_PER_ITEM), Pieces.EMPTY, dtype=np.int64)
         chosen = np.full((len(customers), self.limit), -1, dtype=np.int64)
+        chosen_scores = np.zeros((len(customers), self.limit), dtype=np.float64)
         scores: list[bytes] = []
         personal = self._personal_rows(histories)
         if len(personal):
             positions, best = self._personal(customers[personal], histories[personal])
             chosen[personal, :positions.shape[1]] = positions
+            chosen_scores[personal, :positions.shape[1]] = best
             scores = self._fill_personal(slots, personal, positions, best, histories[personal])
         picked = (chosen >= 0).sum(axis=1)
         for row in np.flatnonzero(picked < self.limit).tolist():
-            self._top_up(slots[row], chosen[row, :picked[row]].tolist(), histories[row], scores)
+            self._top_up(slots[row], chosen[row, :picked[row]].tolist(), chosen_scores[row, :picked[row]].tolist(),
+                         histories[row], scores)
         return self._encode(slots, scores, customer_ids, np.where(picked > 0, "personal", "popular"))
 
     def _histories(self, customers: np.ndarray, customer_ids: list[str], recent) -> np.ndarray:
@@ -184,10 +187,12 @@ class BatchRecommender:
         named = np.take_along_axis(histories, np.maximum(picks, 0), axis=1)
         return np.where(picks >= 0, named, -1)
 
-    def _top_up(self, slots: np.ndarray, personal: list[int], history: np.ndarray, scores: list[bytes]) -> None:
-        """Fill a short list from the popular step, through the server's own Ranked and popular_step."""
+    def _top_up(self, slots: np.ndarray, personal: list[int], personal_scores: list[float], history: np.ndarray,
+                scores: list[bytes]) -> None:
+        """Fill a short list from the popular step, through the server's own Ranked and popular_step (which
+        scales the popular scores below the personal ones)."""
         owned = history[history >= 0]
-        ranked = Ranked(list(personal), [0.0] * len(personal), ["personal"] * len(personal))
+        ranked = Ranked(list(personal), list(personal_scores), ["personal"] * len(personal))
         eligible = Recommender._eligible(self.bundle, owned, np.empty(0, dtype=np.int64), DEFAULT_QUERY)
         ranked.extend(*popular_step(self.fallback, owned, self.limit, eligible), "popular", self.limit)
         popular = list(zip(ranked.items, ranked.scores))[len(personal):]
