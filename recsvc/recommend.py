@@ -187,7 +187,8 @@ class Recommender:
         return b'{"request_id":' + orjson.dumps(request_id) + b',"results":[' + b",".join(bodies) + b"]}"
 
     def similar(self, item_id: str, limit: int, strategy: str | None, category: str | None) -> dict:
-        """Items like `item_id` by the strategy's item similarity; never the item itself or an inactive one."""
+        """Items like `item_id` by the strategy's item similarity, topped up by popular ones; never the item
+        itself or an inactive one."""
         return self.similar_in(self.bundle(), item_id, limit, strategy, category)
 
     def similar_in(self, bundle: ModelBundle, item_id: str, limit: int, strategy: str | None,
@@ -200,12 +201,17 @@ class Recommender:
             raise NotFound(f"item {item_id!r} is not in the current model", details={"item_id": item_id})
         scorer = bundle.scorers[strategy]
         eligible = Eligible.of(bundle, category, [position])
-        positions, scores = eligible.best(np.array(scorer.similar(position), dtype=np.float32), limit)
-        if scorer.personal:  # zero or negative similarity is not "like this one"
-            positions, scores = positions[scores > 0], scores[scores > 0]
-        reason = [f"Often chosen together with {item_label(bundle, position)}"] if scorer.personal \
-            else [popular_reason_text(scorer)]
-        items = [self.item_fields(bundle, int(p), float(s), reason) for p, s in zip(positions, scores)]
+        ranked = Ranked()
+        if scorer.personal:  # zero or negative similarity is not "like this one": popular items fill those places
+            ranked.extend(*_evidence(np.array(scorer.similar(position), dtype=np.float32), limit, eligible),
+                          "similar", limit)
+        fallback = scorer if not scorer.personal else fallback_scorer(bundle)
+        if len(ranked.items) < limit:
+            ranked.extend(*popular_step(fallback, np.empty(0, dtype=np.int64), limit, eligible), "popular", limit)
+        reasons = {"similar": [f"Often chosen together with {item_label(bundle, position)}"],
+                   "popular": [popular_reason_text(fallback)]}
+        items = [self.item_fields(bundle, p, s, reasons[source])
+                 for p, s, source in zip(ranked.items, ranked.scores, ranked.sources)]
         return {"item_id": item_id, "model_version": bundle.version, "strategy": strategy, "items": items}
 
     @staticmethod

@@ -141,9 +141,13 @@ def test_a_popularity_counted_over_the_last_week_says_so(tmp_path, auth):
 
 def test_similar_items_by_item_factors(tiny_client, auth):
     body = tiny_client.get("/v1/items/i0/similar?limit=5", headers=auth).get_json()
-    # By cosine; i3 (cosine 0) is not like i0 at all, and neither i0 itself nor the inactive i6 appear.
-    assert ids(body) == ["i1", "i2", "i5", "i4"] and body["item_id"] == "i0" and body["strategy"] == "als"
+    # By cosine; i3 (cosine 0) is not like i0 at all: the popular step fills its place, with its own reason and a
+    # score scaled below the last similar one. Neither i0 itself nor the inactive i6 appear.
+    assert ids(body) == ["i1", "i2", "i5", "i4", "i3"] and body["item_id"] == "i0" and body["strategy"] == "als"
     assert body["items"][0]["reasons"] == ["Often chosen together with Item 0 (i0)"]
+    assert body["items"][4]["reasons"] == ["Popular with customers"]
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True) and scores[4] > 0
     assert body["request_id"]
 
 
@@ -160,7 +164,16 @@ def test_item_knn_neighbours_are_the_reasons(tiny_client, auth):
 
 def test_similar_items_by_item_knn_weights(tiny_client, auth):
     body = tiny_client.get("/v1/items/i0/similar?strategy=knn", headers=auth).get_json()
-    assert ids(body) == ["i2", "i1"]
+    assert ids(body) == ["i2", "i1", "i5", "i4", "i3"]  # i0's neighbours (i6 is inactive), then popular ones
+    assert [item["reasons"] for item in body["items"][1:3]] == [["Often chosen together with Item 0 (i0)"],
+                                                                ["Popular with customers"]]
+
+
+def test_similar_items_are_never_empty_while_the_category_has_items(tiny_client, auth):
+    # i3's neighbours are all Fibre: among Phones nothing is like it, so the popular Phones items answer.
+    body = tiny_client.get("/v1/items/i3/similar?strategy=knn&category=Phones", headers=auth).get_json()
+    assert ids(body) == ["i2", "i1", "i0"]
+    assert all(item["reasons"] == ["Popular with customers"] for item in body["items"])
 
 
 def test_an_owned_item_asked_for_is_not_its_own_reason(tiny_client, auth):

@@ -15,8 +15,8 @@ blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items"
 @blp.response(200, SimilarItemsSchema)
 @blp.alt_response(404, description="The item is not in the current model")
 def similar(args: dict, item_id: str):
-    """Active items most like this one, by the strategy's item similarity (best first); the item itself
-    and inactive items are never listed."""
+    """Active items most like this one, by the strategy's item similarity (best first), topped up with popular
+    ones when fewer have a positive similarity; the item itself and inactive items are never listed."""
     body = current_app.extensions["recsvc"].recommender.similar(path_id(item_id, "item_id"), args["limit"],
                                                                  args.get("strategy"),
                                                                  args.get("category"))
