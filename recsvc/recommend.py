@@ -208,9 +208,8 @@ class Recommender:
         fallback = scorer if not scorer.personal else fallback_scorer(bundle)
         if len(ranked.items) < limit:
             ranked.extend(*popular_step(fallback, np.empty(0, dtype=np.int64), limit, eligible), "popular", limit)
-        reasons = {"similar": [f"Often chosen together with {item_label(bundle, position)}"],
-                   "popular": [popular_reason_text(fallback)]}
-        items = [self.item_fields(bundle, p, s, reasons[source])
+        similar = [f"Often chosen together with {item_label(bundle, position)}"]
+        items = [self.item_fields(bundle, p, s, similar if source == "similar" else [popular_reason_text(fallback, p)])
                  for p, s, source in zip(ranked.items, ranked.scores, ranked.sources)]
         return {"item_id": item_id, "model_version": bundle.version, "strategy": strategy, "items": items}
 
@@ -278,7 +277,7 @@ class Recommender:
 
     def _item(self, bundle: ModelBundle, fallback, position: int, score: float, source: str,
               evidence: list[int] | None) -> dict:
-        return self.item_fields(bundle, position, score, self._reasons(bundle, fallback, source, evidence))
+        return self.item_fields(bundle, position, score, self._reasons(bundle, fallback, position, source, evidence))
 
     @staticmethod
     def item_fields(bundle: ModelBundle, position: int, score: float, reasons: list[str]) -> dict:
@@ -292,10 +291,11 @@ class Recommender:
         return item
 
     @staticmethod
-    def _reasons(bundle: ModelBundle, fallback, source: str, evidence: list[int] | None) -> list[str]:
-        """Sentences an agent can say aloud; `evidence`: the items that speak most for it (_evidence_items)."""
+    def _reasons(bundle: ModelBundle, fallback, position: int, source: str, evidence: list[int] | None) -> list[str]:
+        """Sentences an agent can say aloud for the item at `position`; `evidence`: the items that speak most
+        for it (_evidence_items)."""
         if source == "popular":
-            return [popular_reason_text(fallback)]
+            return [popular_reason_text(fallback, position)]
         return reason_texts(source, [item_label(bundle, position) for position in evidence or ()])
 
 
@@ -385,9 +385,12 @@ def fallback_scorer(bundle: ModelBundle) -> Scorer:
     return next(bundle.scorers[name] for name in FALLBACK_STRATEGIES if name in bundle.scorers)
 
 
-def popular_reason_text(scorer: Scorer) -> str:
-    """Say "this week" only when the popularity was counted over the last week or less."""
+def popular_reason_text(scorer: Scorer, item: int | None = None) -> str:
+    """Say "this week" only when the popularity was counted over the last week or less, and, of an item, only
+    when a customer took it in that window (trending ranks the others by all-time popularity)."""
     window = getattr(scorer, "window_days", None) if isinstance(scorer, PopularityScorer) else None
+    if window is not None and item is not None and not scorer.in_window(item):
+        window = None
     if window is not None and window <= 7:
         return "Popular this week"
     if window is not None:

@@ -501,6 +501,12 @@ class PopularityScorer(Scorer):
     def personal(self) -> bool:
         return False
 
+    def in_window(self, item: int) -> bool:
+        """Whether a customer took the item within window_days (always, without a window). Trending scores
+        customers in the window plus all-time popularity scaled below one (training/strategies/popular.py),
+        so an item below one was ranked by its all-time popularity alone."""
+        return self.window_days is None or bool(self.popularity[item] >= 1)
+
     def params(self) -> dict:
         return {"window_days": self.window_days}
 

@@ -139,6 +139,20 @@ def test_a_popularity_counted_over_the_last_week_says_so(tmp_path, auth):
     assert body["items"][0]["reasons"] == ["Popular this week"]
 
 
+def test_an_item_no_one_took_in_the_window_is_not_popular_this_week(tmp_path, auth):
+    # Trending scores customers in the window plus all-time popularity below one: i3 (0.5) had no one this week.
+    bundle = tiny_bundle()
+    bundle.scorers["popular"] = PopularityScorer(np.asarray([1, 2, 3, 0.5, 5, 6, 100], dtype=np.float32), window_days=7)
+    publish(tmp_path, bundle)
+    app = create_app(tiny_settings(tmp_path))
+    body = ask(app.test_client(), auth, "walk-in", limit=6)
+    similar = app.test_client().get("/v1/items/i0/similar?category=Fibre", headers=auth).get_json()
+    app.extensions["recsvc"].store.stop()
+    assert ids(body) == ["i5", "i4", "i2", "i1", "i0", "i3"]
+    assert [item["reasons"] for item in body["items"]] == [["Popular this week"]] * 5 + [["Popular with customers"]]
+    assert ids(similar) == ["i5", "i4", "i3"] and similar["items"][2]["reasons"] == ["Popular with customers"]
+
+
 def test_similar_items_by_item_factors(tiny_client, auth):
     body = tiny_client.get("/v1/items/i0/similar?limit=5", headers=auth).get_json()
     # By cosine; i3 (cosine 0) is not like i0 at all: the popular step fills its place, with its own reason and a

@@ -237,7 +237,7 @@ def reference_compute(bundle: ModelBundle, strategy: str, query: RecommendationQ
 def reference_reasons(bundle, scorer, fallback, position, source, owned, context) -> list[str]:
     """One scorer.contributions call per item, as the reasons were computed before they were batched."""
     if source == "popular":
-        return [popular_reason_text(fallback)]
+        return [popular_reason_text(fallback, position)]
     basis = owned if source == "personal" else context
     weights = np.where(basis == position, -np.inf, scorer.contributions(position, basis))  # never the item itself
     order = np.argsort(-weights, kind="stable")[:MAX_REASON_ITEMS]

@@ -12,13 +12,14 @@ from recsvc import artifacts
 from recsvc.app import create_app
 from recsvc.cache import KEY_PREFIX, decode_entry, generation_key
 from recsvc.ranking import personal_top, reported
-from recsvc.recommend import RecommendationQuery
-from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, fixed_sum
+from recsvc.recommend import RecommendationQuery, Recommender
+from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, PopularityScorer, fixed_sum
+from tests.test_api_fallback import tiny_bundle
 from training.config import TrainConfig
 from training.pipeline import fit_and_publish
 from training import warm
 from training.warm import CacheUnavailable, StateReader, most_active, warm_cache
-from training.warm_batch import strongest
+from training.warm_batch import BatchRecommender, strongest
 
 # One default strategy per scorer kind: factors, item similarity (sparse, dense), blend, popularity.
 KINDS = {"als": "factors", "item_knn": "sparse", "ease": "dense", "ease_als": "blend", "popular": "popularity"}
@@ -29,7 +30,8 @@ def kinds_registry(tmp_path_factory, demo_paths):
     """A version trained with a strategy of every kind; versions differing in their default are made from it."""
     registry = tmp_path_factory.mktemp("kinds")
     # item_knn with 3 neighbours: most lists are topped up by popularity, some are not, a few are all popular.
-    config = TrainConfig(strategies=list(KINDS), params={"als": {"factors": 16, "iterations": 8}, "item_knn": {"neighbours": 3},
+    # trending is the chain's last step: "Popular this week", or all-time for items no one took that week.
+    config = TrainConfig(strategies=[*KINDS, "trending"], params={"als": {"factors": 16, "iterations": 8}, "item_knn": {"neighbours": 3},
                                                          "ease_als": {"als_factors": 16, "als_iterations": 8}})
     fit_and_publish(demo_paths["interactions"], registry, config, catalog_path=demo_paths["catalog"],
                     log=lambda _line: None)
@@ -97,8 +99,10 @@ def test_every_warmed_entry_is_what_the_server_caches(kinds_registry, settings, 
                for customer, best in bought.items())
     bodies = list(bodies.values())
     reasons = [reason for body in bodies for item in body["items"] for reason in item["reasons"]]
-    if strategy in ("item_knn", "popular"):  # lists short of positive scores (ALS and EASE rarely have any)
-        assert any(reason.startswith("Popular") for reason in reasons)
+    if strategy == "item_knn":  # lists short of positive scores (ALS and EASE rarely have any)
+        assert "Popular this week" in reasons
+    if strategy == "popular":
+        assert set(reasons) == {"Popular with customers"}
     if strategy != "popular":
         assert any(reason.startswith("Because the customer has") for reason in reasons)
         assert {body["source"] for body in bodies} >= {"personal"}
@@ -144,6 +148,26 @@ def random_factors(seed: int, customers: int = 300, items: int = 500, factors: i
     item_factors[1::50] = item_factors[::50]
     item_factors[2::50] = np.nextafter(item_factors[::50], np.float32(np.inf))
     return FactorScorer(rng.standard_normal((customers, factors)).astype(np.float32), item_factors)
+
+
+def test_items_quiet_in_the_trending_window_are_warmed_with_the_servers_reason():
+    """A hand-made model whose trending step has an item no one took in the window (below one: all-time
+    popularity only): the warmed lists, topped up or all popular, are the server's to the byte."""
+    bundle = tiny_bundle()
+    bundle.scorers["popular"] = PopularityScorer(np.asarray([1, 2, 3, 0.5, 5, 6, 100], dtype=np.float32),
+                                                 window_days=7)
+    lists = BatchRecommender(bundle, "als").encode(np.arange(2), ["c0", "c1"], NoRecentItems())
+    server = Recommender(store=None, cache=None, cache_ttl=0)
+    for row, customer in enumerate(["c0", "c1"]):
+        body = orjson.dumps(server.build_body(bundle, "als", RecommendationQuery(customer)))
+        assert lists.fragments()[row] == body
+        items = orjson.loads(body)["items"]
+        assert items[-1]["item_id"] == "i3" and items[-1]["reasons"] == ["Popular with customers"]
+        assert items[-2]["reasons"] == ["Popular this week"]
+
+
+class NoRecentItems:
+    items: dict = {}
 
 
 @pytest.mark.parametrize("seed", range(3))

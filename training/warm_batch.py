@@ -43,7 +43,8 @@ class Pieces:
         n_items = len(bundle.items)
         self.item_head, self.item_tail = (np.full(n_items, -1, dtype=np.int64) for _ in range(2))
         self.first_reason, self.next_reason = (np.full(n_items, -1, dtype=np.int64) for _ in range(2))
-        self.popular_reason = self.add(b',"reasons":[' + orjson.dumps(popular_reason_text(fallback)))
+        self.fallback = fallback
+        self.popular_reasons: dict[str, int] = {}  # by text: a window's, or all-time for items quiet in it
         self.no_names_reason = self.add(b',"reasons":[' + orjson.dumps(reason_texts("personal", [])[0]))
         self.heads = {source: self._head(bundle, strategy, source) for source in ("personal", "popular")}
 
@@ -72,6 +73,13 @@ class Pieces:
             self.item_head[position] = self.add(head + b'"score":')
             self.item_tail[position] = self.add(b"]" + tail + b",")
             self.add(b"]" + tail)  # the last item's tail: always item_tail + 1
+
+    def popular_reason(self, position: int) -> int:
+        """The piece of the popular reason of this item (popular_reason_text)."""
+        text = popular_reason_text(self.fallback, position)
+        if text not in self.popular_reasons:
+            self.popular_reasons[text] = self.add(b',"reasons":[' + orjson.dumps(text))
+        return self.popular_reasons[text]
 
     def reasons(self, positions: np.ndarray) -> None:
         """Build 'Because the customer has ...' for these history items."""
@@ -199,8 +207,8 @@ class BatchRecommender:
         self.pieces.items(np.array([position for position, _score in popular], dtype=np.int64))
         for slot, (position, score) in enumerate(popular, start=len(personal)):
             scores.append(orjson.dumps(round(float(score), 6)))  # as Recommender.item_fields rounds it
-            slots[slot] = (self.pieces.item_head[position], -len(scores), self.pieces.popular_reason, Pieces.EMPTY,
-                           self.pieces.item_tail[position])
+            slots[slot] = (self.pieces.item_head[position], -len(scores), self.pieces.popular_reason(position),
+                           Pieces.EMPTY, self.pieces.item_tail[position])
 
     def _encode(self, slots: np.ndarray, scores: list[bytes], customer_ids: list[str],
                 sources: np.ndarray) -> "EncodedLists":
