@@ -45,6 +45,8 @@ def redis_url_problem(url: str) -> str | None:
     if parts.scheme not in ("redis", "rediss", "unix"):
         return "it must start with redis://, rediss:// or unix://"
     database = parts.path.lstrip("/")
+    if parts.scheme != "unix" and "@" in database:  # a '/' in the password: what follows it is no database
+        return "the database after the host is not a number (percent-encode '/', '?', '#' and '@' in a password)"
     if parts.scheme != "unix" and database and not database.isdigit():
         return f"the database after the host must be a number, not {database!r}"
     import redis  # here: the trainer reads settings without needing redis-py
