@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from recsvc.config import Settings, gunicorn_settings
+from recsvc.config import check_server_settings
 from recsvc.errors import ConfigError
 
 
@@ -46,11 +46,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     try:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             _metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        from recsvc.experiments import load_experiments
-
-        settings = Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
-        gunicorn_settings()
-        load_experiments(settings.experiments_path)
+        check_server_settings()  # fail fast, with the variable's name, before gunicorn starts
     except ConfigError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(2)

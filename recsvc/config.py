@@ -230,3 +230,15 @@ class Settings:
             recent_items_ttl=_number(env, "RECSVC_RECENT_ITEMS_TTL", cls.recent_items_ttl, minimum=1,
                                      maximum=365 * 86400),
         )
+
+
+def check_server_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Every setting the server reads, checked before it serves, by `recsvc serve` and by gunicorn_conf.py (the
+    image starts gunicorn itself): the RECSVC_* values, gunicorn's, and the experiments file. ConfigError names
+    the first wrong one."""
+    settings = Settings.from_env(env)
+    gunicorn_settings(env)
+    from recsvc.experiments import load_experiments  # here: it loads the metrics module (see gunicorn_conf.py)
+
+    load_experiments(settings.experiments_path)
+    return settings

@@ -10,6 +10,7 @@ import atexit
 import gc
 import os
 import shutil
+import sys
 import tempfile
 
 _made_by = None  # the master's pid when it made the metrics directory
@@ -34,10 +35,16 @@ for _name in os.listdir(_metrics_dir):
     if _name.endswith(".db"):
         os.unlink(os.path.join(_metrics_dir, _name))
 
-from recsvc.config import gunicorn_settings  # noqa: E402
+from recsvc.config import check_server_settings, gunicorn_settings  # noqa: E402
+from recsvc.errors import ConfigError  # noqa: E402
 from recsvc.logs import gunicorn_logconfig  # noqa: E402
 
-_settings = gunicorn_settings()  # ConfigError names a wrong RECSVC_* value (`recsvc serve` checks them first)
+try:  # as `recsvc serve` does: the image starts gunicorn itself, which would print a traceback and exit 1
+    check_server_settings()
+except ConfigError as exc:
+    sys.stderr.write(f"error: {exc.message}\n")
+    sys.exit(2)
+_settings = gunicorn_settings()
 bind = _settings["bind"]
 workers = _settings["workers"]
 # gthread, balancing kept-alive connections across the workers (recsvc/worker.py).

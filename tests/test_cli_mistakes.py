@@ -125,6 +125,19 @@ def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value,
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("RECSVC_CACHE_TTL", "forever", "RECSVC_CACHE_TTL='forever' is not a number"),
+    ("RECSVC_EXPERIMENTS", "/nonexistent/experiments.json", "RECSVC_EXPERIMENTS=/nonexistent/experiments.json"),
+])
+def test_the_images_gunicorn_refuses_a_wrong_setting_as_recsvc_serve_does(tmp_path, name, value, message):
+    """The Dockerfile's CMD starts gunicorn with gunicorn_conf.py, without `recsvc serve` in front."""
+    env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), "RECSVC_BIND": "127.0.0.1:1", name: value}
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:recsvc.gunicorn_conf", "recsvc.wsgi:app"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"error: {message}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_recsvc_serve_refuses_a_metrics_directory_that_is_a_file(tmp_path):
     blocker = tmp_path / "metrics"
     blocker.write_text("x")
