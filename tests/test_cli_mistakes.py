@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from recsvc import artifacts
-from recsvc.config import Settings
+from recsvc.config import Settings, check_server_settings
 from recsvc.errors import ConfigError
 from training.cli import main
 
@@ -98,6 +98,17 @@ def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, messa
         Settings.from_env({name: value})
     assert message in str(refused.value)
     assert "s3c" not in str(refused.value) and "ret@" not in str(refused.value)  # never the password, nor part of it
+
+
+@pytest.mark.parametrize("name", ["RECSVC_REDIS_BREAKER_FAILURES", "RECSVC_RATE_BURST", "RECSVC_MAX_BODY_BYTES",
+                                  "RECSVC_LOCAL_CACHE_ENTRIES", "RECSVC_LOCAL_CACHE_BYTES",
+                                  "RECSVC_CACHE_MAX_ENTRY_BYTES", "RECSVC_WORKERS", "RECSVC_THREADS"])
+def test_a_count_with_a_fraction_is_refused_not_rounded_down(name):
+    value = {"RECSVC_MAX_BODY_BYTES": "2048.5", "RECSVC_LOCAL_CACHE_BYTES": "100000.5",
+             "RECSVC_CACHE_MAX_ENTRY_BYTES": "2048.5"}.get(name, "2.5")
+    with pytest.raises(ConfigError, match=f"{name}='{value}' must be a whole number"):
+        check_server_settings({name: value})
+    assert check_server_settings({name: value.replace(".5", ".0")}) is not None  # 2.0 is two
 
 
 def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
