@@ -32,6 +32,14 @@ def _metrics_dir(path: str) -> None:
                           f"{exc.strerror or exc}") from None
 
 
+def bind_address(host: str | None, port: int | None) -> str:
+    """gunicorn's HOST:PORT for --host and --port: an IPv6 address goes in brackets (::1 would read as port '')."""
+    host = host or "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port or 8000}"
+
+
 @main.command()
 @click.option("--host", help="address to listen on (default 127.0.0.1; without --host and --port, $RECSVC_BIND "
               "when set)")
@@ -52,7 +60,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
         sys.exit(2)
     argv = ["gunicorn", "-c", "python:recsvc.gunicorn_conf"]
     if host or port:
-        argv += ["--bind", f"{host or '127.0.0.1'}:{port or 8000}"]
+        argv += ["--bind", bind_address(host, port)]
     if workers:
         argv += ["--workers", str(workers)]
     if threads:

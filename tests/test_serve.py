@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from recsvc.cli import bind_address
 from tests.conftest import API_KEY, free_port
 from tests.server_process import running_server
 
@@ -85,6 +86,12 @@ def test_the_masters_warm_up_leaves_no_trace_in_metrics_logs_or_cache(trained_re
         assert _sample(metrics, "recsvc_cache_lookups_total", result="hit") == 1
     access = [line for line in (tmp_path / "server.log").read_text().splitlines() if '"recsvc.access"' in line]
     assert not [line for line in access if "/recommendations" in line][2:] and "warm-up" not in "".join(access)
+
+
+@pytest.mark.parametrize("host, port, bind", [(None, 8001, "127.0.0.1:8001"), ("0.0.0.0", None, "0.0.0.0:8000"),
+                                              ("::1", 8001, "[::1]:8001"), ("[::]", 8001, "[::]:8001")])
+def test_serve_passes_host_and_port_to_gunicorn_ipv6_in_brackets(host, port, bind):
+    assert bind_address(host, port) == bind
 
 
 def test_bad_configuration_exits_2_before_serving(tmp_path):
