@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ import requests
 from recsvc.cli import bind_address
 from tests.conftest import API_KEY, free_port
 from tests.server_process import running_server
+
+DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
 
 
 @pytest.fixture
@@ -37,6 +41,12 @@ def test_recsvc_bind_sets_the_address_when_serve_has_no_host_or_port(trained_reg
     env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY}
     with running_server(env, tmp_path / "server.log", workers=1, bind_from_env=True) as base:
         assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+        # The image's HEALTHCHECK follows RECSVC_BIND too (a container on another port must not turn unhealthy).
+        healthcheck = re.search(r"^HEALTHCHECK .*\n\s+CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)
+        command = json.loads(healthcheck.group(1))
+        assert command[0] == "python"
+        bind = {"RECSVC_BIND": base.removeprefix("http://")}
+        assert subprocess.run([sys.executable, *command[1:]], env={**os.environ, **bind}, timeout=30).returncode == 0
 
 
 def _sample(metrics: str, name: str, **labels) -> float:
