@@ -98,10 +98,15 @@ def test_the_masters_warm_up_leaves_no_trace_in_metrics_logs_or_cache(trained_re
     assert not [line for line in access if "/recommendations" in line][2:] and "warm-up" not in "".join(access)
 
 
-@pytest.mark.parametrize("host, port, bind", [(None, 8001, "127.0.0.1:8001"), ("0.0.0.0", None, "0.0.0.0:8000"),
-                                              ("::1", 8001, "[::1]:8001"), ("[::]", 8001, "[::]:8001")])
-def test_serve_passes_host_and_port_to_gunicorn_ipv6_in_brackets(host, port, bind):
-    assert bind_address(host, port) == bind
+@pytest.mark.parametrize("host, port, env_bind, bind", [
+    (None, 8001, None, "127.0.0.1:8001"), ("0.0.0.0", None, None, "0.0.0.0:8000"),
+    ("::1", 8001, None, "[::1]:8001"), ("[::]", 8001, None, "[::]:8001"),
+    # the part not given comes from RECSVC_BIND (the image sets 0.0.0.0:8000)
+    (None, 9000, "0.0.0.0:8000", "0.0.0.0:9000"), ("127.0.0.1", None, "0.0.0.0:8080", "127.0.0.1:8080"),
+    (None, 9000, "[::]:8000", "[::]:9000"), (None, 9000, "unix:/run/recsvc.sock", "127.0.0.1:9000"),
+])
+def test_serve_passes_host_and_port_to_gunicorn_ipv6_in_brackets(host, port, env_bind, bind):
+    assert bind_address(host, port, env_bind) == bind
 
 
 def test_bad_configuration_exits_2_before_serving(tmp_path):
