@@ -112,6 +112,15 @@ def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
     return path
 
 
+def _registry(env: Mapping[str, str], name: str, default: Path) -> Path:
+    """The registry may appear later (a volume mounted after start, the first `recsvc-train fit`): only a file
+    where it goes is refused at once, since it could never become one."""
+    path = Path(_text(env, name, str(default)))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}={str(path)!r} must be a directory (the model registry), and it is a file")
+    return path
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -207,7 +216,7 @@ class Settings:
         entries = _integer(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries, minimum=1,
                               maximum=10_000_000)
         return cls(
-            registry=Path(_text(env, "RECSVC_REGISTRY", str(cls.registry))),
+            registry=_registry(env, "RECSVC_REGISTRY", cls.registry),
             reload_interval=_number(env, "RECSVC_RELOAD_INTERVAL", cls.reload_interval, minimum=0.1, maximum=3600),
             redis_url=_redis_url(env, "RECSVC_REDIS_URL"),
             cache_ttl=_number(env, "RECSVC_CACHE_TTL", cls.cache_ttl, minimum=1, maximum=7 * 86400),

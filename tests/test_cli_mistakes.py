@@ -127,6 +127,7 @@ def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
     ("RECSVC_SPOOL_DIR", "/etc/passwd/spool", "RECSVC_SPOOL_DIR='/etc/passwd/spool' must be a directory"),
     ("RECSVC_LOCAL_CACHE_BYTES", "100", "RECSVC_LOCAL_CACHE_BYTES='100' must be between 704 and"),
     ("RECSVC_LOCAL_CACHE_ENTRIES", "0", "RECSVC_LOCAL_CACHE_ENTRIES='0' must be between 1 and"),
+    ("RECSVC_REGISTRY", "/etc/passwd", "RECSVC_REGISTRY='/etc/passwd' must be a directory"),
 ])
 def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value, message):
     env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), name: value}
