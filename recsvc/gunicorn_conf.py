@@ -13,6 +13,9 @@ import shutil
 import sys
 import tempfile
 
+# Before the settings check below imports numpy: OpenBLAS picks its thread count once, at load, and the workers
+# forked from this master inherit it (threaded BLAS under implicit's own threads is much slower).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _made_by = None  # the master's pid when it made the metrics directory
 # Must be set before prometheus_client is imported (by the preloaded app): it picks its storage at import.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

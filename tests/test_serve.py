@@ -109,6 +109,17 @@ def test_serve_passes_host_and_port_to_gunicorn_ipv6_in_brackets(host, port, env
     assert bind_address(host, port, env_bind) == bind
 
 
+def test_gunicorn_conf_loads_openblas_single_threaded_without_the_variable_set(tmp_path):
+    """gunicorn started by hand (or by the image) reads gunicorn_conf.py first, and its settings check loads numpy."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    code = ("import recsvc.gunicorn_conf, threadpoolctl; "
+            "print(max(i['num_threads'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'))")
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "RECSVC_REGISTRY": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+
+
 def test_bad_configuration_exits_2_before_serving(tmp_path):
     env = {**os.environ, "RECSVC_CACHE_TTL": "forever"}
     result = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve"], env=env, capture_output=True, text=True,
