@@ -43,7 +43,8 @@ ENV RECSVC_REGISTRY=/registry \
 EXPOSE 8000
 VOLUME ["/registry"]
 
+# The port of RECSVC_BIND, so a container started with another one stays healthy.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('RECSVC_BIND', ':8000').rpartition(':')[2]; sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)"]
 
 CMD ["gunicorn", "-c", "python:recsvc.gunicorn_conf", "recsvc.wsgi:app"]

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from recsvc.config import Settings, gunicorn_settings
+from recsvc.config import check_server_settings, gunicorn_settings
 from recsvc.errors import ConfigError
 
 
@@ -32,10 +32,22 @@ def _metrics_dir(path: str) -> None:
                           f"{exc.strerror or exc}") from None
 
 
+def bind_address(host: str | None, port: int | None, bind: str | None = None) -> str:
+    """gunicorn's HOST:PORT for --host and --port, the part not given taken from `bind` (RECSVC_BIND, already
+    checked) when it is a HOST:PORT: `--port 9000` in the image (0.0.0.0:8000) stays reachable from outside.
+    An IPv6 address goes in brackets (::1 would read as port '')."""
+    bind_host, bind_port = "127.0.0.1", "8000"
+    if bind and not bind.startswith("unix:"):
+        bind_host, _, bind_port = bind.rpartition(":")
+    host = host or bind_host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port or bind_port}"
+
+
 @main.command()
-@click.option("--host", help="address to listen on (default 127.0.0.1; without --host and --port, $RECSVC_BIND "
-              "when set)")
-@click.option("--port", type=click.IntRange(1, 65535), help="port (default 8000)")
+@click.option("--host", help="address to listen on (default: the host of $RECSVC_BIND, else 127.0.0.1)")
+@click.option("--port", type=click.IntRange(1, 65535), help="port (default: the port of $RECSVC_BIND, else 8000)")
 @click.option("--workers", type=click.IntRange(1, 64), help="gunicorn workers (default: cores, at most 4)")
 @click.option("--threads", type=click.IntRange(1, 64), help="threads per worker (default 2)")
 def serve(host: str | None, port: int | None, workers: int | None, threads: int | None) -> None:
@@ -46,17 +58,13 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     try:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             _metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        from recsvc.experiments import load_experiments
-
-        settings = Settings.from_env()  # fail fast, with the variable's name, before gunicorn starts
-        gunicorn_settings()
-        load_experiments(settings.experiments_path)
+        check_server_settings()  # fail fast, with the variable's name, before gunicorn starts
     except ConfigError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
     argv = ["gunicorn", "-c", "python:recsvc.gunicorn_conf"]
     if host or port:
-        argv += ["--bind", f"{host or '127.0.0.1'}:{port or 8000}"]
+        argv += ["--bind", bind_address(host, port, gunicorn_settings()["bind"])]
     if workers:
         argv += ["--workers", str(workers)]
     if threads:

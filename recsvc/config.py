@@ -33,6 +33,14 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    """A count (workers, bytes, failures): 2.5 is refused, not silently read as 2."""
+    value = _number(env, name, default, minimum=minimum, maximum=maximum)
+    if not float(value).is_integer():
+        raise ConfigError(f"{name}={_text(env, name, None)!r} must be a whole number")
+    return int(value)
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why `url` is no Redis URL recsvc can use, or None. redis-py itself would read a database such as
     /abc as database 0, and raise a bare ValueError for an http:// URL."""
@@ -45,6 +53,8 @@ def redis_url_problem(url: str) -> str | None:
     if parts.scheme not in ("redis", "rediss", "unix"):
         return "it must start with redis://, rediss:// or unix://"
     database = parts.path.lstrip("/")
+    if parts.scheme != "unix" and "@" in database:  # a '/' in the password: what follows it is no database
+        return "the database after the host is not a number (percent-encode '/', '?', '#' and '@' in a password)"
     if parts.scheme != "unix" and database and not database.isdigit():
         return f"the database after the host must be a number, not {database!r}"
     import redis  # here: the trainer reads settings without needing redis-py
@@ -85,7 +95,7 @@ def _local_cache_bytes(env: Mapping[str, str], name: str, default: int, entries:
     recent items every worker reads) would be silently off."""
     from recsvc.cache import LocalCache  # here: recsvc.cache imports this module
 
-    return int(_number(env, name, default, minimum=LocalCache.smallest_bytes(entries), maximum=64 * 2**30))
+    return _integer(env, name, default, minimum=LocalCache.smallest_bytes(entries), maximum=64 * 2**30)
 
 
 def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
@@ -99,6 +109,15 @@ def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
         raise ConfigError(f"{name}={str(path)!r} must be a directory, and {str(existing)!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{name}={str(path)!r}: this user may not write in {str(existing)!r}")
+    return path
+
+
+def _registry(env: Mapping[str, str], name: str, default: Path) -> Path:
+    """The registry may appear later (a volume mounted after start, the first `recsvc-train fit`): only a file
+    where it goes is refused at once, since it could never become one."""
+    path = Path(_text(env, name, str(default)))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}={str(path)!r} must be a directory (the model registry), and it is a file")
     return path
 
 
@@ -117,8 +136,8 @@ def gunicorn_settings(env: Mapping[str, str] | None = None) -> dict:
     if level not in LOG_LEVELS:
         raise ConfigError(f"RECSVC_LOG_LEVEL={level!r} must be one of {', '.join(LOG_LEVELS)}")
     return {"bind": bind, "loglevel": level,
-            "workers": int(_number(env, "RECSVC_WORKERS", min(4, os.cpu_count() or 1), minimum=1, maximum=64)),
-            "threads": int(_number(env, "RECSVC_THREADS", 2, minimum=1, maximum=64))}
+            "workers": _integer(env, "RECSVC_WORKERS", min(4, os.cpu_count() or 1), minimum=1, maximum=64),
+            "threads": _integer(env, "RECSVC_THREADS", 2, minimum=1, maximum=64)}
 
 
 def _shown(bound: float) -> str:
@@ -194,10 +213,10 @@ class Settings:
         auth = (_text(env, "RECSVC_AUTH", "on") or "on").lower()
         if auth not in ("on", "off"):
             raise ConfigError(f"RECSVC_AUTH={auth!r} must be 'on' or 'off' (off: local development only)")
-        entries = int(_number(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries, minimum=1,
-                              maximum=10_000_000))
+        entries = _integer(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries, minimum=1,
+                              maximum=10_000_000)
         return cls(
-            registry=Path(_text(env, "RECSVC_REGISTRY", str(cls.registry))),
+            registry=_registry(env, "RECSVC_REGISTRY", cls.registry),
             reload_interval=_number(env, "RECSVC_RELOAD_INTERVAL", cls.reload_interval, minimum=0.1, maximum=3600),
             redis_url=_redis_url(env, "RECSVC_REDIS_URL"),
             cache_ttl=_number(env, "RECSVC_CACHE_TTL", cls.cache_ttl, minimum=1, maximum=7 * 86400),
@@ -205,21 +224,21 @@ class Settings:
                                   maximum=10_000) / 1000,
             local_cache_entries=entries,
             local_cache_bytes=_local_cache_bytes(env, "RECSVC_LOCAL_CACHE_BYTES", cls.local_cache_bytes, entries),
-            cache_max_entry_bytes=int(_number(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
-                                              minimum=1024, maximum=16 * 1024 * 1024)),
+            cache_max_entry_bytes=_integer(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
+                                              minimum=1024, maximum=16 * 1024 * 1024),
             cache_lock_wait=_number(env, "RECSVC_CACHE_LOCK_WAIT_MS", cls.cache_lock_wait * 1000, minimum=0,
                                     maximum=10_000) / 1000,
-            redis_breaker_failures=int(_number(env, "RECSVC_REDIS_BREAKER_FAILURES", cls.redis_breaker_failures,
-                                               minimum=1, maximum=1000)),
+            redis_breaker_failures=_integer(env, "RECSVC_REDIS_BREAKER_FAILURES", cls.redis_breaker_failures,
+                                               minimum=1, maximum=1000),
             redis_breaker_cooldown=_number(env, "RECSVC_REDIS_BREAKER_COOLDOWN_MS", cls.redis_breaker_cooldown * 1000,
                                            minimum=10, maximum=600_000) / 1000,
             api_keys=_keys(env, "RECSVC_API_KEYS"),
             admin_keys=_keys(env, "RECSVC_ADMIN_KEYS"),
             auth_disabled=auth == "off",
             rate_limit=_number(env, "RECSVC_RATE_LIMIT", cls.rate_limit, minimum=0, maximum=1_000_000),
-            rate_burst=int(_number(env, "RECSVC_RATE_BURST", cls.rate_burst, minimum=1, maximum=1_000_000)),
-            max_body_bytes=int(_number(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
-                                       maximum=64 * 1024 * 1024)),
+            rate_burst=_integer(env, "RECSVC_RATE_BURST", cls.rate_burst, minimum=1, maximum=1_000_000),
+            max_body_bytes=_integer(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
+                                       maximum=64 * 1024 * 1024),
             experiments_path=Path(experiments) if experiments else None,
             spool_dir=_directory(env, "RECSVC_SPOOL_DIR", cls.spool_dir),
             spool_fsync=_choice(env, "RECSVC_SPOOL_FSYNC", cls.spool_fsync, ("always", "everysec")),
@@ -228,3 +247,15 @@ class Settings:
             recent_items_ttl=_number(env, "RECSVC_RECENT_ITEMS_TTL", cls.recent_items_ttl, minimum=1,
                                      maximum=365 * 86400),
         )
+
+
+def check_server_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Every setting the server reads, checked before it serves, by `recsvc serve` and by gunicorn_conf.py (the
+    image starts gunicorn itself): the RECSVC_* values, gunicorn's, and the experiments file. ConfigError names
+    the first wrong one."""
+    settings = Settings.from_env(env)
+    gunicorn_settings(env)
+    from recsvc.experiments import load_experiments  # here: it loads the metrics module (see gunicorn_conf.py)
+
+    load_experiments(settings.experiments_path)
+    return settings

@@ -10,8 +10,12 @@ import atexit
 import gc
 import os
 import shutil
+import sys
 import tempfile
 
+# Before the settings check below imports numpy: OpenBLAS picks its thread count once, at load, and the workers
+# forked from this master inherit it (threaded BLAS under implicit's own threads is much slower).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _made_by = None  # the master's pid when it made the metrics directory
 # Must be set before prometheus_client is imported (by the preloaded app): it picks its storage at import.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -34,10 +38,16 @@ for _name in os.listdir(_metrics_dir):
     if _name.endswith(".db"):
         os.unlink(os.path.join(_metrics_dir, _name))
 
-from recsvc.config import gunicorn_settings  # noqa: E402
+from recsvc.config import check_server_settings, gunicorn_settings  # noqa: E402
+from recsvc.errors import ConfigError  # noqa: E402
 from recsvc.logs import gunicorn_logconfig  # noqa: E402
 
-_settings = gunicorn_settings()  # ConfigError names a wrong RECSVC_* value (`recsvc serve` checks them first)
+try:  # as `recsvc serve` does: the image starts gunicorn itself, which would print a traceback and exit 1
+    check_server_settings()
+except ConfigError as exc:
+    sys.stderr.write(f"error: {exc.message}\n")
+    sys.exit(2)
+_settings = gunicorn_settings()
 bind = _settings["bind"]
 workers = _settings["workers"]
 # gthread, balancing kept-alive connections across the workers (recsvc/worker.py).

@@ -73,6 +73,7 @@ class ModelStore:
         self._lock = threading.Lock()
         self._watcher_pid: int | None = None
         self._stop = threading.Event()
+        self._said_empty = False  # "no model yet" is logged once per server (workers inherit it from the master)
 
     def current(self) -> ModelBundle | None:
         """The bundle to serve with (None until one loads). Starts the watcher in this process on first use,
@@ -95,6 +96,11 @@ class ModelStore:
             if version is None:
                 if self.bundle is not None:  # an empty registry before the first model is no failure
                     self._refuse(None, "the registry's current pointer (CURRENT) is missing")
+                elif not self._said_empty:  # but say where the server looks: a wrong RECSVC_REGISTRY shows here
+                    self._said_empty = True
+                    log.warning("no model version to serve yet: %s has no CURRENT pointer; /readyz and the "
+                                "recommendations answer 503 until `recsvc-train fit --registry %s` publishes one",
+                                self.registry.absolute(), self.registry)
                 return False
             if self.last_failure is not None and self.last_failure.version is None:
                 self.last_failure = None  # the pointer reads again: its failure is over
@@ -157,8 +163,11 @@ class ModelStore:
         serving = self.bundle.version if self.bundle else None
         if served:
             log.error("model version %s is served, but %s", version, reason, extra={"model_version": version})
+        elif version is None:  # the pointer, not a version, failed
+            log.error("%s; %s", reason, f"keeping model version {serving}" if serving else "no model version is served",
+                      extra={"refused_version": None})
         else:
-            log.error("model version %s refused, keeping %s: %s", version, serving, reason,
+            log.error("model version %s refused, keeping %s: %s", version, serving or "none", reason,
                       extra={"refused_version": version})
 
     def start_watching(self) -> None:

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from recsvc import artifacts
-from recsvc.config import Settings
+from recsvc.config import Settings, check_server_settings
 from recsvc.errors import ConfigError
 from training.cli import main
 
@@ -89,6 +89,8 @@ def test_a_manifest_that_is_not_an_object_is_an_artifact_error(demo_paths, tmp_p
     ("RECSVC_REDIS_URL", "redis://:s3cret@[::1:1/0", "'redis://***@[::1:1/0' is not a Redis URL"),
     ("RECSVC_REDIS_URL", "redis://:s3c/ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL: the port"),
     ("RECSVC_REDIS_URL", "redis://:s3c#ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL"),
+    # A '/' in the password with '@' after it: the URL parser takes the rest for the database.
+    ("RECSVC_REDIS_URL", "redis://:p@s3c/ret@127.0.0.1:1/0", "'redis://***@127.0.0.1:1/0' is not a Redis URL: the d"),
     ("RECSVC_REDIS_URL", "redis://127.0.0.1:1/0?Password=s3cret", "redis-py cannot use it"),
 ])
 def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, message):
@@ -96,6 +98,17 @@ def test_a_redis_url_redis_py_would_misread_is_a_config_error(name, value, messa
         Settings.from_env({name: value})
     assert message in str(refused.value)
     assert "s3c" not in str(refused.value) and "ret@" not in str(refused.value)  # never the password, nor part of it
+
+
+@pytest.mark.parametrize("name", ["RECSVC_REDIS_BREAKER_FAILURES", "RECSVC_RATE_BURST", "RECSVC_MAX_BODY_BYTES",
+                                  "RECSVC_LOCAL_CACHE_ENTRIES", "RECSVC_LOCAL_CACHE_BYTES",
+                                  "RECSVC_CACHE_MAX_ENTRY_BYTES", "RECSVC_WORKERS", "RECSVC_THREADS"])
+def test_a_count_with_a_fraction_is_refused_not_rounded_down(name):
+    value = {"RECSVC_MAX_BODY_BYTES": "2048.5", "RECSVC_LOCAL_CACHE_BYTES": "100000.5",
+             "RECSVC_CACHE_MAX_ENTRY_BYTES": "2048.5"}.get(name, "2.5")
+    with pytest.raises(ConfigError, match=f"{name}='{value}' must be a whole number"):
+        check_server_settings({name: value})
+    assert check_server_settings({name: value.replace(".5", ".0")}) is not None  # 2.0 is two
 
 
 def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
@@ -114,6 +127,7 @@ def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
     ("RECSVC_SPOOL_DIR", "/etc/passwd/spool", "RECSVC_SPOOL_DIR='/etc/passwd/spool' must be a directory"),
     ("RECSVC_LOCAL_CACHE_BYTES", "100", "RECSVC_LOCAL_CACHE_BYTES='100' must be between 704 and"),
     ("RECSVC_LOCAL_CACHE_ENTRIES", "0", "RECSVC_LOCAL_CACHE_ENTRIES='0' must be between 1 and"),
+    ("RECSVC_REGISTRY", "/etc/passwd", "RECSVC_REGISTRY='/etc/passwd' must be a directory"),
 ])
 def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value, message):
     env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), name: value}
@@ -121,6 +135,19 @@ def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RECSVC_CACHE_TTL", "forever", "RECSVC_CACHE_TTL='forever' is not a number"),
+    ("RECSVC_EXPERIMENTS", "/nonexistent/experiments.json", "RECSVC_EXPERIMENTS=/nonexistent/experiments.json"),
+])
+def test_the_images_gunicorn_refuses_a_wrong_setting_as_recsvc_serve_does(tmp_path, name, value, message):
+    """The Dockerfile's CMD starts gunicorn with gunicorn_conf.py, without `recsvc serve` in front."""
+    env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), "RECSVC_BIND": "127.0.0.1:1", name: value}
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:recsvc.gunicorn_conf", "recsvc.wsgi:app"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"error: {message}" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_recsvc_serve_refuses_a_metrics_directory_that_is_a_file(tmp_path):

@@ -1,4 +1,4 @@
-"""docker-compose.yml checked statically (no Docker engine here): its settings, commands, paths, Redis policy."""
+"""docker-compose.yml and docs/training.md's cron and Kubernetes examples, checked statically (no Docker here)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,43 @@ def test_the_trainer_job_runs_a_real_command_with_the_example_config(compose):
     assert str(config.nightly.registry) in volumes and volumes[str(config.nightly.registry)] == "registry"
     assert str(config.nightly.interactions).startswith("/data/") and "/data" in volumes
     assert urlparse(config.nightly.redis_url).hostname in compose["services"]
+
+
+def _doc_block(path: Path, language: str) -> str:
+    return re.search(rf"^```{language}\n(.*?)^```", path.read_text(), re.M | re.S).group(1)
+
+
+def _assert_real_trainer_command(program: str, subcommand: str, options: list[str]) -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert Path(program).name in scripts and subcommand in train_cli.commands
+    known = {opt for param in train_cli.commands[subcommand].params for opt in param.opts}
+    assert {o for o in options if o.startswith("-")} <= known
+
+
+def test_the_kubernetes_cronjob_example_uses_real_fields_commands_and_mounts():
+    """docs/training.md's CronJob, checked as kubectl's strict validation and the trainer would see it."""
+    cronjob = yaml.safe_load(_doc_block(REPO / "docs" / "training.md", "yaml"))
+    assert set(cronjob["spec"]) <= {"schedule", "concurrencyPolicy", "startingDeadlineSeconds", "suspend",
+                                    "successfulJobsHistoryLimit", "failedJobsHistoryLimit", "timeZone", "jobTemplate"}
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    [container] = job["template"]["spec"]["containers"]
+    program, subcommand, *options = container["command"]
+    _assert_real_trainer_command(program, subcommand, options)
+    config = options[options.index("--config") + 1]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(Path(config).parent) in mounts
+    # The documented config is valid, and its paths lie on the CronJob's volumes.
+    nightly = TrainConfig.from_dict(tomllib.loads(_doc_block(REPO / "docs" / "training.md", "toml")),
+                                    base=Path(config).parent).nightly
+    for path in (nightly.interactions, nightly.catalog, nightly.registry):
+        assert any(Path(m) in (path, *path.parents) for m in mounts), path
+
+
+def test_the_cron_example_runs_a_real_command():
+    line = next(l for l in _doc_block(REPO / "docs" / "training.md", "cron").splitlines() if not l.startswith("#"))
+    words = line.split()
+    command = [w for w in words[6:words.index(">>/var/log/recsvc/nightly.jsonl")] if "=" not in w]  # after the user
+    program, subcommand, *options = command
+    assert program.endswith("/.venv/bin/recsvc-train")  # where `make install` puts it in a checkout
+    _assert_real_trainer_command(program, subcommand, options)

@@ -205,10 +205,22 @@ def test_a_missing_pointer_is_reported_once_while_the_loaded_version_keeps_servi
     assert not store.refresh() and store.last_failure is None
 
 
-def test_no_pointer_before_the_first_model_is_no_failure(tmp_path):
+def test_no_pointer_before_the_first_model_is_no_failure(tmp_path, caplog):
     store = ModelStore(tmp_path)
-    assert not store.refresh()
+    for _ in range(3):
+        assert not store.refresh()
     assert store.bundle is None and store.last_failure is None
+    # but the log says, once, where the server looks for one (a wrong RECSVC_REGISTRY is found here)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and f"{tmp_path} has no CURRENT pointer" in said[0], said
+
+
+def test_an_unreadable_pointer_before_the_first_model_is_logged_in_plain_words(tmp_path, caplog):
+    (tmp_path / "CURRENT").mkdir()
+    assert not ModelStore(tmp_path).refresh()
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said.startswith("cannot read the registry's current pointer") and "None" not in said
+    assert said.endswith("; no model version is served")
 
 
 def test_files_changed_under_the_served_version_are_reported_once(registry, caplog):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,8 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from recsvc.cli import bind_address
 from tests.conftest import API_KEY, free_port
 from tests.server_process import running_server
+
+DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
 
 
 @pytest.fixture
@@ -36,6 +41,12 @@ def test_recsvc_bind_sets_the_address_when_serve_has_no_host_or_port(trained_reg
     env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY}
     with running_server(env, tmp_path / "server.log", workers=1, bind_from_env=True) as base:
         assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+        # The image's HEALTHCHECK follows RECSVC_BIND too (a container on another port must not turn unhealthy).
+        healthcheck = re.search(r"^HEALTHCHECK .*\n\s+CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)
+        command = json.loads(healthcheck.group(1))
+        assert command[0] == "python"
+        bind = {"RECSVC_BIND": base.removeprefix("http://")}
+        assert subprocess.run([sys.executable, *command[1:]], env={**os.environ, **bind}, timeout=30).returncode == 0
 
 
 def _sample(metrics: str, name: str, **labels) -> float:
@@ -87,6 +98,28 @@ def test_the_masters_warm_up_leaves_no_trace_in_metrics_logs_or_cache(trained_re
     assert not [line for line in access if "/recommendations" in line][2:] and "warm-up" not in "".join(access)
 
 
+@pytest.mark.parametrize("host, port, env_bind, bind", [
+    (None, 8001, None, "127.0.0.1:8001"), ("0.0.0.0", None, None, "0.0.0.0:8000"),
+    ("::1", 8001, None, "[::1]:8001"), ("[::]", 8001, None, "[::]:8001"),
+    # the part not given comes from RECSVC_BIND (the image sets 0.0.0.0:8000)
+    (None, 9000, "0.0.0.0:8000", "0.0.0.0:9000"), ("127.0.0.1", None, "0.0.0.0:8080", "127.0.0.1:8080"),
+    (None, 9000, "[::]:8000", "[::]:9000"), (None, 9000, "unix:/run/recsvc.sock", "127.0.0.1:9000"),
+])
+def test_serve_passes_host_and_port_to_gunicorn_ipv6_in_brackets(host, port, env_bind, bind):
+    assert bind_address(host, port, env_bind) == bind
+
+
+def test_gunicorn_conf_loads_openblas_single_threaded_without_the_variable_set(tmp_path):
+    """gunicorn started by hand (or by the image) reads gunicorn_conf.py first, and its settings check loads numpy."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    code = ("import recsvc.gunicorn_conf, threadpoolctl; "
+            "print(max(i['num_threads'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'))")
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "RECSVC_REGISTRY": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+
+
 def test_bad_configuration_exits_2_before_serving(tmp_path):
     env = {**os.environ, "RECSVC_CACHE_TTL": "forever"}
     result = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve"], env=env, capture_output=True, text=True,
@@ -110,7 +143,8 @@ def start_and_stop(env: dict, argv: list[str], log: Path, until=lambda: False, t
 def test_without_a_model_the_warm_up_logs_no_errors_and_failed_starts_leave_no_metrics_directory(tmp_path):
     empty, temp = tmp_path / "registry", tmp_path / "tmp"
     empty.mkdir(), temp.mkdir()
-    env = {"RECSVC_REGISTRY": str(empty), "RECSVC_API_KEYS": API_KEY, "TMPDIR": str(temp),
+    # Authentication off, as for local development: the warm-up's request without a key then reaches the model too.
+    env = {"RECSVC_REGISTRY": str(empty), "RECSVC_AUTH": "off", "TMPDIR": str(temp),
            "RECSVC_SPOOL_DIR": str(tmp_path / "spool")}
     port = free_port()
     serve = [sys.executable, "-m", "recsvc.cli", "serve", "--port", str(port), "--workers", "1"]
