@@ -175,7 +175,9 @@ def compare_ratios(treatment: VariantCounts, control: VariantCounts, confidence:
         return {"absolute_lift": interval(None, None, None), "relative_lift": interval(None, None, None),
                 "p_value": None}
     z, diff, se = _z(confidence), r_t - r_c, math.sqrt(v_t + v_c)
-    p_value = float(2 * special.ndtr(-abs(diff) / se)) if se > 0 else 1.0
+    # No spread in either variant (every customer accepted exactly as often as they were shown, or never): a
+    # difference is then certain, as the zero-width interval says; scipy's t-test gives 0 there too.
+    p_value = float(2 * special.ndtr(-abs(diff) / se)) if se > 0 else float(diff == 0)
     se_log = math.sqrt(v_t / r_t**2 + v_c / r_c**2) if r_t > 0 and r_c > 0 else math.inf
     return {"absolute_lift": interval(diff, diff - z * se, diff + z * se),
             "relative_lift": _relative(r_t, r_c, se_log, z), "p_value": p_value}
