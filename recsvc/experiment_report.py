@@ -15,7 +15,8 @@ MIN_OUTCOMES = 10  # customers who accepted, and who did not, per variant
 SRM_THRESHOLD = 0.001
 
 METHODS = {
-    "acceptance_rate": "share of exposed customers who accepted at least one suggestion; 95% Wilson score interval",
+    "acceptance_rate": "share of exposed customers who accepted at least one suggestion; {level} Wilson score "
+                       "interval",
     "absolute_lift": "treatment rate minus control rate; unpooled Wald interval",
     "relative_lift": "treatment rate / control rate - 1; delta-method interval on the log of the ratio (Katz)",
     "p_value": "two-sided two-proportion z-test with pooled variance (equal to Pearson's chi-square, 1 df)",
@@ -105,6 +106,11 @@ def _close(result: Tally, customer_variant: dict[str, str], per_customer: dict[s
         counts.sum_accepts_sq += accepts * accepts
         counts.sum_exposures_sq += exposures * exposures
         counts.sum_accepts_exposures += accepts * exposures
+
+
+def confidence_label(alpha: float) -> str:
+    """The intervals' confidence level as people write it: "95%" for alpha 0.05, "99.9%" for 0.001."""
+    return f"{round((1 - alpha) * 100, 6):g}%"
 
 
 def _z(confidence: float) -> float:
@@ -211,7 +217,7 @@ def build_report(name: str, control: str, variants: list[tuple[str, str, int]], 
         "duplicates_ignored": counts.duplicates,
         "customers_in_several_variants": counts.customers_in_several_variants,
         "warnings": _warnings(counts, variants, srm),
-        "methods": METHODS,
+        "methods": {metric: text.replace("{level}", confidence_label(alpha)) for metric, text in METHODS.items()},
     }
 
 
