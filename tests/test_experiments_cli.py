@@ -132,3 +132,10 @@ def test_the_table_chart_and_methods_name_the_confidence_level_alpha_asks_for():
     assert "acceptance rate (90% CI)" in table and "rel. lift (90% CI)" in table and "95%" not in table
     assert "share, 90% CI" in page and "95%" not in page
     assert confidence_label(0.05) == "95%" and confidence_label(0.001) == "99.9%"
+
+
+def test_the_chart_escapes_variant_names():
+    counts = Tally({"a<b": VariantCounts(20, 20, 3, 3, 3, 20, 3), "x&y": VariantCounts(20, 20, 4, 4, 4, 20, 4)})
+    page = chart_html(build_report("exp", "a<b", [("a<b", "als", 1), ("x&y", "popular", 1)], counts))
+    assert ">a&lt;b</text>" in page and ">x&amp;y</text>" in page and "samples too small in a&lt;b, x&amp;y" in page
+    assert "a<b" not in page and "x&y" not in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import json
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def chart_html(report: dict) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
             f"<body style='font-family:sans-serif'><h1>{title}</h1>{panels}"
             f"<p>srm_p_value: {report['srm_p_value']}</p>"
-            + "".join(f"<p><b>warning:</b> {w}</p>" for w in report["warnings"]) + "</body></html>")
+            + "".join(f"<p><b>warning:</b> {html.escape(w)}</p>" for w in report["warnings"]) + "</body></html>")
 
 
 def _svg_panel(report: dict, metric: str, title: str) -> str:
@@ -163,7 +164,7 @@ def _svg_panel(report: dict, metric: str, title: str) -> str:
     parts = [f"<h2>{title}</h2><svg width='{width}' height='{row_height * len(rows) + 20}'>"]
     for index, (name, interval) in enumerate(rows):
         y = 20 + index * row_height
-        parts.append(f"<text x='0' y='{y + 5}'>{name}</text>")
+        parts.append(f"<text x='0' y='{y + 5}'>{html.escape(name)}</text>")  # a variant name may hold "<"
         if interval["value"] is None:
             continue
         if interval["ci_low"] is not None:
