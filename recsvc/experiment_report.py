@@ -128,7 +128,9 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> dict:
     z, p = _z(confidence), successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return interval(p, max(0.0, centre - half), min(1.0, centre + half))
+    # The bounds are exactly 0 with no successes and 1 with no failures; rounding left e.g. 5.6e-17 for 0 of 7.
+    return interval(p, 0.0 if successes == 0 else max(0.0, centre - half),
+                    1.0 if successes == n else min(1.0, centre + half))
 
 
 def compare_proportions(x_t: int, n_t: int, x_c: int, n_c: int, confidence: float = 0.95) -> dict:

@@ -67,6 +67,14 @@ def test_wilson_interval_matches_known_values():
     assert wilson(0, 0) == {"value": None, "ci_low": None, "ci_high": None}
 
 
+@pytest.mark.parametrize("successes, n", [(0, 7), (0, 500), (7, 7), (500, 500), (1, 3), (130, 1000)])
+def test_wilson_interval_matches_scipy_also_at_none_and_all(successes, n):
+    reference = stats.binomtest(successes, n).proportion_ci(0.95, method="wilson")
+    result = wilson(successes, n)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((reference.low, reference.high), rel=1e-12,
+                                                                  abs=1e-300)
+
+
 def test_proportion_comparison_matches_scipy_references():
     result = compare_proportions(130, 1000, 100, 1000)
     table = [[130, 870], [100, 900]]
