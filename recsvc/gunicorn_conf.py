@@ -35,9 +35,13 @@ for _name in os.listdir(_metrics_dir):
         os.unlink(os.path.join(_metrics_dir, _name))
 
 from recsvc.config import gunicorn_settings  # noqa: E402
+from recsvc.errors import ConfigError  # noqa: E402
 from recsvc.logs import gunicorn_logconfig  # noqa: E402
 
-_settings = gunicorn_settings()  # ConfigError names a wrong RECSVC_* value (`recsvc serve` checks them first)
+try:
+    _settings = gunicorn_settings()  # names a wrong RECSVC_* value (`recsvc serve` checks them first)
+except ConfigError as _error:  # gunicorn started directly (the container's CMD): the message, not a traceback
+    _error.exit()
 bind = _settings["bind"]
 workers = _settings["workers"]
 # gthread, balancing kept-alive connections across the workers (recsvc/worker.py).
