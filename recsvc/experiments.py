@@ -251,6 +251,7 @@ class ExperimentRouter:
             self.publish(client)
         except Exception as exc:  # redis.RedisError; best effort, repeated whenever the event log reconnects
             log.warning("experiment definitions not published to redis: %s", exc.__class__.__name__)
+            self.event_log.reconnect_owed = True  # also when Redis returns before any record was spooled
 
 
 def from_settings(settings, event_log) -> ExperimentRouter:
