@@ -1,5 +1,8 @@
 """Domain exceptions of recsvc; one root class, mapped to HTTP in recsvc/api/errors.py."""
 
+import sys
+from typing import NoReturn
+
 
 class RecsvcError(Exception):
     """Root of every error recsvc raises on purpose.
@@ -42,6 +45,14 @@ class ConfigError(RecsvcError):
     """A setting has a wrong value; raised at start-up."""
 
     code = "config_error"
+    exit_code = 2  # as `recsvc serve` exits for it
+
+    def exit(self) -> NoReturn:
+        """Stop start-up with the message alone, for gunicorn started directly (the container's CMD), which
+        would otherwise print a traceback."""
+        sys.stderr.write(f"error: {self.message}\n")
+        sys.stderr.flush()
+        raise SystemExit(self.exit_code)
 
 
 class EventLogUnavailable(RecsvcError):

@@ -236,6 +236,9 @@ class EventLog:
             slow = redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=timeout)
             self.reader = RedisStreams(slow, dedupe_ttl)
         self.on_reconnect: list[Callable[[redis.Redis], None]] = []
+        # A callback could not do its work (Redis down at start-up): run them once Redis answers, even if no
+        # record was spooled meanwhile. Callbacks set it again when they fail.
+        self.reconnect_owed = False
         self._down_until = 0.0
         self._spooling = False  # Redis failed since the last successful replay
         self._thread_pid: int | None = None
@@ -287,6 +290,7 @@ class EventLog:
             return 0
         try:
             self.reader.client.ping()
+            self.reconnect_owed = False
             for callback in self.on_reconnect:
                 callback(self.reader.client)
             self.spool.rotate()
@@ -317,7 +321,7 @@ class EventLog:
         while not self._stop.wait(min(self.retry_interval, 1.0)):  # everysec: fsync at least once a second
             try:
                 self.spool.sync()
-                if self.spool.files():
+                if self.reconnect_owed or self.spool.files():
                     self.replay()
             except Exception:  # the thread must outlive any single failure
                 log.exception("event log: background round failed")

@@ -15,7 +15,8 @@ MIN_OUTCOMES = 10  # customers who accepted, and who did not, per variant
 SRM_THRESHOLD = 0.001
 
 METHODS = {
-    "acceptance_rate": "share of exposed customers who accepted at least one suggestion; 95% Wilson score interval",
+    "acceptance_rate": "share of exposed customers who accepted at least one suggestion; {level} Wilson score "
+                       "interval",
     "absolute_lift": "treatment rate minus control rate; unpooled Wald interval",
     "relative_lift": "treatment rate / control rate - 1; delta-method interval on the log of the ratio (Katz)",
     "p_value": "two-sided two-proportion z-test with pooled variance (equal to Pearson's chi-square, 1 df)",
@@ -107,6 +108,11 @@ def _close(result: Tally, customer_variant: dict[str, str], per_customer: dict[s
         counts.sum_accepts_exposures += accepts * exposures
 
 
+def confidence_label(alpha: float) -> str:
+    """The intervals' confidence level as people write it: "95%" for alpha 0.05, "99.9%" for 0.001."""
+    return f"{round((1 - alpha) * 100, 6):g}%"
+
+
 def _z(confidence: float) -> float:
     return float(special.ndtri(0.5 + confidence / 2))  # the standard normal quantile
 
@@ -122,7 +128,9 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> dict:
     z, p = _z(confidence), successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return interval(p, max(0.0, centre - half), min(1.0, centre + half))
+    # The bounds are exactly 0 with no successes and 1 with no failures; rounding left e.g. 5.6e-17 for 0 of 7.
+    return interval(p, 0.0 if successes == 0 else max(0.0, centre - half),
+                    1.0 if successes == n else min(1.0, centre + half))
 
 
 def compare_proportions(x_t: int, n_t: int, x_c: int, n_c: int, confidence: float = 0.95) -> dict:
@@ -175,7 +183,9 @@ def compare_ratios(treatment: VariantCounts, control: VariantCounts, confidence:
         return {"absolute_lift": interval(None, None, None), "relative_lift": interval(None, None, None),
                 "p_value": None}
     z, diff, se = _z(confidence), r_t - r_c, math.sqrt(v_t + v_c)
-    p_value = float(2 * special.ndtr(-abs(diff) / se)) if se > 0 else 1.0
+    # No spread in either variant (every customer accepted exactly as often as they were shown, or never): a
+    # difference is then certain, as the zero-width interval says; scipy's t-test gives 0 there too.
+    p_value = float(2 * special.ndtr(-abs(diff) / se)) if se > 0 else float(diff == 0)
     se_log = math.sqrt(v_t / r_t**2 + v_c / r_c**2) if r_t > 0 and r_c > 0 else math.inf
     return {"absolute_lift": interval(diff, diff - z * se, diff + z * se),
             "relative_lift": _relative(r_t, r_c, se_log, z), "p_value": p_value}
@@ -209,7 +219,7 @@ def build_report(name: str, control: str, variants: list[tuple[str, str, int]], 
         "duplicates_ignored": counts.duplicates,
         "customers_in_several_variants": counts.customers_in_several_variants,
         "warnings": _warnings(counts, variants, srm),
-        "methods": METHODS,
+        "methods": {metric: text.replace("{level}", confidence_label(alpha)) for metric, text in METHODS.items()},
     }
 
 

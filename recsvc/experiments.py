@@ -178,6 +178,10 @@ def load_experiments(path: Path | None, label: str | None = None) -> ExperimentS
         return ExperimentSet()
     path = Path(path)
     label = label or f"RECSVC_EXPERIMENTS={path}"
+    if path.is_dir():
+        raise ConfigError(f"{label}: is a directory, not a file")
+    if path.exists() and not path.is_file():  # a FIFO or a device would block start-up or never end
+        raise ConfigError(f"{label}: not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
@@ -185,6 +189,8 @@ def load_experiments(path: Path | None, label: str | None = None) -> ExperimentS
         raise ConfigError(f"{label}: no such file") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
         raise ConfigError(f"{label}: cannot parse: {exc}") from None
+    except RecursionError:  # json nests by recursion: thousands of opening brackets
+        raise ConfigError(f"{label}: cannot parse: nested too deeply") from None
     return parse_experiments(raw, label)
 
 
@@ -245,6 +251,7 @@ class ExperimentRouter:
             self.publish(client)
         except Exception as exc:  # redis.RedisError; best effort, repeated whenever the event log reconnects
             log.warning("experiment definitions not published to redis: %s", exc.__class__.__name__)
+            self.event_log.reconnect_owed = True  # also when Redis returns before any record was spooled
 
 
 def from_settings(settings, event_log) -> ExperimentRouter:

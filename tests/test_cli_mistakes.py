@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from recsvc import artifacts
 from recsvc.config import Settings, check_server_settings
 from recsvc.errors import ConfigError
+from tests.redis_process import free_port
 from training.cli import main
 
 EXIT_UNUSABLE_INPUT = 2
@@ -253,3 +254,22 @@ def test_a_registry_that_cannot_take_the_model_exits_1_naming_the_problem_and_th
     assert f"error: File too large: {artifacts.versions_root(registry)}/." in done.stderr
     assert "requested and" not in done.stderr and "Traceback" not in done.stderr
     assert list(artifacts.versions_root(registry).iterdir()) == []
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RECSVC_EXPERIMENTS", '{"experiments": [{"name": "x"}]}', "experiments.json: invalid experiment definitions"),
+    ("RECSVC_CACHE_TTL", "abc", "RECSVC_CACHE_TTL='abc' is not a number"),
+])
+def test_gunicorn_started_directly_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value, message):
+    """The container's CMD runs gunicorn without `recsvc serve`: the same message, no traceback."""
+    if name == "RECSVC_EXPERIMENTS":
+        (tmp_path / "experiments.json").write_text(value)
+        value = str(tmp_path / "experiments.json")
+    env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), "RECSVC_AUTH": "off", "RECSVC_SPOOL_DIR":
+           str(tmp_path / "spool"), "RECSVC_BIND": f"127.0.0.1:{free_port()}", name: value}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:recsvc.gunicorn_conf", "recsvc.wsgi:app"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stderr.count("error: ") == 1
+    assert "Traceback" not in done.stderr

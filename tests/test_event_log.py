@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from recsvc.cache import event_stream_key, recent_items_key
+from recsvc.cache import event_stream_key, experiments_key, recent_items_key
 from recsvc.event_log import EXPOSURE, FEEDBACK, EventLog, RecentItems, RedisStreams, Spool, sweep_recent_items
 from tests.redis_process import free_port
 from tests.server_process import running_server
@@ -205,6 +205,26 @@ def test_feedback_accepted_while_redis_is_down_is_counted_exactly_once(own_redis
         assert stream.xlen(event_stream_key(FEEDBACK)) == 1000
         assert stream.xlen(event_stream_key(EXPOSURE)) == 1000
         stream.close()
+    finally:
+        stop_app(app)
+
+
+def test_definitions_reach_a_redis_that_was_down_at_start_up_also_without_a_spooled_record(own_redis, settings,
+                                                                                           tmp_path, auth):
+    """`recsvc-train experiments report` finds them in Redis when no file is given: Redis came back before any
+    record needed the spool, so no replay would have published them."""
+    own_redis.stop()
+    app = start_app(dataclasses.replace(
+        settings, redis_url=own_redis.url, spool_dir=tmp_path / "spool", redis_breaker_cooldown=0.2,
+        experiments_path=write_definitions(tmp_path / "experiments.json", SERVED)))
+    try:
+        own_redis.start()
+        response = app.test_client().get("/v1/customers/late-1/recommendations", headers=auth)
+        assert response.get_json()["experiment"]["name"] == "als-vs-pop"
+        assert app.extensions["recsvc"].event_log.spool.pending() == 0  # the exposure went straight to Redis
+        client = redis.Redis.from_url(own_redis.url)
+        _wait_until(lambda: client.hexists(experiments_key(), "als-vs-pop"), timeout=5.0)
+        client.close()
     finally:
         stop_app(app)
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -116,6 +117,34 @@ def test_unparsable_or_missing_files_are_clear_config_errors(tmp_path):
         load_experiments(broken)
     with pytest.raises(ConfigError, match="no such file"):
         load_experiments(tmp_path / "absent.toml")
+
+
+def test_a_directory_a_fifo_or_a_device_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "experiments.json"
+    os.mkfifo(fifo)
+    outcome: list = []
+    reader = threading.Thread(target=lambda: outcome.append(_error_of(fifo)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # the old code blocked in open() until a writer came: release it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome and "not a regular file" in outcome[0]
+    assert "not a regular file" in _error_of(Path("/dev/zero"))  # read() would never end
+    assert "is a directory" in _error_of(tmp_path)
+
+
+def test_deeply_nested_json_is_a_message_not_a_traceback(tmp_path):
+    path = tmp_path / "experiments.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert "nested too deeply" in _error_of(path)
+
+
+def _error_of(path: Path) -> str:
+    try:
+        load_experiments(path)
+    except ConfigError as exc:
+        return exc.message
+    return "loaded"
 
 
 def test_the_app_refuses_to_start_with_a_bad_file(settings, tmp_path):

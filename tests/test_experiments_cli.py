@@ -6,10 +6,12 @@ import json
 
 from click.testing import CliRunner
 
+from recsvc.experiment_report import Tally, VariantCounts, build_report, confidence_label, wilson
 from recsvc.experiments import load_experiments
 from tests.conftest import free_port
 from tests.test_experiments import experiment_settings, start_app, stop_app  # noqa: F401 (fixture)
 from training.cli import main
+from training.experiments_cli import chart_html, format_report
 
 
 def _run_experiment(settings, auth, customers: int = 300) -> dict:
@@ -118,3 +120,22 @@ def test_cli_replay_refuses_an_unknown_strategy_before_reading_data(tmp_path):
     result = CliRunner().invoke(main, ["experiments", "replay", "als-vs-pop", "--experiments", str(definitions),
                                        "--interactions", str(tmp_path / "absent.csv")])
     assert result.exit_code == 2 and "unknown strategy nosuch" in result.output
+
+
+def test_the_table_chart_and_methods_name_the_confidence_level_alpha_asks_for():
+    counts = Tally({"c": VariantCounts(200, 260, 30, 35, 45, 380, 50),
+                    "t": VariantCounts(200, 250, 40, 44, 52, 330, 60)})
+    report = build_report("exp", "c", [("c", "als", 1), ("t", "popular", 1)], counts, alpha=0.1)
+    assert report["variants"][0]["acceptance_rate"] == wilson(30, 200, confidence=0.9)
+    assert "90% Wilson" in report["methods"]["acceptance_rate"]
+    table, page = format_report({**report, "status": "running"}), chart_html(report)
+    assert "acceptance rate (90% CI)" in table and "rel. lift (90% CI)" in table and "95%" not in table
+    assert "share, 90% CI" in page and "95%" not in page
+    assert confidence_label(0.05) == "95%" and confidence_label(0.001) == "99.9%"
+
+
+def test_the_chart_escapes_variant_names():
+    counts = Tally({"a<b": VariantCounts(20, 20, 3, 3, 3, 20, 3), "x&y": VariantCounts(20, 20, 4, 4, 4, 20, 4)})
+    page = chart_html(build_report("exp", "a<b", [("a<b", "als", 1), ("x&y", "popular", 1)], counts))
+    assert ">a&lt;b</text>" in page and ">x&amp;y</text>" in page and "samples too small in a&lt;b, x&amp;y" in page
+    assert "a<b" not in page and "x&y" not in page

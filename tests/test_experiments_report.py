@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
 from scipy.stats.contingency import relative_risk
 
-from recsvc.experiment_report import (VariantCounts, build_report, compare_proportions, ratio, srm_p_value, tally,
-                                      wilson)
+from recsvc.experiment_report import (VariantCounts, build_report, compare_proportions, compare_ratios, ratio,
+                                      srm_p_value, tally, wilson)
 from recsvc.experiments import parse_experiments
 
 VARIANTS = [("control", "als", 50), ("treatment", "popular", 50)]
@@ -65,6 +67,14 @@ def test_wilson_interval_matches_known_values():
     assert wilson(0, 0) == {"value": None, "ci_low": None, "ci_high": None}
 
 
+@pytest.mark.parametrize("successes, n", [(0, 7), (0, 500), (7, 7), (500, 500), (1, 3), (130, 1000)])
+def test_wilson_interval_matches_scipy_also_at_none_and_all(successes, n):
+    reference = stats.binomtest(successes, n).proportion_ci(0.95, method="wilson")
+    result = wilson(successes, n)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((reference.low, reference.high), rel=1e-12,
+                                                                  abs=1e-300)
+
+
 def test_proportion_comparison_matches_scipy_references():
     result = compare_proportions(130, 1000, 100, 1000)
     table = [[130, 870], [100, 900]]
@@ -81,6 +91,18 @@ def test_degenerate_comparisons_give_nones_not_errors():
     none_accepted = compare_proportions(0, 50, 0, 50)
     assert none_accepted["p_value"] == 1.0 and none_accepted["relative_lift"]["value"] is None
     assert compare_proportions(3, 0, 1, 10)["p_value"] is None
+
+
+def test_accepts_per_exposure_without_spread_agrees_with_its_interval():
+    # Every treatment customer accepted the one list shown, no control customer did: no variance in either.
+    everyone, nobody = counts(200, 200), counts(200, 0)
+    versus = compare_ratios(everyone, nobody)
+    assert versus["absolute_lift"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    with warnings.catch_warnings():  # scipy warns that identical values lose precision
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference = stats.ttest_ind(np.ones(200), np.zeros(200)).pvalue  # an infinite statistic: 0
+    assert versus["p_value"] == pytest.approx(reference) == 0.0
+    assert compare_ratios(everyone, everyone)["p_value"] == 1.0
 
 
 def test_accepts_per_exposure_variance_reduces_to_the_binomial_for_single_exposures():

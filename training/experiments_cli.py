@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import json
 from pathlib import Path
 
@@ -107,8 +108,11 @@ def _rate(interval: dict, percent: bool = True) -> str:
 
 def format_report(report: dict) -> str:
     """A plain table for a terminal: one row per variant, then the checks and warnings."""
-    header = ["variant", "strategy", "customers", "exposures", "accepted", "accepts", "acceptance rate (95% CI)",
-              "accepts/exposure", "rel. lift (95% CI)", "p_value"]
+    from recsvc.experiment_report import confidence_label  # not at the top: see report_command
+
+    level = confidence_label(report["alpha"])
+    header = ["variant", "strategy", "customers", "exposures", "accepted", "accepts", f"acceptance rate ({level} CI)",
+              "accepts/exposure", f"rel. lift ({level} CI)", "p_value"]
     rows = [header]
     for row in report["variants"]:
         versus = row["vs_control"]
@@ -130,7 +134,8 @@ def format_report(report: dict) -> str:
 
 
 def write_chart(report: dict, path: Path) -> None:
-    """The customer-level acceptance rate and accepts per exposure of each variant with their 95% intervals."""
+    """The customer-level acceptance rate and accepts per exposure of each variant with their intervals (at the
+    report's confidence level, 1 - alpha)."""
     if path.suffix.lower() == ".png":
         return _write_png(report, path)
     path.write_text(chart_html(report), encoding="utf-8")
@@ -138,14 +143,17 @@ def write_chart(report: dict, path: Path) -> None:
 
 def chart_html(report: dict) -> str:
     """A self-contained HTML page with one SVG panel per metric (no scripts, no downloads)."""
+    from recsvc.experiment_report import confidence_label
+
+    level = confidence_label(report["alpha"])
     panels = "".join(_svg_panel(report, metric, title) for metric, title in (
-        ("acceptance_rate", "Customers who accepted a suggestion (share, 95% CI)"),
-        ("accepts_per_exposure", "Accepts per exposure (95% CI)")))
+        ("acceptance_rate", f"Customers who accepted a suggestion (share, {level} CI)"),
+        ("accepts_per_exposure", f"Accepts per exposure ({level} CI)")))
     title = f"Experiment {report['experiment']}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
             f"<body style='font-family:sans-serif'><h1>{title}</h1>{panels}"
             f"<p>srm_p_value: {report['srm_p_value']}</p>"
-            + "".join(f"<p><b>warning:</b> {w}</p>" for w in report["warnings"]) + "</body></html>")
+            + "".join(f"<p><b>warning:</b> {html.escape(w)}</p>" for w in report["warnings"]) + "</body></html>")
 
 
 def _svg_panel(report: dict, metric: str, title: str) -> str:
@@ -156,7 +164,7 @@ def _svg_panel(report: dict, metric: str, title: str) -> str:
     parts = [f"<h2>{title}</h2><svg width='{width}' height='{row_height * len(rows) + 20}'>"]
     for index, (name, interval) in enumerate(rows):
         y = 20 + index * row_height
-        parts.append(f"<text x='0' y='{y + 5}'>{name}</text>")
+        parts.append(f"<text x='0' y='{y + 5}'>{html.escape(name)}</text>")  # a variant name may hold "<"
         if interval["value"] is None:
             continue
         if interval["ci_low"] is not None:
@@ -177,6 +185,8 @@ def _write_png(report: dict, path: Path) -> None:
     except ImportError:
         raise InvalidInput("PNG charts need matplotlib (pip install 'recsvc[charts]'); or use --chart FILE.html") \
             from None
+    from recsvc.experiment_report import confidence_label
+
     figure, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.6 * len(report["variants"])))
     for ax, metric in zip(axes, ("acceptance_rate", "accepts_per_exposure")):
         names = [r["name"] for r in report["variants"]]
@@ -188,7 +198,7 @@ def _write_png(report: dict, path: Path) -> None:
         ax.errorbar(values, range(len(names)), xerr=[low, high], fmt="o", capsize=4)
         ax.set_yticks(range(len(names)), names)
         ax.set_title(metric.replace("_", " "))
-    figure.suptitle(f"Experiment {report['experiment']} (95% intervals)")
+    figure.suptitle(f"Experiment {report['experiment']} ({confidence_label(report['alpha'])} intervals)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
