@@ -10,7 +10,6 @@ import atexit
 import gc
 import os
 import shutil
-import sys
 import tempfile
 
 # Before the settings check below imports numpy: OpenBLAS picks its thread count once, at load, and the workers
@@ -45,8 +44,7 @@ from recsvc.logs import gunicorn_logconfig  # noqa: E402
 try:  # as `recsvc serve` does: the image starts gunicorn itself, which would print a traceback and exit 1
     check_server_settings()
 except ConfigError as exc:
-    sys.stderr.write(f"error: {exc.message}\n")
-    sys.exit(2)
+    exc.exit()
 _settings = gunicorn_settings()
 bind = _settings["bind"]
 workers = _settings["workers"]
