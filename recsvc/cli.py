@@ -60,8 +60,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
             _metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         check_server_settings()  # fail fast, with the variable's name, before gunicorn starts
     except ConfigError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(2)
+        exc.exit()
     argv = ["gunicorn", "-c", "python:recsvc.gunicorn_conf"]
     if host or port:
         argv += ["--bind", bind_address(host, port, gunicorn_settings()["bind"])]

@@ -214,7 +214,7 @@ class Settings:
         if auth not in ("on", "off"):
             raise ConfigError(f"RECSVC_AUTH={auth!r} must be 'on' or 'off' (off: local development only)")
         entries = _integer(env, "RECSVC_LOCAL_CACHE_ENTRIES", cls.local_cache_entries, minimum=1,
-                              maximum=10_000_000)
+                           maximum=10_000_000)
         return cls(
             registry=_registry(env, "RECSVC_REGISTRY", cls.registry),
             reload_interval=_number(env, "RECSVC_RELOAD_INTERVAL", cls.reload_interval, minimum=0.1, maximum=3600),
@@ -225,11 +225,11 @@ class Settings:
             local_cache_entries=entries,
             local_cache_bytes=_local_cache_bytes(env, "RECSVC_LOCAL_CACHE_BYTES", cls.local_cache_bytes, entries),
             cache_max_entry_bytes=_integer(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
-                                              minimum=1024, maximum=16 * 1024 * 1024),
+                                           minimum=1024, maximum=16 * 1024 * 1024),
             cache_lock_wait=_number(env, "RECSVC_CACHE_LOCK_WAIT_MS", cls.cache_lock_wait * 1000, minimum=0,
                                     maximum=10_000) / 1000,
             redis_breaker_failures=_integer(env, "RECSVC_REDIS_BREAKER_FAILURES", cls.redis_breaker_failures,
-                                               minimum=1, maximum=1000),
+                                            minimum=1, maximum=1000),
             redis_breaker_cooldown=_number(env, "RECSVC_REDIS_BREAKER_COOLDOWN_MS", cls.redis_breaker_cooldown * 1000,
                                            minimum=10, maximum=600_000) / 1000,
             api_keys=_keys(env, "RECSVC_API_KEYS"),
@@ -238,7 +238,7 @@ class Settings:
             rate_limit=_number(env, "RECSVC_RATE_LIMIT", cls.rate_limit, minimum=0, maximum=1_000_000),
             rate_burst=_integer(env, "RECSVC_RATE_BURST", cls.rate_burst, minimum=1, maximum=1_000_000),
             max_body_bytes=_integer(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
-                                       maximum=64 * 1024 * 1024),
+                                    maximum=64 * 1024 * 1024),
             experiments_path=Path(experiments) if experiments else None,
             spool_dir=_directory(env, "RECSVC_SPOOL_DIR", cls.spool_dir),
             spool_fsync=_choice(env, "RECSVC_SPOOL_FSYNC", cls.spool_fsync, ("always", "everysec")),
