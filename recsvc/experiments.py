@@ -114,6 +114,14 @@ class ExperimentSchema(_Strict):
     start = ma.fields.AwareDateTime(load_default=None, default_timezone=dt.timezone.utc)
     end = ma.fields.AwareDateTime(load_default=None, default_timezone=dt.timezone.utc)
 
+    @ma.pre_load
+    def toml_dates(self, data, **_kw):
+        """TOML writes a day as a date (`start = 2026-12-01`): midnight UTC, as the same day written as text."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value.isoformat() if key in ("start", "end") and type(value) is dt.date else value
+                for key, value in data.items()}
+
     @ma.validates_schema
     def check(self, data: dict, **_kw) -> None:
         names = [v.name for v in data.get("variants", [])]

@@ -91,6 +91,23 @@ variants = [{name = "a", strategy = "popular", weight = 1}, {name = "b", strateg
     assert experiment.boundaries() == [2500, 10_000]
 
 
+def test_toml_dates_without_a_time_are_midnight_utc(tmp_path):
+    path = tmp_path / "experiments.toml"
+    path.write_text("""
+[[experiments]]
+name = "days"
+salt = "s1"
+status = "running"
+control = "a"
+start = 2026-01-01
+end = 2026-02-01
+variants = [{name = "a", strategy = "popular", weight = 1}, {name = "b", strategy = "als", weight = 1}]
+""", encoding="utf-8")
+    experiment = load_experiments(path).get("days")
+    assert (experiment.start.isoformat(), experiment.end.isoformat()) == ("2026-01-01T00:00:00+00:00",
+                                                                         "2026-02-01T00:00:00+00:00")
+
+
 @pytest.mark.parametrize("change, field", [
     ({"status": "paused"}, "status"),
     ({"control": "nobody"}, "control"),

@@ -113,17 +113,21 @@ def test_events_are_kept_as_a_bare_list_or_under_events(redis_app, redis_client,
     assert client.post("/v1/events", headers=auth, json=bare).get_json() == {"accepted": 2}
     wrapped = {"events": [{"customer_id": "c-2", "item_id": "SKU-3", "event_type": "purchase"}]}
     assert client.post("/v1/events", headers=auth, json=wrapped).status_code == 202
+    untyped = [{"customer_id": "c-3", "item_id": "SKU-4"}]  # event_type is optional, as in an interactions file
+    assert client.post("/v1/events", headers=auth, json=untyped).get_json() == {"accepted": 1}
     records = stream(redis_client, EVENT)
     iso = dt.datetime(2026, 11, 1, 10, tzinfo=dt.timezone.utc).timestamp()
-    assert [(r["customer_id"], r["item_id"], r["timestamp"]) for r in records] == [
-        ("c-1", "SKU-1", iso), ("c-1", "SKU-2", 1_790_000_000.0), ("c-2", "SKU-3", None)]
-    assert len({r["event_id"] for r in records}) == 3
+    assert [(r["customer_id"], r["item_id"], r["event_type"], r["timestamp"]) for r in records] == [
+        ("c-1", "SKU-1", "view", iso), ("c-1", "SKU-2", "click", 1_790_000_000.0), ("c-2", "SKU-3", "purchase", None),
+        ("c-3", "SKU-4", None, None)]
+    assert len({r["event_id"] for r in records}) == 4
 
 
 @pytest.mark.parametrize("body", [
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view", "timestamp": "last tuesday"}],
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view", "timestamp": True}],
-    [{"customer_id": "c-1", "item_id": "SKU-1"}],
+    [{"customer_id": "c-1", "event_type": "view"}],
+    [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": ""}],
     [],
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view"}] * 501,
     {"events": "nope"},

@@ -60,8 +60,9 @@ class FeedbackSchema(ma.Schema):
 class EventSchema(ma.Schema):
     customer_id = Id(required=True)
     item_id = Id(required=True)
-    event_type = ma.fields.String(required=True, validate=validate.Length(min=1, max=64),
-                                  metadata={"description": "e.g. view, click, add_to_cart, purchase"})
+    event_type = ma.fields.String(load_default=None, validate=validate.Length(min=1, max=64),
+                                  metadata={"description": "e.g. view, click, add_to_cart, purchase; optional, as in "
+                                                           "an interactions file"})
     timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received"})
 
 
