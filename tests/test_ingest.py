@@ -135,6 +135,13 @@ def test_catalog_aligns_with_item_index(tmp_path):
     assert catalog.active.tolist() == [True, False, True]
 
 
+def test_a_catalog_that_makes_every_item_inactive_is_refused(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_text("item_id,title,active\nphone,Smartphone,false\nrouter,Wi-Fi router,0\nghost,Not traded,true\n")
+    with pytest.raises(InvalidInput, match="every one of the 2 items .* is inactive"):
+        load_catalog(path, np.array([b"phone", b"router"]))
+
+
 def _write(tmp_path, text: str | bytes, name: str = "i.csv"):
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())

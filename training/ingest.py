@@ -510,6 +510,9 @@ def load_catalog(path: Path, items: np.ndarray, warn: Callable[[str], None] | No
     if n_rows and not matched:
         raise InvalidInput(f"{path}: none of the catalog's {n_rows:,} item ids is among the interactions' items "
                            f"(is it the catalog of this data?)")
+    if len(items) and not active.any():  # the API would have nothing to suggest to anyone
+        raise InvalidInput(f"{path}: every one of the {len(items):,} items of the interactions is inactive in the "
+                           "catalog, so nothing could be suggested (is its active column right?)")
     if repeated and warn is not None:
         examples = "; ".join(f"{item_id!r} in rows {first} and {again}" for item_id, first, again in repeated[:3])
         warn(f"{path}: {len(repeated):,} catalog rows repeat an item id listed before; the last row of each is used "
