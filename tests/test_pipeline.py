@@ -304,6 +304,10 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     ("[nightly]\ninteraction = \"x.csv\"\n", "unknown key interaction in [nightly]"),
     ("[strategies.easy]\nl2 = 3.0\n", "[strategies.easy]: unknown strategy"),
     ("[strategies]\nenabled = [\"als\"]\n\n[strategies.bpr]\nfactorz = 3\n", "bpr: unknown parameter(s) factorz"),
+    ("[evaluation.holdout]\nfrac = 0.5\n", "unknown key frac in [evaluation.holdout] (keys: kind, fraction,"),
+    ("[gate]\ntol = 0.1\n", "unknown key tol in [gate] (keys: tolerance)"),
+    ("[tuning]\nfold = 3\n", "unknown key fold in [tuning] (keys: folds,"),
+    ("[tuning.space.alss]\nfactors = [8]\n", "[tuning.space.alss]: unknown strategy"),
     # Values the run would trip over, or that would quietly turn the gate off.
     ("[evaluation]\nk = 0\n", "evaluation.k must be at least 1, not 0"),
     ("[evaluation]\nprimary_metric = \"foo@10\"\n", "evaluation.primary_metric must be one of precision@10,"),
