@@ -187,6 +187,21 @@ def test_a_malformed_line_is_a_bad_row_not_a_refused_file(tmp_path):
         load_interactions(path, IngestOptions(max_bad_share=0.01))
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["csv", "csv.gz"])
+def test_rows_after_a_malformed_line_keep_their_numbers(tmp_path, compress):
+    """A skipped line is still a row of the file: the rows after it are named by their place in the file,
+    so that an engineer finds the row the report shows."""
+    text = ("customer_id,item_id\n" + '"c\nx",i9\n' + "c1,i1\n" * 19 + "\n" + "c1\n" + "c2,i2\n" * 3 + ",i3\n"
+            + "c1,i1,x\n" + "c4,\n")  # a row over two lines counts once, a blank line not at all
+    path = _write(tmp_path, gzip.compress(text.encode()) if compress else text, "i.csv.gz" if compress else "i.csv")
+    report = load_interactions(path, IngestOptions(max_bad_share=0.5)).report
+    assert report.examples["customer_id with a control character"][0].startswith("data row 1: ")
+    assert report.examples["missing customer_id"][0].startswith("data row 25: ")
+    assert report.examples["missing item_id"][0].startswith("data row 27: ")
+    assert report.examples["malformed line (wrong number of fields)"] == [
+        "data row 21: 'c1' (1 fields, not 2)", "data row 26: 'c1,i1,x' (3 fields, not 2)"]
+
+
 def test_text_that_is_not_utf8_is_a_bad_row(tmp_path):
     rows = "".join(f"c{i % 7},i{i % 5},view\n" for i in range(40)).encode()
     path = _write(tmp_path, b"customer_id,item_id,event_type\n" + rows + b"caf\xe9,i1,view\nc1,i\xff,view\n")
