@@ -202,6 +202,14 @@ def test_rows_after_a_malformed_line_keep_their_numbers(tmp_path, compress):
         "data row 21: 'c1' (1 fields, not 2)", "data row 26: 'c1,i1,x' (3 fields, not 2)"]
 
 
+@pytest.mark.parametrize("text", ["customer_id,item_id\n", "\ufeffcustomer_id,item_id\r\n", "customer_id,item_id"])
+def test_a_file_with_only_a_header_says_so(tmp_path, text):
+    result = CliRunner().invoke(train_cli, ["evaluate", "--interactions", str(_write(tmp_path, text))])
+    assert result.exit_code == 2
+    assert "i.csv: no data rows: the file holds only column names" in result.output
+    assert "0 of 0 rows" not in result.output
+
+
 def test_text_that_is_not_utf8_is_a_bad_row(tmp_path):
     rows = "".join(f"c{i % 7},i{i % 5},view\n" for i in range(40)).encode()
     path = _write(tmp_path, b"customer_id,item_id,event_type\n" + rows + b"caf\xe9,i1,view\nc1,i\xff,view\n")

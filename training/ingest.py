@@ -175,10 +175,13 @@ def _column_names(names: list[str], path: Path) -> list[str]:
 
 
 def _read_csv(path: Path, tolerant: bool, text_type: pa.DataType = pa.string(), use_threads: bool = True) -> RawTable:
-    header = next(csv.reader([_first_line(path)]), [])
+    first_line, more = _first_line(path)
+    header = next(csv.reader([first_line]), [])
     names = _column_names(header, path)
     column_types = {name: text_type for name in TEXT_COLUMNS}
     column_types.update({name: pa.dictionary(pa.int32(), text_type) for name in CATEGORY_COLUMNS})
+    if header and not more:  # a header without a line break: Arrow would fail to skip it
+        return RawTable(pa.table({name: pa.array([], column_types.get(name, text_type)) for name in names}))
     malformed: list[tuple[int | None, str]] = []  # (Arrow's row number, the header's 1, when known; what it was)
 
     def skip(row) -> str:
@@ -209,13 +212,13 @@ def _read_csv(path: Path, tolerant: bool, text_type: pa.DataType = pa.string(), 
                     np.array(sorted(number - 1 for number, _ in malformed), dtype=np.int64))
 
 
-def _first_line(path: Path) -> str:
-    """The header line (of a .csv.gz too), without a byte-order mark."""
+def _first_line(path: Path) -> tuple[str, bool]:
+    """(the header line (of a .csv.gz too) without a byte-order mark, whether a line break ends it)."""
     head = b""
     with pa.input_stream(path, compression="detect") as stream:
         while b"\n" not in head and (block := stream.read(1 << 16)):
             head += block
-    return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig")
+    return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig"), b"\n" in head
 
 
 def _without_invalid_text(raw: RawTable) -> RawTable:
@@ -481,6 +484,8 @@ def _row_strengths(table: pa.Table, options: IngestOptions, rows: _RowCheck) -> 
 
 
 def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path) -> None:
+    if not report.total_rows:
+        raise InvalidInput(f"{path}: no data rows: the file holds only column names")
     if report.total_rows == report.bad_rows:
         raise InvalidInput(f"{path}: no usable interaction rows.\n{report.summary()}")
     if report.bad_share > options.max_bad_share:
