@@ -135,6 +135,13 @@ def test_catalog_aligns_with_item_index(tmp_path):
     assert catalog.active.tolist() == [True, False, True]
 
 
+def test_a_catalog_that_makes_every_item_inactive_is_refused(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_text("item_id,title,active\nphone,Smartphone,false\nrouter,Wi-Fi router,0\nghost,Not traded,true\n")
+    with pytest.raises(InvalidInput, match="every one of the 2 items .* is inactive"):
+        load_catalog(path, np.array([b"phone", b"router"]))
+
+
 def _write(tmp_path, text: str | bytes, name: str = "i.csv"):
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -178,6 +185,29 @@ def test_a_malformed_line_is_a_bad_row_not_a_refused_file(tmp_path):
     assert "'c1,i1' (2 fields, not 3)" in interactions.report.examples[reason][0]
     with pytest.raises(InvalidInput, match="too many bad rows"):
         load_interactions(path, IngestOptions(max_bad_share=0.01))
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["csv", "csv.gz"])
+def test_rows_after_a_malformed_line_keep_their_numbers(tmp_path, compress):
+    """A skipped line is still a row of the file: the rows after it are named by their place in the file,
+    so that an engineer finds the row the report shows."""
+    text = ("customer_id,item_id\n" + '"c\nx",i9\n' + "c1,i1\n" * 19 + "\n" + "c1\n" + "c2,i2\n" * 3 + ",i3\n"
+            + "c1,i1,x\n" + "c4,\n")  # a row over two lines counts once, a blank line not at all
+    path = _write(tmp_path, gzip.compress(text.encode()) if compress else text, "i.csv.gz" if compress else "i.csv")
+    report = load_interactions(path, IngestOptions(max_bad_share=0.5)).report
+    assert report.examples["customer_id with a control character"][0].startswith("data row 1: ")
+    assert report.examples["missing customer_id"][0].startswith("data row 25: ")
+    assert report.examples["missing item_id"][0].startswith("data row 27: ")
+    assert report.examples["malformed line (wrong number of fields)"] == [
+        "data row 21: 'c1' (1 fields, not 2)", "data row 26: 'c1,i1,x' (3 fields, not 2)"]
+
+
+@pytest.mark.parametrize("text", ["customer_id,item_id\n", "\ufeffcustomer_id,item_id\r\n", "customer_id,item_id"])
+def test_a_file_with_only_a_header_says_so(tmp_path, text):
+    result = CliRunner().invoke(train_cli, ["evaluate", "--interactions", str(_write(tmp_path, text))])
+    assert result.exit_code == 2
+    assert "i.csv: no data rows: the file holds only column names" in result.output
+    assert "0 of 0 rows" not in result.output
 
 
 def test_text_that_is_not_utf8_is_a_bad_row(tmp_path):

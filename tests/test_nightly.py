@@ -80,6 +80,21 @@ def test_a_failed_warm_up_does_not_undo_the_publication(demo_paths, tmp_path):
     assert artifacts.current_version(registry) is not None
 
 
+def test_the_json_summary_says_whether_the_warm_up_failed(demo_paths, tmp_path):
+    """A cron job's .jsonl keeps one summary per night: it tells a night whose warm-up failed from a warm one."""
+    registry = tmp_path / "registry"
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], registry, unreachable)
+    result = nightly(config, "--log-format", "json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "published"
+    assert summary["warm"]["outcome"] == "failed" and "cannot reach Redis" in summary["warm"]["message"]
+    plain = nightly_config(tmp_path / "plain.toml", demo_paths["interactions"], tmp_path / "other")
+    assert json.loads(nightly(plain, "--log-format", "json").stdout)["warm"] == {
+        "outcome": "skipped", "message": "no redis_url configured"}
+
+
 @pytest.mark.parametrize("body, message", [
     ("[nightly]\nregistry = \"r\"\n", "the [nightly] section needs interactions"),
     ("[nightly]\ninteractions = \"missing.csv\"\nregistry = \"r\"\n", "missing.csv: no such file"),

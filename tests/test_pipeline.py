@@ -137,6 +137,24 @@ def test_popular_is_evaluated_from_one_ranking_exactly_as_from_full_scores():
     assert fast["customers"] == int((np.diff(test.indptr) > 0).sum())
 
 
+@pytest.mark.parametrize("personal", [False, True], ids=["one ranking", "full scores"])
+def test_items_that_cannot_be_recommended_are_no_recommendations(personal):
+    """Fewer recommendable items than k: the lists are short. An inactive item (or an owned one) padding a
+    list is not recommended, so it is neither a hit nor coverage, and a short list is no crash."""
+    train = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 0]], dtype=np.float32))
+    test = sp.csr_matrix(np.array([[0, 0, 1], [0, 1, 0]], dtype=np.float32))  # customer 0 took item 2, now inactive
+
+    class ScoredOneByOne(PopularityScorer):
+        pass
+
+    ScoredOneByOne.personal = personal
+    metrics = evaluate(ScoredOneByOne(np.array([3, 2, 1], dtype=np.float32)), train, test, k=3,
+                       exclude_items=np.array([2]))
+    expected = {"precision@3": 1 / 6, "recall@3": 0.5, "ndcg@3": 0.5, "map@3": 0.5, "hit_rate@3": 0.5,
+                "coverage@3": 1 / 3, "customers": 2}
+    assert metrics == pytest.approx(expected)
+
+
 # --- the fit command: bad rows, the quality gate ----------------------------
 
 
@@ -286,6 +304,10 @@ def test_unknown_holdout_kind_is_a_clear_error(demo_paths, tmp_path):
     ("[nightly]\ninteraction = \"x.csv\"\n", "unknown key interaction in [nightly]"),
     ("[strategies.easy]\nl2 = 3.0\n", "[strategies.easy]: unknown strategy"),
     ("[strategies]\nenabled = [\"als\"]\n\n[strategies.bpr]\nfactorz = 3\n", "bpr: unknown parameter(s) factorz"),
+    ("[evaluation.holdout]\nfrac = 0.5\n", "unknown key frac in [evaluation.holdout] (keys: kind, fraction,"),
+    ("[gate]\ntol = 0.1\n", "unknown key tol in [gate] (keys: tolerance)"),
+    ("[tuning]\nfold = 3\n", "unknown key fold in [tuning] (keys: folds,"),
+    ("[tuning.space.alss]\nfactors = [8]\n", "[tuning.space.alss]: unknown strategy"),
     # Values the run would trip over, or that would quietly turn the gate off.
     ("[evaluation]\nk = 0\n", "evaluation.k must be at least 1, not 0"),
     ("[evaluation]\nprimary_metric = \"foo@10\"\n", "evaluation.primary_metric must be one of precision@10,"),

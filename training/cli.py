@@ -165,10 +165,11 @@ def _strategy_list(strategies: str | None, config) -> None:
             raise InvalidInput(f"--strategies {strategies!r} names no strategy; give a comma list such as als,ease")
 
 
-def report_fit(result, config, log) -> None:
-    """The summary at the end of fit and nightly: metrics table, step times, outcome; exit 3 when refused."""
+def report_fit(result, config, log, warm: dict | None = None) -> None:
+    """The summary at the end of fit and nightly: metrics table, step times, outcome; exit 3 when refused.
+    `warm`: nightly's cache warm-up ({"outcome", "message"}), in the JSON summary."""
     if log.log_format == "json":
-        click.echo(json.dumps(fit_summary(result), default=str))
+        click.echo(json.dumps({**fit_summary(result), **({"warm": warm} if warm else {})}, default=str))
     elif not log.quiet:
         click.echo(format_table(result.metrics, metric_columns(config.k), marker=result.default_strategy))
         click.echo("seconds: " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in result.timings.items()))
@@ -274,9 +275,10 @@ def nightly(config_path: Path, force: bool, log) -> None:
         click.echo(json.dumps({"event": "summary", "outcome": result.outcome, "message": result.message})
                    if log.log_format == "json" else result.message)
         return
+    warm = None if result.warm is None else dataclasses.asdict(result.warm)
     if result.warm is not None:
-        log.info(f"cache warm-up: {result.warm}", warm=result.warm)
-    report_fit(result.fit, TrainConfig.from_file(config_path), log)
+        log.info(f"cache warm-up: {result.warm}", warm=warm)
+    report_fit(result.fit, TrainConfig.from_file(config_path), log, warm=warm)
 
 
 REGISTRY_OPTION = click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True,

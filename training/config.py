@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from recsvc.config import redacted_url, redis_url_problem
@@ -101,7 +101,12 @@ class TrainConfig:
             _known_keys(raw.get("data", {}), DATA_KEYS, "[data]")
             _known_keys(raw.get("retention", {}), ("keep_versions",), "[retention]")
             _known_keys(raw.get("nightly", {}), NIGHTLY_KEYS, "[nightly]")
+            for table, prototype, where in ((evaluation.get("holdout", {}), Holdout, "[evaluation.holdout]"),
+                                            (raw.get("gate", {}), Gate, "[gate]"),
+                                            (raw.get("tuning", {}), Tuning, "[tuning]")):
+                _known_keys(table, tuple(f.name for f in fields(prototype)), where)
             _check_strategy_tables(strategies)
+            _check_tuning_space(raw.get("tuning", {}).get("space", {}))
             _check_types(evaluation.get("holdout", {}), Holdout(), "evaluation.holdout")
             _check_types(raw.get("gate", {}), Gate(), "gate")
             _check_types(raw.get("tuning", {}), Tuning(validation_fraction=0.1), "tuning")
@@ -169,6 +174,17 @@ def _check_strategy_tables(strategies) -> None:
             STRATEGIES[name](**table)
         except InvalidInput as exc:
             raise ValueError(f"[strategies.{name}]: {exc.message}") from None
+
+
+def _check_tuning_space(space) -> None:
+    """[tuning.space.<strategy>] names a strategy: a misspelt one would leave tune on the strategy's own space."""
+    from training.strategies import STRATEGIES
+
+    if not isinstance(space, dict):
+        raise ValueError(f"[tuning.space] must be a table of strategies, not {space!r}")
+    for name in space:
+        if name not in STRATEGIES:
+            raise ValueError(f"[tuning.space.{name}]: unknown strategy (strategies: {', '.join(sorted(STRATEGIES))})")
 
 
 def _is_number(value) -> bool:

@@ -117,7 +117,9 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     """Mean metrics@k over customers with test items; training items are never recommended.
 
     MAP follows Microsoft Recommenders (sum of precisions at hits / number of test items),
-    nDCG uses binary relevance; coverage is the share of items recommended to anyone.
+    nDCG uses binary relevance; coverage is the share of items recommended to anyone. A customer with
+    fewer than k recommendable items (unowned, active, scored) gets a shorter list, as the API would give:
+    the missing places are misses, never an owned or inactive item.
     Batches run on a few threads: numpy's matrix products and partitions release the GIL. They are
     small (64 customers x every item stays in the tens of megabytes), because big fresh arrays cost
     more in page faults than the products themselves.
@@ -139,7 +141,7 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     with ThreadPoolExecutor(max_workers=EVALUATION_THREADS) as pool:
         for sums, top in pool.map(batch_totals, range(0, len(customers), batch_size)):
             totals += sums
-            recommended[top.ravel()] = True
+            recommended[top[top >= 0]] = True
     count = max(len(customers), 1)
     result = {f"{name}@{k}": float(total / count) for name, total in zip(METRICS[:-1], totals)}
     result[f"coverage@{k}"] = float(recommended.mean()) if train.shape[1] else 0.0
@@ -148,9 +150,10 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
 
 
 def _metric_sums(top: np.ndarray, relevant: sp.csr_matrix, k: int) -> np.ndarray:
-    """Sums over a batch of precision, recall, nDCG, MAP and hit rate (the order of METRICS)."""
+    """Sums over a batch of precision, recall, nDCG, MAP and hit rate (the order of METRICS); `top` holds k
+    item positions per customer, -1 for a place left empty."""
     discount = 1.0 / np.log2(np.arange(2, k + 2))
-    hits = np.asarray(relevant[np.arange(top.shape[0])[:, None], top].todense()) > 0
+    hits = (np.asarray(relevant[np.arange(top.shape[0])[:, None], np.maximum(top, 0)].todense()) > 0) & (top >= 0)
     n_relevant = np.diff(relevant.indptr)
     n_hits = hits.sum(axis=1)
     ideal = np.cumsum(discount)[np.minimum(n_relevant, k) - 1]
@@ -165,7 +168,9 @@ def _top_batch(scorer: Scorer, batch: np.ndarray, history: sp.csr_matrix, k: int
     scores[history.nonzero()] = -np.inf
     if exclude_items is not None and len(exclude_items):
         scores[:, exclude_items] = -np.inf
-    return top_k_batch(scores, k)
+    top = top_k_batch(scores, k)
+    # With fewer than k items left to recommend, top-k picks excluded ones (-inf): the API would not list them.
+    return np.where(np.isfinite(np.take_along_axis(scores, top, axis=1)), top, -1)
 
 
 def _global_ranking(scorer: Scorer, exclude_items: np.ndarray | None) -> np.ndarray:
@@ -181,6 +186,9 @@ def _top_from_ranking(ranking: np.ndarray, history: sp.csr_matrix, k: int) -> np
     """Each customer's k best unowned items from one global ranking: only the first k + (longest history)
     ranked items can be needed, so no customers x items score matrix is built."""
     candidates = ranking[: k + int(np.diff(history.indptr).max(initial=0))]
-    owned = history[:, candidates].toarray() != 0
-    pick = np.argsort(owned, axis=1, kind="stable")[:, : min(k, len(candidates))]  # unowned first, in rank order
-    return candidates[pick]
+    # k places of no item (-1, counted as owned) after the ranking: a short ranking leaves places empty.
+    owned = np.hstack([history[:, candidates].toarray() != 0, np.ones((history.shape[0], k), dtype=bool)])
+    pick = np.argsort(owned, axis=1, kind="stable")[:, :k]  # unowned first, in rank order
+    top = np.append(candidates, np.full(k, -1))[pick]
+    top[np.take_along_axis(owned, pick, axis=1)] = -1
+    return top

@@ -46,6 +46,9 @@ class BadRowReport:
     total_rows: int = 0
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # Data-row numbers (1-based) of the lines that were no row (malformed), which the table lacks; None when the
+    # file's lines are not one row each (a quoted line break, a blank line), so that their places are unknown.
+    skipped_rows: np.ndarray | None = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def bad_rows(self) -> int:
@@ -63,7 +66,15 @@ class BadRowReport:
         shown = self.examples.setdefault(reason, [])
         for row in rows[: EXAMPLES_PER_REASON - len(shown)]:
             values = {name: table.column(name)[int(row)].as_py() for name in table.column_names}
-            shown.append(f"data row {int(row) + 1}: {values}")  # 1-based, the header not counted
+            shown.append(f"{self.row_name(int(row))}: {values}")
+
+    def row_name(self, row: int) -> str:
+        """How the report names the table's row `row`: "data row N", N its place after the header (1-based)
+        among the file's rows, the malformed ones counted, so that it can be found in the file."""
+        if self.skipped_rows is None:
+            return f"well-formed row {row + 1}"
+        well_formed_before = self.skipped_rows - np.arange(len(self.skipped_rows))  # + 1, at each skipped row
+        return f"data row {row + 1 + int(np.searchsorted(well_formed_before, row + 1, side='right'))}"
 
     def summary(self) -> str:
         lines = [f"{self.bad_rows} of {self.total_rows} rows rejected ({self.bad_share:.2%})"]
@@ -111,6 +122,7 @@ class RawTable:
 
     table: pa.Table
     malformed: list[str] = field(default_factory=list)  # lines that are no CSV row of the header's width
+    skipped_rows: np.ndarray | None = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # see BadRowReport
     not_utf8: np.ndarray | None = None  # rows with a text cell that is not UTF-8 (now null)
 
 
@@ -162,21 +174,23 @@ def _column_names(names: list[str], path: Path) -> list[str]:
     return normalised
 
 
-def _read_csv(path: Path, tolerant: bool, text_type: pa.DataType = pa.string()) -> RawTable:
-    header = next(csv.reader([_first_line(path)]), [])
+def _read_csv(path: Path, tolerant: bool, text_type: pa.DataType = pa.string(), use_threads: bool = True) -> RawTable:
+    first_line, more = _first_line(path)
+    header = next(csv.reader([first_line]), [])
     names = _column_names(header, path)
     column_types = {name: text_type for name in TEXT_COLUMNS}
     column_types.update({name: pa.dictionary(pa.int32(), text_type) for name in CATEGORY_COLUMNS})
-    malformed: list[str] = []
+    if header and not more:  # a header without a line break: Arrow would fail to skip it
+        return RawTable(pa.table({name: pa.array([], column_types.get(name, text_type)) for name in names}))
+    malformed: list[tuple[int | None, str]] = []  # (Arrow's row number, the header's 1, when known; what it was)
 
     def skip(row) -> str:
-        where = f"line {row.number}" if row.number is not None else "a line"
-        malformed.append(f"{where}: {row.text[:200]!r} ({row.actual_columns} fields, not {row.expected_columns})")
+        malformed.append((row.number, f"{row.text[:200]!r} ({row.actual_columns} fields, not {row.expected_columns})"))
         return "skip"
 
     try:
         table = pacsv.read_csv(
-            path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+            path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=use_threads),
             parse_options=pacsv.ParseOptions(invalid_row_handler=skip if tolerant else None),
             # Only an empty cell is missing: "NA", "NULL" or "nan" can be someone's id.
             convert_options=pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=True,
@@ -184,17 +198,27 @@ def _read_csv(path: Path, tolerant: bool, text_type: pa.DataType = pa.string()) 
     except pa.ArrowInvalid as exc:
         if not tolerant or text_type != pa.string() or "UTF8" not in str(exc):
             raise
-        return _without_invalid_text(_read_csv(path, tolerant, pa.binary()))
-    return RawTable(table, malformed)
+        return _without_invalid_text(_read_csv(path, tolerant, pa.binary(), use_threads))
+    if malformed and use_threads:
+        # Read in parallel, Arrow cannot tell where a malformed line was, so neither where the rows after it
+        # are; in one thread it can. Only files with such a line pay for the second read.
+        return _read_csv(path, tolerant, text_type, use_threads=False)
+    if not malformed:
+        return RawTable(table)
+    if any(number is None for number, _ in malformed):  # not in one thread; then the rows' places are unknown
+        return RawTable(table, [f"a line: {text}" for _, text in malformed], None)
+    # Arrow counts rows as the report does (a quoted line break inside one, blank lines not), the header first.
+    return RawTable(table, [f"data row {number - 1}: {text}" for number, text in malformed],
+                    np.array(sorted(number - 1 for number, _ in malformed), dtype=np.int64))
 
 
-def _first_line(path: Path) -> str:
-    """The header line (of a .csv.gz too), without a byte-order mark."""
+def _first_line(path: Path) -> tuple[str, bool]:
+    """(the header line (of a .csv.gz too) without a byte-order mark, whether a line break ends it)."""
     head = b""
     with pa.input_stream(path, compression="detect") as stream:
         while b"\n" not in head and (block := stream.read(1 << 16)):
             head += block
-    return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig")
+    return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig"), b"\n" in head
 
 
 def _without_invalid_text(raw: RawTable) -> RawTable:
@@ -213,7 +237,7 @@ def _without_invalid_text(raw: RawTable) -> RawTable:
         not_utf8 |= invalid[codes]
         decoded = pa.DictionaryArray.from_arrays(encoded.indices, pa.array(texts, pa.string()))
         table = table.set_column(index, name, decoded if dictionary_type else decoded.dictionary_decode())
-    return RawTable(table, raw.malformed, not_utf8)
+    return RawTable(table, raw.malformed, raw.skipped_rows, not_utf8)
 
 
 def _utf8_or_none(value: bytes | None) -> str | None:
@@ -388,7 +412,7 @@ def load_interactions(path: Path, options: IngestOptions | None = None, need_tim
             kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
             raise InvalidInput(f"{path}: column {name} holds {kind}; ids and event types must be text or whole numbers")
-    rows = _RowCheck(table, raw.malformed)
+    rows = _RowCheck(table, raw.malformed, raw.skipped_rows)
     if raw.not_utf8 is not None:
         rows.reject("text that is not UTF-8", raw.not_utf8)
     # Arrow releases the GIL while hashing: encode both id columns at once.
@@ -429,9 +453,10 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
 class _RowCheck:
     """Accumulates the bad-row mask and report; a row is counted under its first reason only."""
 
-    def __init__(self, table: pa.Table, malformed: list[str] = ()):
+    def __init__(self, table: pa.Table, malformed: list[str] = (), skipped_rows: np.ndarray | None = None):
         self.table = table
-        self.report = BadRowReport(total_rows=table.num_rows + len(malformed))
+        self.report = BadRowReport(total_rows=table.num_rows + len(malformed),
+                                   skipped_rows=np.empty(0, dtype=np.int64) if not malformed else skipped_rows)
         self.bad = np.zeros(table.num_rows, dtype=bool)
         if malformed:  # never rows of the table: counted and shown as the lines they were
             reason = "malformed line (wrong number of fields)"
@@ -459,6 +484,8 @@ def _row_strengths(table: pa.Table, options: IngestOptions, rows: _RowCheck) -> 
 
 
 def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path) -> None:
+    if not report.total_rows:
+        raise InvalidInput(f"{path}: no data rows: the file holds only column names")
     if report.total_rows == report.bad_rows:
         raise InvalidInput(f"{path}: no usable interaction rows.\n{report.summary()}")
     if report.bad_share > options.max_bad_share:
@@ -510,6 +537,9 @@ def load_catalog(path: Path, items: np.ndarray, warn: Callable[[str], None] | No
     if n_rows and not matched:
         raise InvalidInput(f"{path}: none of the catalog's {n_rows:,} item ids is among the interactions' items "
                            f"(is it the catalog of this data?)")
+    if len(items) and not active.any():  # the API would have nothing to suggest to anyone
+        raise InvalidInput(f"{path}: every one of the {len(items):,} items of the interactions is inactive in the "
+                           "catalog, so nothing could be suggested (is its active column right?)")
     if repeated and warn is not None:
         examples = "; ".join(f"{item_id!r} in rows {first} and {again}" for item_id, first, again in repeated[:3])
         warn(f"{path}: {len(repeated):,} catalog rows repeat an item id listed before; the last row of each is used "

@@ -19,7 +19,19 @@ class NightlyResult:
     outcome: str  # published, up_to_date or refused
     message: str
     fit: FitResult | None = None
-    warm: str | None = None  # the warm-up's summary, or why it did not run
+    warm: "WarmOutcome | None" = None  # when a model was published
+
+
+@dataclass
+class WarmOutcome:
+    """How the cache warm-up after a publication went: warmed, failed (a warning: the model is published) or
+    skipped (no redis_url)."""
+
+    outcome: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message if self.outcome == "warmed" else f"{self.outcome}: {self.message}"
 
 
 def _required(config: TrainConfig, source: Path) -> tuple[Path, Path]:
@@ -47,21 +59,21 @@ def up_to_date(registry: Path, config: TrainConfig) -> str | None:
     return current if manifest.get("config_digest") == digest else None
 
 
-def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog, workers: int = 1) -> str:
+def warm_cache_step(registry: Path, redis_url: str | None, top: int, log: RunLog, workers: int = 1) -> WarmOutcome:
     """Precompute suggestions into Redis with training.warm (skipped without a redis_url).
 
     A failed warm-up does not undo the publication: servers answer from the model and fill the cache.
     """
     if not redis_url:
-        return "skipped: no redis_url configured"
+        return WarmOutcome("skipped", "no redis_url configured")
     from training.warm import warm_cache
 
     try:
         result = warm_cache(registry, redis_url, top, log=log.info, workers=workers)
     except RecsvcError as exc:
         log.warning(f"cache warm-up failed, the new model serves without it: {exc.message}")
-        return f"failed: {exc.message}"
-    return result.summary()
+        return WarmOutcome("failed", exc.message)
+    return WarmOutcome("warmed", result.summary())
 
 
 def sweep_recent_items_step(redis_url: str | None, log: RunLog) -> None:
