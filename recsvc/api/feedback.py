@@ -14,7 +14,7 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import Id
+from recsvc.api.schemas import Id, WholeMatch
 from recsvc.event_log import EVENT, FEEDBACK, event_time
 from recsvc.experiment_report import ACTIONS
 
@@ -49,8 +49,9 @@ _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
 class FeedbackSchema(ma.Schema):
-    request_id = ma.fields.String(required=True, validate=validate.Regexp(r"[A-Za-z0-9._-]{1,64}\Z"),
-                                  metadata={"description": "The request_id of the recommendations response"})
+    request_id = ma.fields.String(
+        required=True, metadata={"description": "The request_id of the recommendations response"},
+        validate=WholeMatch(r"^[A-Za-z0-9._-]{1,64}$", error="use 1-64 letters, digits, '.', '_' or '-'"))
     customer_id = Id(required=True)
     item_id = Id(required=True)
     action = ma.fields.String(required=True, validate=validate.OneOf(ACTIONS))

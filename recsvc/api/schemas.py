@@ -26,12 +26,30 @@ class IdField(ma.fields.String):
 Id = lambda **kw: IdField(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
 
 
+class WholeMatch(validate.Regexp):
+    """A pattern the whole value must match. The pattern also goes into the OpenAPI document, so write it in the
+    syntax Python and ECMA-262 (JSON Schema's regexes) share, anchored with ^ and $ (no \\Z): matched with
+    fullmatch, "$" does not let a final newline through as re.match would."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ma.ValidationError(self._format_error(value))
+        return value
+
+
 def path_id(raw: str, name: str) -> str:
     """An id from the path, read like IdField: trimmed, 1 to MAX_ID characters."""
     value = raw.strip()
     if not 0 < len(value) <= MAX_ID:
         raise InvalidInput(f"{name} must have 1 to {MAX_ID} characters besides surrounding spaces")
     return value
+
+
+def path_id_parameter(name: str, description: str) -> dict:
+    """The OpenAPI description of an id in the path, as path_id reads it (werkzeug's converter says only
+    minLength 1)."""
+    return {"in": "path", "name": name, "description": f"{description}; surrounding whitespace is not part of it",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID}}
 
 
 class QueryInteger(ma.fields.Integer):
