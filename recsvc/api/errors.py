@@ -8,7 +8,7 @@ import http
 
 import marshmallow as ma
 from apispec import BasePlugin
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from flask_smorest import Api
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
@@ -112,6 +112,10 @@ class RecsvcApi(Api):
         if error.code == 422 and isinstance(details, dict):
             details = {"fields": _flatten_locations(details)}
         message = data.get("message") or ("invalid request parameters" if error.code == 422 else error.description)
+        if status == 413:  # werkzeug's text names no limit; the client needs it to split its request
+            limit = current_app.config["MAX_CONTENT_LENGTH"]
+            message = f"the body is over the {limit} bytes this server takes (RECSVC_MAX_BODY_BYTES)"
+            details = {"max_bytes": limit}
         headers = {name: value for name, value in error.get_headers() if name.lower() in _KEPT_HEADERS}
         headers.update(data.get("headers") or {})
         return error_response(status, CODE_BY_STATUS.get(status, "http_error"), message, details, headers)
