@@ -86,7 +86,8 @@ class ErrorStatusesPlugin(BasePlugin):
             for status, response in responses.items():
                 # alt_response(404, description=...) documents no body; the server sends the error shape
                 if _is_error(status) and isinstance(response, dict) and not {"content", "$ref"} & set(response):
-                    response["content"] = {"application/json": {"schema": self.spec.components.get_ref("schema", "Error")}}
+                    error_body = self.spec.components.get_ref("schema", "Error")
+                    response["content"] = {"application/json": {"schema": error_body}}
 
 
 def _is_error(status) -> bool:
