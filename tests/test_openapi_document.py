@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from openapi_spec_validator import validate
 
-from recsvc.api.schemas import MAX_ID
+from recsvc.api.schemas import MAX_ID, NO_CONTROL_CHARACTERS
 from tests.conftest import ADMIN_KEY
 from tests.test_api_endpoints import api, error_of, registry, tiny_app  # noqa: F401  (fixtures)
 
@@ -62,6 +62,7 @@ def test_every_post_documents_the_body_checks_the_server_makes(api, spec):  # no
 def test_path_ids_are_documented_with_their_length_bound(api, spec, path, name):  # noqa: F811
     (parameter,) = [p for p in spec["paths"][path]["parameters"] if p["name"] == name]
     assert parameter["in"] == "path" and parameter["required"] is True
-    assert parameter["schema"] == {"type": "string", "minLength": 1, "maxLength": MAX_ID}
+    assert parameter["schema"] == {"type": "string", "minLength": 1, "maxLength": MAX_ID,
+                                   "pattern": NO_CONTROL_CHARACTERS}
     too_long = path.replace("{" + name + "}", "x" * (MAX_ID + 1))
     error_of(api.get(too_long, headers={"Authorization": "Bearer " + ADMIN_KEY}), 400)

@@ -23,9 +23,6 @@ class IdField(ma.fields.String):
         return super()._deserialize(value, attr, data, **kwargs).strip()
 
 
-Id = lambda **kw: IdField(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
-
-
 class WholeMatch(validate.Regexp):
     """A pattern the whole value must match. The pattern also goes into the OpenAPI document, so write it in the
     syntax Python and ECMA-262 (JSON Schema's regexes) share, anchored with ^ and $ (no \\Z): matched with
@@ -35,6 +32,15 @@ class WholeMatch(validate.Regexp):
         if self.regex.fullmatch(value) is None:
             raise ma.ValidationError(self._format_error(value))
         return value
+
+
+# No id holds one, wherever it is sent (path, query, body); the trainer drops rows whose ids do.
+CONTROL_CHARACTERS = r"\x00-\x1f\x7f"
+NO_CONTROL_CHARACTERS = f"^[^{CONTROL_CHARACTERS}]*$"
+_ID_VALIDATORS = [validate.Length(min=1, max=MAX_ID),
+                  WholeMatch(NO_CONTROL_CHARACTERS, error="holds a control character (such as a newline or NUL), "
+                                                          "which no id may hold")]
+Id = lambda **kw: IdField(validate=_ID_VALIDATORS, **kw)  # noqa: E731
 
 
 def path_id(raw: str, name: str) -> str:
@@ -49,7 +55,7 @@ def path_id_parameter(name: str, description: str) -> dict:
     """The OpenAPI description of an id in the path, as path_id reads it (werkzeug's converter says only
     minLength 1)."""
     return {"in": "path", "name": name, "description": f"{description}; surrounding whitespace is not part of it",
-            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID}}
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL_CHARACTERS}}
 
 
 class QueryInteger(ma.fields.Integer):
