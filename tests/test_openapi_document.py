@@ -66,3 +66,23 @@ def test_path_ids_are_documented_with_their_length_bound(api, spec, path, name):
                                    "pattern": NO_CONTROL_CHARACTERS}
     too_long = path.replace("{" + name + "}", "x" * (MAX_ID + 1))
     error_of(api.get(too_long, headers={"Authorization": "Bearer " + ADMIN_KEY}), 400)
+
+
+def test_a_body_is_documented_as_required_where_the_server_needs_one(api, spec, auth):  # noqa: F811
+    """POST recommendations takes no body (every field has a default); the other POSTs answer 400 without one."""
+    for method, path, operation in operations(spec):
+        if "requestBody" not in operation:
+            continue
+        url = path.replace("{customer_id}", "c0")
+        status = api.post(url, headers=auth).status_code
+        assert operation["requestBody"]["required"] is (status == 400), (path, status)
+
+
+def test_an_event_timestamp_is_documented_as_text_or_a_number(api, spec, auth):  # noqa: F811
+    timestamp = spec["components"]["schemas"]["Event"]["properties"]["timestamp"]
+    assert timestamp["oneOf"] == [{"type": "string"}, {"type": "number"}]
+    event = {"customer_id": "c0", "item_id": "i1", "event_type": "view"}
+    for accepted in ("2026-11-30T10:00:00Z", 1764500000, 1764500000.5):
+        assert api.post("/v1/events", headers=auth, json=[{**event, "timestamp": accepted}]).status_code == 202
+    for refused in ({}, [], True):
+        error_of(api.post("/v1/events", headers=auth, json=[{**event, "timestamp": refused}]), 400)

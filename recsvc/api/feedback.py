@@ -63,7 +63,8 @@ class EventSchema(ma.Schema):
     item_id = Id(required=True)
     event_type = ma.fields.String(required=True, validate=validate.Length(min=1, max=64),
                                   metadata={"description": "e.g. view, click, add_to_cart, purchase"})
-    timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received"})
+    timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received",
+                                    "oneOf": [{"type": "string"}, {"type": "number"}]})
 
 
 class EventsSchema(ma.Schema):

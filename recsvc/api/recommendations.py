@@ -37,7 +37,7 @@ class CustomerRecommendations(MethodView):
             _query(path_id(customer_id, "customer_id"), args), g.request_id, expose=request.method != "HEAD")
         return _json(body)
 
-    @blp.arguments(RecommendationBodySchema())
+    @blp.arguments(RecommendationBodySchema(), required=False)  # no body: every field has its default
     @blp.response(200, RecommendationsSchema)
     def post(self, args: dict, customer_id: str):
         """The same with a JSON body, which can also carry `context_items`: what the customer is looking at
