@@ -86,3 +86,8 @@ def test_an_event_timestamp_is_documented_as_text_or_a_number(api, spec, auth): 
         assert api.post("/v1/events", headers=auth, json=[{**event, "timestamp": accepted}]).status_code == 202
     for refused in ({}, [], True):
         error_of(api.post("/v1/events", headers=auth, json=[{**event, "timestamp": refused}]), 400)
+
+
+def test_an_experiment_name_is_documented_as_the_definitions_file_allows_it(spec):
+    (parameter,) = spec["paths"]["/v1/experiments/{name}/report"]["parameters"]
+    assert parameter["schema"]["pattern"] == "^[A-Za-z0-9._-]{1,64}$"
