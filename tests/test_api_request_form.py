@@ -45,6 +45,20 @@ def test_ids_in_a_body_that_hold_control_characters_are_refused(client, auth, pa
     assert error["code"] == "invalid_request" and field in error["details"]["fields"]
 
 
+@pytest.mark.parametrize("path, body, where", [
+    (RECS, [{"limit": 3}], ()),
+    ("/v1/feedback", "accepted", ()),
+    ("/v1/events", 42, ()),
+    ("/v1/events", ["C000003"], ("events", "0")),
+    ("/v1/recommendations/batch", {"requests": ["C000003"]}, ("requests", "0")),
+])
+def test_a_body_or_entry_that_is_not_an_object_says_so(client, auth, path, body, where):
+    fields = error_of(client.post(path, headers=auth, json=body), 400)["details"]["fields"]
+    for name in where:
+        fields = fields[name]
+    assert fields == {"_schema": ["expected a JSON object"]}
+
+
 @pytest.mark.parametrize("query", ["exclude=%FF", "category=a%0Ab", "strategy=%ED%A0%80", "exclude=a%00"])
 def test_query_values_that_are_not_utf8_or_hold_control_characters_are_refused(client, auth, query):
     error = error_of(client.get(f"{RECS}?{query}", headers=auth), 400)

@@ -14,7 +14,7 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import Id, WholeMatch
+from recsvc.api.schemas import BodySchema, Id, WholeMatch
 from recsvc.event_log import EVENT, FEEDBACK, event_time
 from recsvc.experiment_report import ACTIONS
 
@@ -48,7 +48,7 @@ def _numeric(text: str) -> bool:
 _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
-class FeedbackSchema(ma.Schema):
+class FeedbackSchema(BodySchema):
     request_id = ma.fields.String(
         required=True, metadata={"description": "The request_id of the recommendations response"},
         validate=WholeMatch(r"^[A-Za-z0-9._-]{1,64}$", error="use 1-64 letters, digits, '.', '_' or '-'"))
@@ -58,7 +58,7 @@ class FeedbackSchema(ma.Schema):
     agent_id = Id(metadata={"description": "The agent who offered the suggestion"})
 
 
-class EventSchema(ma.Schema):
+class EventSchema(BodySchema):
     customer_id = Id(required=True)
     item_id = Id(required=True)
     event_type = ma.fields.String(required=True, validate=validate.Length(min=1, max=64),
@@ -67,7 +67,7 @@ class EventSchema(ma.Schema):
                                     "oneOf": [{"type": "string"}, {"type": "number"}]})
 
 
-class EventsSchema(ma.Schema):
+class EventsSchema(BodySchema):
     events = ma.fields.List(ma.fields.Nested(EventSchema), required=True,
                             validate=validate.Length(min=1, max=MAX_EVENTS))
 

@@ -71,6 +71,13 @@ class QueryInteger(ma.fields.Integer):
 _DIGITS = re.compile(r"-?[0-9]{1,12}")
 
 
+class BodySchema(ma.Schema):
+    """A JSON body, or an entry of one: an object (marshmallow's own word for anything else is "Invalid input
+    type.")."""
+
+    error_messages = {"type": "expected a JSON object"}
+
+
 class RecommendationArgsSchema(ma.Schema):
     """Query string of GET /v1/customers/{customer_id}/recommendations."""
 
@@ -96,7 +103,7 @@ _CATEGORY = dict(validate=validate.Length(min=1, max=MAX_ID),
                  metadata={"description": "Only items of this catalog category"})
 
 
-class RecommendationBodySchema(ma.Schema):
+class RecommendationBodySchema(BodySchema):
     """Body of POST /v1/customers/{customer_id}/recommendations."""
 
     limit = ma.fields.Integer(strict=True, **_LIMIT)  # a JSON number: 2.5 is an error, not 2
@@ -116,7 +123,7 @@ class BatchRequestItemSchema(RecommendationBodySchema):
     customer_id = Id(required=True)
 
 
-class BatchRequestSchema(ma.Schema):
+class BatchRequestSchema(BodySchema):
     """Body of POST /v1/recommendations/batch."""
 
     requests = ma.fields.List(ma.fields.Nested(BatchRequestItemSchema), required=True,
