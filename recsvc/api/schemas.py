@@ -7,8 +7,7 @@ import re
 import marshmallow as ma
 from marshmallow import validate
 from webargs.fields import DelimitedList
-
-from recsvc.errors import InvalidInput
+from webargs.flaskparser import abort
 
 MAX_ID = 128
 MAX_LIST = 100
@@ -41,14 +40,17 @@ _ID_VALIDATORS = [validate.Length(min=1, max=MAX_ID),
                   WholeMatch(NO_CONTROL_CHARACTERS, error="holds a control character (such as a newline or NUL), "
                                                           "which no id may hold")]
 Id = lambda **kw: IdField(validate=_ID_VALIDATORS, **kw)  # noqa: E731
+_PATH_ID = Id()
 
 
 def path_id(raw: str, name: str) -> str:
-    """An id from the path, read like IdField: trimmed, 1 to MAX_ID characters."""
-    value = raw.strip()
-    if not 0 < len(value) <= MAX_ID:
-        raise InvalidInput(f"{name} must have 1 to {MAX_ID} characters besides surrounding spaces")
-    return value
+    """An id from the path, read like a body's id (Id): trimmed, 1 to MAX_ID characters; a malformed one is the
+    same 400 as a malformed body field, naming `name` under details.fields."""
+    try:
+        return _PATH_ID.deserialize(raw)
+    except ma.ValidationError as error:
+        abort(422, message=f"{name} must have 1 to {MAX_ID} characters besides surrounding spaces",
+              messages={"path": {name: error.messages}})
 
 
 def path_id_parameter(name: str, description: str) -> dict:
