@@ -73,7 +73,7 @@ def list_experiments():
     return {"experiments": rows}
 
 
-@blp.route("/experiments/<name>/report", parameters=[{"in": "path", "name": "name", "description": "The experiment's name",
+@blp.route("/experiments/<name>/report", parameters=[{"in": "path", "name": "name", "description": "The experiment",
                                                       "schema": {"type": "string", "pattern": f"^{EXPERIMENT_NAME}$"}}])
 @blp.response(200, ExperimentReportSchema)
 @blp.alt_response(404, description="No experiment of that name")
