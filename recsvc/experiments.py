@@ -104,8 +104,11 @@ class VariantSchema(_Strict):
         return Variant(**data)
 
 
+EXPERIMENT_NAME = r"[A-Za-z0-9._-]{1,64}"  # the whole name; the OpenAPI document has it too (recsvc/api/experiments.py)
+
+
 class ExperimentSchema(_Strict):
-    name = ma.fields.String(required=True, validate=validate.Regexp(r"[A-Za-z0-9._-]{1,64}\Z",
+    name = ma.fields.String(required=True, validate=validate.Regexp(EXPERIMENT_NAME + r"\Z",
                                                                      error="use 1-64 letters, digits, '.', '_' or '-'"))
     salt = ma.fields.String(required=True, validate=validate.Length(min=1, max=128))
     status = ma.fields.String(required=True, validate=validate.OneOf([RUNNING, STOPPED]))

@@ -118,9 +118,15 @@ def test_unknown_strategy_is_400_naming_the_available_ones(client, auth, bundle)
     assert response.get_json()["error"]["details"]["available"] == sorted(bundle.scorers)
 
 
-def test_too_long_customer_id_is_400(client, auth):
-    response = client.get(f"/v1/customers/{'c' * 129}/recommendations", headers=auth)
-    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_input"
+@pytest.mark.parametrize("path, name", [(f"/v1/customers/{'c' * 129}/recommendations", "customer_id"),
+                                        ("/v1/customers/%20/recommendations", "customer_id"),
+                                        (f"/v1/items/{'i' * 129}/similar", "item_id")])
+def test_a_malformed_id_in_the_path_is_400_naming_it_like_a_body_field(client, auth, path, name):
+    """A malformed parameter is invalid_request with details.fields, wherever it is sent (README: invalid_input is
+    for a well-formed value recsvc cannot use)."""
+    error = client.get(path, headers=auth).get_json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["details"] == {"fields": {name: ["Length must be between 1 and 128."]}}
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": "Basic abc"}])

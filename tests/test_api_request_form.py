@@ -29,6 +29,36 @@ def test_ids_that_hold_control_characters_are_refused(client, auth, path):
     assert error["code"] == "invalid_request" and "control character" in error["message"]
 
 
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/recommendations/batch", {"requests": [{"customer_id": "a\u0000b"}]}, "requests"),
+    (RECS, {"exclude": ["a\nb"]}, "exclude"),
+    (RECS, {"context_items": ["\u0007"]}, "context_items"),
+    ("/v1/events", {"events": [{"customer_id": "a\nb", "item_id": "i1", "event_type": "view"}]}, "events"),
+    ("/v1/feedback", {"request_id": "abcdefgh", "customer_id": "c1", "item_id": "i\u007f", "action": "shown"},
+     "item_id"),
+    ("/v1/feedback", {"request_id": "abcdefgh", "customer_id": "c1", "item_id": "i1", "action": "shown",
+                      "agent_id": "a\u001bb"}, "agent_id"),
+])
+def test_ids_in_a_body_that_hold_control_characters_are_refused(client, auth, path, body, field):
+    """As in the path: no agent could ask for such a customer or item, and the trainer drops such rows."""
+    error = error_of(client.post(path, headers=auth, json=body), 400)
+    assert error["code"] == "invalid_request" and field in error["details"]["fields"]
+
+
+@pytest.mark.parametrize("path, body, where", [
+    (RECS, [{"limit": 3}], ()),
+    ("/v1/feedback", "accepted", ()),
+    ("/v1/events", 42, ()),
+    ("/v1/events", ["C000003"], ("events", "0")),
+    ("/v1/recommendations/batch", {"requests": ["C000003"]}, ("requests", "0")),
+])
+def test_a_body_or_entry_that_is_not_an_object_says_so(client, auth, path, body, where):
+    fields = error_of(client.post(path, headers=auth, json=body), 400)["details"]["fields"]
+    for name in where:
+        fields = fields[name]
+    assert fields == {"_schema": ["expected a JSON object"]}
+
+
 @pytest.mark.parametrize("query", ["exclude=%FF", "category=a%0Ab", "strategy=%ED%A0%80", "exclude=a%00"])
 def test_query_values_that_are_not_utf8_or_hold_control_characters_are_refused(client, auth, query):
     error = error_of(client.get(f"{RECS}?{query}", headers=auth), 400)
@@ -95,8 +125,9 @@ def test_a_feedback_request_id_with_a_trailing_newline_is_refused(client, auth):
                                        " 1764500000", "nan"])
 def test_event_timestamps_written_oddly_are_refused(client, auth, timestamp):
     response = client.post("/v1/events", headers=auth, json={"events": [
-        {"customer_id": "C000003", "item_id": "SKU-00001", "timestamp": timestamp}]})
-    error_of(response, 400)
+        {"customer_id": "C000003", "item_id": "SKU-00001", "event_type": "view", "timestamp": timestamp}]})
+    fields = error_of(response, 400)["details"]["fields"]
+    assert fields == {"events": {"0": {"timestamp": ["use ISO-8601 or Unix seconds"]}}}
 
 
 def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_settings, auth):

@@ -37,6 +37,20 @@ def test_a_body_over_the_limit_is_413_in_the_error_shape(make_client, auth, path
     assert error_of(response, 413)["code"] == "payload_too_large"
 
 
+def test_a_body_over_the_limit_is_told_the_limit(make_client, auth):
+    client = make_client(max_body_bytes=1024)
+    response = client.post("/v1/events", headers={**auth, "Content-Type": "application/json"}, data=b" " * 2000)
+    error = error_of(response, 413)
+    assert error["details"] == {"max_bytes": 1024} and "1024 bytes" in error["message"]
+
+
+def test_a_body_that_is_not_utf8_is_told_where(make_client, auth):
+    response = make_client().post("/v1/feedback", headers={**auth, "Content-Type": "application/json"},
+                                  data=b'{"request_id": "r\xe9sum\xe9"}')
+    error = error_of(response, 400)
+    assert error["message"] == "the body is not valid JSON: it is not valid UTF-8 (byte 0xe9 at 17)"
+
+
 def test_a_body_under_the_limit_is_served(make_client, auth):
     client = make_client(max_body_bytes=1024)
     assert client.post("/v1/customers/c0/recommendations", headers=auth, json={"limit": 2}).status_code == 200

@@ -8,7 +8,7 @@ import http
 
 import marshmallow as ma
 from apispec import BasePlugin
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from flask_smorest import Api
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
@@ -56,11 +56,16 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
 
 
 class ErrorStatusesPlugin(BasePlugin):
-    """Documents every error status an operation can answer with, so clients (and the fuzzer) can rely on the
-    OpenAPI document: 400 instead of webargs' 422, the key checks under /v1, body limits where there is a body."""
+    """Documents every error status an operation can answer with, each with the one error body, so clients (and
+    the fuzzer) can rely on the OpenAPI document: 400 instead of webargs' 422, the key checks under /v1, the body
+    checks on every POST."""
+
+    def init_spec(self, spec):
+        super().init_spec(spec)
+        self.spec = spec
 
     def operation_helper(self, path=None, operations=None, **kwargs):
-        for operation in (operations or {}).values():
+        for method, operation in (operations or {}).items():
             responses = operation.setdefault("responses", {})
             if responses.pop(422, None) or responses.pop("422", None):
                 responses["400"] = http.HTTPStatus(400).name
@@ -71,11 +76,22 @@ class ErrorStatusesPlugin(BasePlugin):
                 codes |= {400, 401, 429, 503}
             if path.startswith("/v1/admin/"):
                 codes.add(403)
-            if "requestBody" in operation:
-                codes |= {400, 413, 415}  # bad JSON, body over RECSVC_MAX_BODY_BYTES, not JSON
+            if method == "post":
+                # bad JSON, body over RECSVC_MAX_BODY_BYTES, not JSON: recsvc/api/request_form.py checks the body
+                # of every POST, also of one that takes none (admin reload)
+                codes |= {400, 413, 415}
             for code in codes:
                 if code not in responses and str(code) not in responses:
                     responses[str(code)] = http.HTTPStatus(code).name
+            for status, response in responses.items():
+                # alt_response(404, description=...) documents no body; the server sends the error shape
+                if _is_error(status) and isinstance(response, dict) and not {"content", "$ref"} & set(response):
+                    error_body = self.spec.components.get_ref("schema", "Error")
+                    response["content"] = {"application/json": {"schema": error_body}}
+
+
+def _is_error(status) -> bool:
+    return str(status) == "default" or str(status).isdigit() and int(status) >= 400
 
 
 class RecsvcApi(Api):
@@ -97,6 +113,10 @@ class RecsvcApi(Api):
         if error.code == 422 and isinstance(details, dict):
             details = {"fields": _flatten_locations(details)}
         message = data.get("message") or ("invalid request parameters" if error.code == 422 else error.description)
+        if status == 413:  # werkzeug's text names no limit; the client needs it to split its request
+            limit = current_app.config["MAX_CONTENT_LENGTH"]
+            message = f"the body is over the {limit} bytes this server takes (RECSVC_MAX_BODY_BYTES)"
+            details = {"max_bytes": limit}
         headers = {name: value for name, value in error.get_headers() if name.lower() in _KEPT_HEADERS}
         headers.update(data.get("headers") or {})
         return error_response(status, CODE_BY_STATUS.get(status, "http_error"), message, details, headers)

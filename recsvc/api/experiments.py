@@ -11,7 +11,7 @@ from recsvc.api.parsing import Blueprint
 from recsvc.errors import NotFound
 from recsvc.event_log import EXPOSURE, FEEDBACK
 from recsvc.experiment_report import report_for
-from recsvc.experiments import describe
+from recsvc.experiments import EXPERIMENT_NAME, describe
 
 blp = Blueprint("experiments", __name__, url_prefix="/v1", description="A/B experiments between strategies")
 
@@ -73,7 +73,8 @@ def list_experiments():
     return {"experiments": rows}
 
 
-@blp.route("/experiments/<name>/report")
+@blp.route("/experiments/<name>/report", parameters=[{"in": "path", "name": "name", "description": "The experiment",
+                                                      "schema": {"type": "string", "pattern": f"^{EXPERIMENT_NAME}$"}}])
 @blp.response(200, ExperimentReportSchema)
 @blp.alt_response(404, description="No experiment of that name")
 def experiment_report(name: str):

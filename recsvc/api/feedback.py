@@ -14,7 +14,7 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import Id
+from recsvc.api.schemas import BodySchema, Id, WholeMatch
 from recsvc.event_log import EVENT, FEEDBACK, event_time
 from recsvc.experiment_report import ACTIONS
 
@@ -48,25 +48,27 @@ def _numeric(text: str) -> bool:
 _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
-class FeedbackSchema(ma.Schema):
-    request_id = ma.fields.String(required=True, validate=validate.Regexp(r"[A-Za-z0-9._-]{1,64}\Z"),
-                                  metadata={"description": "The request_id of the recommendations response"})
+class FeedbackSchema(BodySchema):
+    request_id = ma.fields.String(
+        required=True, metadata={"description": "The request_id of the recommendations response"},
+        validate=WholeMatch(r"^[A-Za-z0-9._-]{1,64}$", error="use 1-64 letters, digits, '.', '_' or '-'"))
     customer_id = Id(required=True)
     item_id = Id(required=True)
     action = ma.fields.String(required=True, validate=validate.OneOf(ACTIONS))
     agent_id = Id(metadata={"description": "The agent who offered the suggestion"})
 
 
-class EventSchema(ma.Schema):
+class EventSchema(BodySchema):
     customer_id = Id(required=True)
     item_id = Id(required=True)
     event_type = ma.fields.String(load_default=None, validate=validate.Length(min=1, max=64),
                                   metadata={"description": "e.g. view, click, add_to_cart, purchase; optional, as in "
                                                            "an interactions file"})
-    timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received"})
+    timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received",
+                                    "oneOf": [{"type": "string"}, {"type": "number"}]})
 
 
-class EventsSchema(ma.Schema):
+class EventsSchema(BodySchema):
     events = ma.fields.List(ma.fields.Nested(EventSchema), required=True,
                             validate=validate.Length(min=1, max=MAX_EVENTS))
 

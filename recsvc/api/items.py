@@ -5,12 +5,12 @@ from __future__ import annotations
 from flask import current_app, g
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import SimilarArgsSchema, SimilarItemsSchema, path_id
+from recsvc.api.schemas import SimilarArgsSchema, SimilarItemsSchema, path_id, path_id_parameter
 
 blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items")
 
 
-@blp.route("/items/<item_id>/similar")
+@blp.route("/items/<item_id>/similar", parameters=[path_id_parameter("item_id", "The item to find others like")])
 @blp.arguments(SimilarArgsSchema(), location="query")
 @blp.response(200, SimilarItemsSchema)
 @blp.alt_response(404, description="The item is not in the current model")

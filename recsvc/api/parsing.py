@@ -40,10 +40,15 @@ class ThinQueryParser(FlaskParser):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as error:  # here: webargs would take one without a document for no body
-            self._handle_invalid_json_error(error, req)
+            self._handle_invalid_json_error(error, req, body=body)
 
-    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
-        abort(400, exc=error, message=f"the body is not valid JSON: {error}",
+    def _handle_invalid_json_error(self, error, req, *args, body: bytes = b"", **kwargs):
+        try:
+            body.decode("utf-8")
+            problem = str(error)
+        except UnicodeDecodeError as bad:  # orjson says "surrogates not allowed" at char 0 for any such byte
+            problem = f"it is not valid UTF-8 (byte {body[bad.start]:#04x} at {bad.start})"
+        abort(400, exc=error, message=f"the body is not valid JSON: {problem}",
               messages={"json": ["Invalid JSON body."]})
 
     def parse(self, argmap, req=None, *, location=None, unknown=None, validate=None, error_status_code=None,

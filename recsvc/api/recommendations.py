@@ -7,7 +7,7 @@ from flask.views import MethodView
 
 from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import (BatchRequestSchema, BatchResponseSchema, RecommendationArgsSchema,
-                                RecommendationBodySchema, RecommendationsSchema, path_id)
+                                RecommendationBodySchema, RecommendationsSchema, path_id, path_id_parameter)
 from recsvc.recommend import RecommendationQuery
 
 blp = Blueprint("recommendations", __name__, url_prefix="/v1", description="Suggestions for a customer")
@@ -25,7 +25,8 @@ def _json(body: bytes) -> Response:
     return Response(body, mimetype="application/json")
 
 
-@blp.route("/customers/<customer_id>/recommendations")
+@blp.route("/customers/<customer_id>/recommendations",
+           parameters=[path_id_parameter("customer_id", "The customer on the line")])
 class CustomerRecommendations(MethodView):
     @blp.arguments(RecommendationArgsSchema(), location="query")
     @blp.response(200, RecommendationsSchema)
@@ -36,7 +37,7 @@ class CustomerRecommendations(MethodView):
             _query(path_id(customer_id, "customer_id"), args), g.request_id, expose=request.method != "HEAD")
         return _json(body)
 
-    @blp.arguments(RecommendationBodySchema())
+    @blp.arguments(RecommendationBodySchema(), required=False)  # no body: every field has its default
     @blp.response(200, RecommendationsSchema)
     def post(self, args: dict, customer_id: str):
         """The same with a JSON body, which can also carry `context_items`: what the customer is looking at

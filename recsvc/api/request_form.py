@@ -17,8 +17,9 @@ from urllib.parse import unquote_to_bytes
 from flask import request
 
 from recsvc.api.errors import error_response
+from recsvc.api.schemas import CONTROL_CHARACTERS
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
 
 
 def check_request_form():

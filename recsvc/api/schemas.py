@@ -7,8 +7,7 @@ import re
 import marshmallow as ma
 from marshmallow import validate
 from webargs.fields import DelimitedList
-
-from recsvc.errors import InvalidInput
+from webargs.flaskparser import abort
 
 MAX_ID = 128
 MAX_LIST = 100
@@ -23,15 +22,42 @@ class IdField(ma.fields.String):
         return super()._deserialize(value, attr, data, **kwargs).strip()
 
 
-Id = lambda **kw: IdField(validate=validate.Length(min=1, max=MAX_ID), **kw)  # noqa: E731
+class WholeMatch(validate.Regexp):
+    """A pattern the whole value must match. The pattern also goes into the OpenAPI document, so write it in the
+    syntax Python and ECMA-262 (JSON Schema's regexes) share, anchored with ^ and $ (no \\Z): matched with
+    fullmatch, "$" does not let a final newline through as re.match would."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ma.ValidationError(self._format_error(value))
+        return value
+
+
+# No id holds one, wherever it is sent (path, query, body); the trainer drops rows whose ids do.
+CONTROL_CHARACTERS = r"\x00-\x1f\x7f"
+NO_CONTROL_CHARACTERS = f"^[^{CONTROL_CHARACTERS}]*$"
+_ID_VALIDATORS = [validate.Length(min=1, max=MAX_ID),
+                  WholeMatch(NO_CONTROL_CHARACTERS, error="holds a control character (such as a newline or NUL), "
+                                                          "which no id may hold")]
+Id = lambda **kw: IdField(validate=_ID_VALIDATORS, **kw)  # noqa: E731
+_PATH_ID = Id()
 
 
 def path_id(raw: str, name: str) -> str:
-    """An id from the path, read like IdField: trimmed, 1 to MAX_ID characters."""
-    value = raw.strip()
-    if not 0 < len(value) <= MAX_ID:
-        raise InvalidInput(f"{name} must have 1 to {MAX_ID} characters besides surrounding spaces")
-    return value
+    """An id from the path, read like a body's id (Id): trimmed, 1 to MAX_ID characters; a malformed one is the
+    same 400 as a malformed body field, naming `name` under details.fields."""
+    try:
+        return _PATH_ID.deserialize(raw)
+    except ma.ValidationError as error:
+        abort(422, message=f"{name} must have 1 to {MAX_ID} characters besides surrounding spaces",
+              messages={"path": {name: error.messages}})
+
+
+def path_id_parameter(name: str, description: str) -> dict:
+    """The OpenAPI description of an id in the path, as path_id reads it (werkzeug's converter says only
+    minLength 1)."""
+    return {"in": "path", "name": name, "description": f"{description}; surrounding whitespace is not part of it",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL_CHARACTERS}}
 
 
 class QueryInteger(ma.fields.Integer):
@@ -45,6 +71,13 @@ class QueryInteger(ma.fields.Integer):
 
 
 _DIGITS = re.compile(r"-?[0-9]{1,12}")
+
+
+class BodySchema(ma.Schema):
+    """A JSON body, or an entry of one: an object (marshmallow's own word for anything else is "Invalid input
+    type.")."""
+
+    error_messages = {"type": "expected a JSON object"}
 
 
 class RecommendationArgsSchema(ma.Schema):
@@ -72,7 +105,7 @@ _CATEGORY = dict(validate=validate.Length(min=1, max=MAX_ID),
                  metadata={"description": "Only items of this catalog category"})
 
 
-class RecommendationBodySchema(ma.Schema):
+class RecommendationBodySchema(BodySchema):
     """Body of POST /v1/customers/{customer_id}/recommendations."""
 
     limit = ma.fields.Integer(strict=True, **_LIMIT)  # a JSON number: 2.5 is an error, not 2
@@ -92,7 +125,7 @@ class BatchRequestItemSchema(RecommendationBodySchema):
     customer_id = Id(required=True)
 
 
-class BatchRequestSchema(ma.Schema):
+class BatchRequestSchema(BodySchema):
     """Body of POST /v1/recommendations/batch."""
 
     requests = ma.fields.List(ma.fields.Nested(BatchRequestItemSchema), required=True,
