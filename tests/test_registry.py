@@ -197,8 +197,20 @@ def test_rollback_exits_4_while_a_nightly_run_holds_the_lock(registry):
     with lock_held(registry):
         result = CliRunner().invoke(train_cli, ["registry", "rollback", "--registry", str(registry)])
     assert result.exit_code == 4, result.output
-    assert "another nightly run or rollback is in progress" in result.stderr
+    assert "another run (fit, nightly or rollback) is in progress" in result.stderr
     assert artifacts.current_version(registry) == "v12"
+
+
+def test_fit_exits_4_while_another_run_holds_the_lock(registry, tmp_path_factory):
+    interactions = tmp_path_factory.mktemp("data") / "interactions.csv"
+    interactions.write_text("customer_id,item_id\n" + "".join(f"c{c},i{(c + i) % 12}\n" for c in range(40)
+                                                             for i in range(4)))
+    with lock_held(registry):
+        result = CliRunner().invoke(train_cli, ["fit", "--interactions", str(interactions), "--registry", str(registry),
+                                                "--strategies", "popular", "--force"])
+    assert result.exit_code == 4, result.output
+    assert "another run (fit, nightly or rollback) is in progress" in result.stderr
+    assert artifacts.current_version(registry) == "v12" and len(artifacts.list_versions(registry)) == 3
 
 
 # --- what killed runs leave behind, and who can read the registry --------------------------------------

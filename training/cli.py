@@ -1,7 +1,7 @@
 """recsvc-train: the trainer's command line.
 
 Exit codes: 0 done (published), 1 internal failure, 2 unusable input, 3 refused by the quality gate,
-4 another nightly run holds the registry's lock.
+4 another run (fit, nightly or registry rollback) holds the registry's lock.
 """
 
 from __future__ import annotations
@@ -209,12 +209,16 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
     from recsvc.files import check_writable_directory
     from training.config import TrainConfig
     from training.pipeline import fit_and_publish
+    from training.registry import nightly_lock
 
     config = TrainConfig.from_file(config_path)
     _strategy_list(strategies, config)
     check_writable_directory(registry)  # a path that cannot hold it fails before the training, not after
     artifacts.current_version(registry)  # so does a damaged pointer (the quality gate reads it)
-    result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
+    # The registry's lock, as nightly holds it: a fit and a nightly run would otherwise gate against each other's
+    # current version and sweep each other's half-written version as a leftover.
+    with nightly_lock(registry):
+        result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
     report_fit(result, config, log)
 
 
@@ -265,7 +269,7 @@ def nightly(config_path: Path, force: bool, log) -> None:
     """Ingest, fit, evaluate, gate, publish and warm the cache; one run per registry at a time.
 
     Exit codes: 0 published or already up to date, 2 unusable input, 3 refused by the quality gate,
-    4 another nightly run is in progress.
+    4 another run (fit, nightly or rollback) holds the registry's lock.
     """
     from training.config import TrainConfig
     from training.nightly import run_nightly

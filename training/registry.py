@@ -31,8 +31,8 @@ class NightlyBusy(RecsvcError):
 
 @contextmanager
 def nightly_lock(registry: Path) -> Iterator[Path]:
-    """Hold an exclusive flock on REGISTRY/.nightly.lock, or raise NightlyBusy at once (nightly runs and
-    rollbacks take it, so that a rollback never lands in the middle of a publication).
+    """Hold an exclusive flock on REGISTRY/.nightly.lock, or raise NightlyBusy at once (fit, nightly and
+    rollback take it, so that no run lands in the middle of another's publication).
 
     The kernel releases a flock when its process ends, so a crashed run never leaves a stale lock.
     """
@@ -44,7 +44,7 @@ def nightly_lock(registry: Path) -> Iterator[Path]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise NightlyBusy(f"another nightly run or rollback is in progress on {registry} (lock {path}, "
+            raise NightlyBusy(f"another run (fit, nightly or rollback) is in progress on {registry} (lock {path}, "
                               f"pid {holder}); this run did nothing") from None
         handle.seek(0)
         handle.truncate()
