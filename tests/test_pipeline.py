@@ -368,3 +368,20 @@ def test_the_default_strategy_is_personal_even_when_trending_scores_higher():
     assert choose_default(metrics, "ndcg@10", scorers) == "als"
     only_popular = {"popular": {"ndcg@10": 0.2}, "trending": {"ndcg@10": 0.3}}
     assert choose_default(only_popular, "ndcg@10", scorers) == "trending"
+
+
+@pytest.mark.parametrize("command", ["fit", "tune"])
+def test_a_k_above_the_catalogue_is_refused_before_any_fitting(tmp_path, command):
+    interactions = tmp_path / "interactions.csv"
+    interactions.write_text("customer_id,item_id\n" + "".join(f"c{c},i{(c + i) % 5}\n" for c in range(30)
+                                                               for i in range(3)))
+    args = {"fit": ["fit", "--registry", str(tmp_path / "registry"), "--strategies", "als", "--log-format", "json"],
+            "tune": ["tune", "--strategy", "als", "--trials", "1"]}[command]
+    result = CliRunner().invoke(train_cli, [*args, "--interactions", str(interactions)])
+    assert result.exit_code == 2, result.output
+    assert "k = 10 is more than the 5 items there are to recommend" in result.stderr
+    if command == "fit":
+        lines = [json.loads(line) for line in result.stderr.splitlines()]
+        assert not [line for line in lines if str(line.get("step", "")).startswith("fit.")]
+    else:
+        assert "--metric ndcg@10" in result.stderr and "trial" not in result.output

@@ -124,8 +124,7 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     small (64 customers x every item stays in the tens of megabytes), because big fresh arrays cost
     more in page faults than the products themselves.
     """
-    if k > train.shape[1]:
-        raise InvalidInput(f"k = {k} is more than the {train.shape[1]:,} items there are to recommend")
+    check_k(k, train.shape[1])
     customers = np.flatnonzero(np.diff(test.indptr) > 0)
     ranking = None if scorer.personal else _global_ranking(scorer, exclude_items)
 
@@ -147,6 +146,13 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     result[f"coverage@{k}"] = float(recommended.mean()) if train.shape[1] else 0.0
     result["customers"] = int(len(customers))
     return result
+
+
+def check_k(k: int, items: int, setting: str = "[evaluation] k (or --k)") -> None:
+    """InvalidInput when a list of k cannot be filled from the catalogue at all; callers check before fitting."""
+    if k > items:
+        raise InvalidInput(f"k = {k} is more than the {items:,} items there are to recommend; set {setting} to at "
+                           "most that")
 
 
 def _metric_sums(top: np.ndarray, relevant: sp.csr_matrix, k: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from recsvc.artifacts import Catalog, IdIndex, ModelBundle
 from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
 from recsvc.scoring import Scorer
 from training.config import TrainConfig
-from training.evaluate import evaluate, split, split_by_time
+from training.evaluate import check_k, evaluate, split, split_by_time
 from training.ingest import Interactions, load_catalog, load_interactions
 from training.prepare import PrepareReport, prepare
 from training.registry import apply_retention, make_current, remove_version, sweep_leftovers
@@ -308,6 +308,7 @@ def _train_and_evaluate(interactions_path: Path, config: TrainConfig, catalog_pa
     """The steps fit and evaluate share: ingest, holdout split, fit and score every strategy."""
     with log.step("ingest"):
         data = load_prepared(interactions_path, config, catalog_path, log)
+    check_k(config.k, data.matrix.shape[1])  # before an hour of fitting, not after the first strategy
     with log.step("split"):
         train, test = holdout_split(data, config)
     data.held_out = int(test.nnz)

@@ -17,7 +17,7 @@ from tomlkit.exceptions import TOMLKitError
 from recsvc.errors import InvalidInput
 from recsvc.files import write_atomically
 from training.config import TrainConfig
-from training.evaluate import METRICS, evaluate, split
+from training.evaluate import METRICS, check_k, evaluate, split
 from training.pipeline import PreparedData, holdout_split, load_prepared
 from training.runlog import RunLog
 from training.strategies import STRATEGIES, TrainingData
@@ -86,6 +86,7 @@ def tune(data: PreparedData, strategy: str, config: TrainConfig, trials: int, me
     if search not in SEARCHES:
         raise InvalidInput(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
     name, k = parse_metric(metric)
+    check_k(k, data.matrix.shape[1], setting=f"the K of --metric {metric}")
     folds, _test = tuning_splits(data, config)
     base = {**cls.defaults, **config.params.get(strategy, {})}
     space = search_space(strategy, config)
