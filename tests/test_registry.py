@@ -186,6 +186,12 @@ def test_a_rollback_goes_to_the_version_current_before_not_the_next_older_id(reg
     assert run("rollback", "--registry", str(registry)).output.strip() == "CURRENT: v11 -> v10"  # not back to v13
 
 
+def test_rollback_to_the_current_version_says_nothing_changed(registry):
+    assert run("rollback", "--registry", str(registry), "v12").output.strip() == \
+        "CURRENT: v12 is current already; nothing changed"
+    assert run("rollback", "--registry", str(registry)).output.strip() == "CURRENT: v12 -> v11"  # history intact
+
+
 def test_rollback_on_an_empty_registry_says_there_is_no_current_version(tmp_path):
     artifacts.versions_root(tmp_path).mkdir()
     result = run("rollback", "--registry", str(tmp_path))

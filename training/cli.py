@@ -339,7 +339,8 @@ def registry_rollback(registry: Path, version: str | None) -> None:
     from training.registry import rollback
 
     previous, current = rollback(registry, version)
-    click.echo(f"CURRENT: {previous} -> {current}")
+    click.echo(f"CURRENT: {current} is current already; nothing changed" if previous == current
+               else f"CURRENT: {previous} -> {current}")
 
 
 @main.command()
