@@ -90,6 +90,7 @@ def test_the_json_summary_says_whether_the_warm_up_failed(demo_paths, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["outcome"] == "published"
     assert summary["warm"]["outcome"] == "failed" and "cannot reach Redis" in summary["warm"]["message"]
+    assert summary["seconds"]["warm_cache"] >= 0 and {"ingest", "publish", "total"} <= set(summary["seconds"])
     plain = nightly_config(tmp_path / "plain.toml", demo_paths["interactions"], tmp_path / "other")
     assert json.loads(nightly(plain, "--log-format", "json").stdout)["warm"] == {
         "outcome": "skipped", "message": "no redis_url configured"}

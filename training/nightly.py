@@ -117,4 +117,5 @@ def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyR
         with log.step("warm_cache"):
             warm = warm_cache_step(registry, config.nightly.redis_url, config.nightly.warm_top, log,
                                    config.nightly.warm_workers)
+        result.timings["warm_cache"] = log.seconds["warm_cache"]  # the summary's step times, the warm-up's too
         return NightlyResult("published", f"published {result.version}: {result.gate.reason}", result, warm)
