@@ -60,8 +60,8 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
     try:
         result = export_events(RedisStreams(client, dedupe_ttl=0).read(EVENT, since, until), out)
     except redis.RedisError as exc:
-        raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {exc}; "
-                          f"{out} is as it was") from None
+        raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {str(exc).rstrip('.')}; "
+                          f"{out} not written") from None
     finally:
         client.close()
     click.echo(result.summary())
