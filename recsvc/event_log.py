@@ -16,7 +16,9 @@ import datetime as dt
 import fcntl
 import hashlib
 import logging
+import math
 import os
+import re
 import socket
 import threading
 import time
@@ -88,16 +90,24 @@ class RedisStreams:
                 self.add(record, client=pipe)
             pipe.execute()
 
-    def read(self, kind: str) -> Iterator[dict]:
-        """Every record of a kind, oldest first, in chunks so a long stream never arrives in one reply."""
-        cursor = "-"
+    def read(self, kind: str, since: float | None = None, until: float | None = None) -> Iterator[dict]:
+        """Every record of a kind, oldest first, in chunks so a long stream never arrives in one reply.
+        `since`, `until` (Unix seconds): only the records the stream took at or after `since` and before `until`,
+        by the time in their entry id (Redis's clock, in milliseconds), whatever time a record itself holds."""
+        cursor = "-" if since is None else str(_milliseconds(since))
+        end = "+" if until is None else str(_milliseconds(until) - 1)  # "<ms>" as an end: every entry of that ms
         while True:
-            entries = self.client.xrange(event_stream_key(kind), min=cursor, max="+", count=READ_CHUNK)
+            entries = self.client.xrange(event_stream_key(kind), min=cursor, max=end, count=READ_CHUNK)
             for _entry_id, fields in entries:
                 yield orjson.loads(fields[b"r"])
             if len(entries) < READ_CHUNK:
                 return
             cursor = "(" + entries[-1][0].decode()
+
+
+def _milliseconds(seconds: float) -> int:
+    """The first whole millisecond at or after `seconds` (rounded to microseconds first: 0.123 * 1000 is not 123)."""
+    return math.ceil(round(seconds * 1000, 3))
 
 
 class Spool:
@@ -432,6 +442,26 @@ def event_time(value: object) -> float | None:
         value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
         return round(value.timestamp(), 3)
     return round(float(value), 3)
+
+
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+LATEST_TIME = 32503680000.0  # 3000-01-01 in Unix seconds
+
+
+def parse_event_time(value: object) -> float:
+    """Unix seconds from ISO-8601 text (UTC when no zone is given) or Unix seconds: a number, or text of plain
+    digits with an optional fraction (float() would also take "1_764_500_000", " 5", "nan" and other scripts'
+    digits). ValueError saying what is wrong for anything else, and for a time outside 1970-3000."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("use ISO-8601 or Unix seconds")
+    try:
+        seconds = float(value) if not isinstance(value, str) or _SECONDS.fullmatch(value) else \
+            event_time(dt.datetime.fromisoformat(value))
+    except ValueError:
+        raise ValueError("use ISO-8601 or Unix seconds") from None
+    if not 0 < seconds < LATEST_TIME:
+        raise ValueError("out of range")
+    return seconds
 
 
 def from_settings(settings, shared) -> tuple[EventLog, RecentItems]:

@@ -54,22 +54,36 @@ def naming(path: Path | str) -> Iterator[None]:
 def write_atomically(path: Path, text: str, mode: int | None = None) -> None:
     """Replace `path` with `text` all at once: a temporary file beside it, fsync, rename over. A full disk or a
     crash leaves the old file whole. `mode`: default the existing file's, else the umask's."""
+    with replacing(path, mode) as staging, open(staging, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary file beside `path` for the caller to write by name (with any writer: Arrow's, gzip's), which
+    then replaces `path` all at once: fsync, rename over. A reader never sees half a file; an error while
+    writing leaves the old file whole and removes the temporary one. `mode`: default the existing file's, else
+    the umask's."""
     path = Path(path)
     if mode is None:
         try:
             mode = path.stat().st_mode & 0o7777
         except FileNotFoundError:
             mode = shared_file_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with naming(path), os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-            os.fchmod(handle.fileno(), mode)
-        os.replace(tmp, path)
+        with naming(path):
+            yield Path(staging)
+            fd = os.open(staging, os.O_RDONLY)  # Linux flushes a file's data whatever the descriptor's mode
+            try:
+                os.fsync(fd)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+        os.replace(staging, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(staging).unlink(missing_ok=True)
         raise
 
 

@@ -131,6 +131,9 @@ def test_events_are_kept_as_a_bare_list_or_under_events(redis_app, redis_client,
     [],
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view"}] * 501,
     {"events": "nope"},
+    *([{"customer_id": "c-1", "item_id": "SKU-1", "weight": weight}] for weight in (0, -1, "2", True, 1e10, None)),
+    *([{"customer_id": "c-1", "item_id": "SKU-1", "event_id": event_id}] for event_id in ("", "has spaces", "x" * 65,
+                                                                                         "e\n", 7)),
 ])
 def test_bad_events_are_a_400_and_nothing_is_kept(redis_app, redis_client, auth, body):
     response = redis_app.test_client().post("/v1/events", headers=auth, json=body)
@@ -159,3 +162,19 @@ def test_recent_items_are_shared_through_redis_by_every_instance(redis_app, sett
         assert other.extensions["recsvc"].recent_items.get("c-5") == {"SKU-9"}
     finally:
         stop_app(other)
+
+
+def test_an_event_posted_again_with_its_event_id_is_kept_once(redis_app, redis_client, auth):
+    client = redis_app.test_client()
+    event = {"customer_id": "c-1", "item_id": "SKU-1", "event_type": "add_to_cart", "weight": 2.5,
+             "event_id": "7f3e2a10-retry.1"}
+    for _attempt in range(2):  # the client did not get the first answer and retries
+        assert client.post("/v1/events", headers=auth, json=[event]).get_json() == {"accepted": 1}
+    anonymous = {"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view"}
+    for _post in range(2):  # no event_id: two posts are two events, as before
+        assert client.post("/v1/events", headers=auth, json=[anonymous]).status_code == 202
+    records = stream(redis_client, EVENT)
+    assert [(r["event_id"], r["event_type"], r.get("weight")) for r in records[:1]] == [
+        ("7f3e2a10-retry.1", "add_to_cart", 2.5)]
+    assert [r["event_type"] for r in records] == ["add_to_cart", "view", "view"]
+    assert len({r["event_id"] for r in records}) == 3

@@ -404,13 +404,15 @@ def warm_cache(registry: Path, redis_url: str, top: int, ttl: float, workers: in
     click.echo(result.summary())
 
 
-def _add_experiments() -> None:
-    from training.experiments_cli import experiments  # its own module, to keep this one short
+def _add_groups() -> None:
+    from training.events_cli import events  # their own modules, to keep this one short
+    from training.experiments_cli import experiments
 
+    main.add_command(events)
     main.add_command(experiments)
 
 
-_add_experiments()
+_add_groups()
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         raise InvalidInput(f"--chart must end in {' or '.join(CHART_SUFFIXES)}")
     from recsvc.experiment_report import report_for  # here: scipy.stats costs every recsvc-train start 0.4 s
 
-    client = _redis_client(redis_url)
+    client = redis_client(redis_url)
     try:
         experiment = _definition(name, experiments_path, client)
         streams = RedisStreams(client, dedupe_ttl=0)
@@ -77,7 +77,10 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         click.echo(f"wrote {chart_path}", err=True)
 
 
-def _redis_client(redis_url: str) -> redis.Redis:
+def redis_client(redis_url: str) -> redis.Redis:
+    """A client for reading the event log (a whole stream takes longer than one command); ConfigError for a
+    malformed URL, named as --redis-url. It connects on first use: a Redis that does not answer is a
+    redis.RedisError then."""
     checked_redis_url(redis_url, "--redis-url")
     return redis.Redis.from_url(redis_url, socket_timeout=READ_TIMEOUT, socket_connect_timeout=5)
 
@@ -228,7 +231,7 @@ def replay_command(name: str, experiments_path: Path | None, redis_url: str | No
     if experiments_path is not None:
         experiment = _definition(name, experiments_path, client=None)
     else:
-        client = _redis_client(redis_url)
+        client = redis_client(redis_url)
         try:
             experiment = _definition(name, None, client)
         except redis.RedisError as exc:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 import time
 import uuid
 from collections import defaultdict
@@ -15,7 +13,7 @@ from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import BodySchema, Id, WholeMatch
-from recsvc.event_log import EVENT, FEEDBACK, event_time
+from recsvc.event_log import EVENT, FEEDBACK, parse_event_time
 from recsvc.experiment_report import ACTIONS
 
 blp = Blueprint("feedback", __name__, url_prefix="/v1", description="Feedback on suggestions and real-time events")
@@ -27,31 +25,29 @@ class Timestamp(ma.fields.Field):
     """ISO-8601 (UTC when no zone is given) or Unix seconds."""
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ma.ValidationError("use ISO-8601 or Unix seconds")
         try:
-            seconds = float(value) if not isinstance(value, str) or _numeric(value) else \
-                event_time(dt.datetime.fromisoformat(value))
-        except ValueError:
-            raise ma.ValidationError("use ISO-8601 or Unix seconds") from None
-        if not 0 < seconds < 32503680000:  # before year 3000
-            raise ma.ValidationError("out of range")
-        return seconds
+            return parse_event_time(value)
+        except ValueError as exc:
+            raise ma.ValidationError(str(exc)) from None
 
 
-def _numeric(text: str) -> bool:
-    """Unix seconds written plainly: float() would also take "1_764_500_000", " 5", "nan" and other scripts'
-    digits."""
-    return _SECONDS.fullmatch(text) is not None
+class Number(ma.fields.Float):
+    """A JSON number (marshmallow's Float would also take "2.5" and " 2" as text); finite."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
-_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+# A key the client makes up (feedback's request_id, an event's event_id): what a retry repeats to count once.
+CLIENT_KEY = WholeMatch(r"^[A-Za-z0-9._-]{1,64}$", error="use 1-64 letters, digits, '.', '_' or '-'")
+MAX_WEIGHT = 1e9
 
 
 class FeedbackSchema(BodySchema):
     request_id = ma.fields.String(
-        required=True, metadata={"description": "The request_id of the recommendations response"},
-        validate=WholeMatch(r"^[A-Za-z0-9._-]{1,64}$", error="use 1-64 letters, digits, '.', '_' or '-'"))
+        required=True, metadata={"description": "The request_id of the recommendations response"}, validate=CLIENT_KEY)
     customer_id = Id(required=True)
     item_id = Id(required=True)
     action = ma.fields.String(required=True, validate=validate.OneOf(ACTIONS))
@@ -66,6 +62,13 @@ class EventSchema(BodySchema):
                                                            "an interactions file"})
     timestamp = Timestamp(metadata={"description": "ISO-8601 or Unix seconds; default: when received",
                                     "oneOf": [{"type": "string"}, {"type": "number"}]})
+    weight = Number(validate=validate.Range(min=0, max=MAX_WEIGHT, min_inclusive=False),
+                    metadata={"description": "Positive, at most 1e9; multiplies the event type's weight in training, "
+                                             "as an interactions file's weight column does (default 1)",
+                              "exclusiveMinimum": True})  # OpenAPI 3.0's form; apispec leaves it out
+    event_id = ma.fields.String(validate=CLIENT_KEY, metadata={
+        "description": "The client's id of this event, unique across all events (a UUID, say): an event posted again "
+                       "with the same event_id, a retry, is kept once. Default: a new id, so every post counts"})
 
 
 class EventsSchema(BodySchema):
@@ -106,8 +109,8 @@ class Events(MethodView):
         received = round(time.time(), 3)
         items_by_customer: dict[str, set[str]] = defaultdict(set)
         for event in body["events"]:
-            record = {"kind": EVENT, "event_id": uuid.uuid4().hex, "timestamp": event.get("timestamp"),
-                      **event, "time": received}
+            # A client's event_id replaces the fresh one: a retry then has the natural key of the first post.
+            record = {"kind": EVENT, "event_id": uuid.uuid4().hex, "timestamp": None, **event, "time": received}
             service.event_log.append(record)
             items_by_customer[event["customer_id"]].add(event["item_id"])
         for customer_id, items in items_by_customer.items():
