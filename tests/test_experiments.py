@@ -91,17 +91,19 @@ variants = [{name = "a", strategy = "popular", weight = 1}, {name = "b", strateg
     assert experiment.boundaries() == [2500, 10_000]
 
 
-def test_toml_dates_without_a_time_are_midnight_utc(tmp_path):
+@pytest.mark.parametrize("start, end", [("2026-01-01", "2026-02-01"),  # TOML dates
+                                        ("2026-01-01T00:00:00", '"2026-02-01"')])  # a local date-time; a string
+def test_a_window_without_a_zone_or_a_time_is_midnight_utc(tmp_path, start, end):
     path = tmp_path / "experiments.toml"
-    path.write_text("""
+    path.write_text(f"""
 [[experiments]]
 name = "days"
 salt = "s1"
 status = "running"
 control = "a"
-start = 2026-01-01
-end = 2026-02-01
-variants = [{name = "a", strategy = "popular", weight = 1}, {name = "b", strategy = "als", weight = 1}]
+start = {start}
+end = {end}
+variants = [{{name = "a", strategy = "popular", weight = 1}}, {{name = "b", strategy = "als", weight = 1}}]
 """, encoding="utf-8")
     experiment = load_experiments(path).get("days")
     assert (experiment.start.isoformat(), experiment.end.isoformat()) == ("2026-01-01T00:00:00+00:00",
