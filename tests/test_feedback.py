@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 
 import pytest
 
@@ -125,6 +126,7 @@ def test_events_are_kept_as_a_bare_list_or_under_events(redis_app, redis_client,
 
 @pytest.mark.parametrize("body", [
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view", "timestamp": "last tuesday"}],
+    [{"customer_id": "c-1", "item_id": "SKU-1", "timestamp": time.time() + 2 * 86_400}],  # the trainer would drop it
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": "view", "timestamp": True}],
     [{"customer_id": "c-1", "event_type": "view"}],
     [{"customer_id": "c-1", "item_id": "SKU-1", "event_type": ""}],

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from recsvc.artifacts import Catalog
 from recsvc.errors import InvalidInput
+from recsvc.event_log import FUTURE_TOLERANCE_SECONDS
 
 MAX_ID_LENGTH = 128
 REQUIRED_COLUMNS = ("customer_id", "item_id")
@@ -337,7 +338,6 @@ def _timestamps(column: pa.ChunkedArray) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in parsed], dtype=np.float64)
 
 
-FUTURE_TOLERANCE_SECONDS = 86_400  # clocks of export machines differ; a day ahead is no timestamp's mistake
 
 
 def _check_timestamps(column: pa.ChunkedArray, rows: "_RowCheck", needed: bool) -> np.ndarray | None:

@@ -13,7 +13,7 @@ from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import BodySchema, Id, WholeMatch
-from recsvc.event_log import EVENT, FEEDBACK, parse_event_time
+from recsvc.event_log import EVENT, FEEDBACK, FUTURE_TOLERANCE_SECONDS, parse_event_time
 from recsvc.experiment_report import ACTIONS
 
 blp = Blueprint("feedback", __name__, url_prefix="/v1", description="Feedback on suggestions and real-time events")
@@ -22,13 +22,17 @@ MAX_EVENTS = 500  # per call; the body limit (RECSVC_MAX_BODY_BYTES) applies as 
 
 
 class Timestamp(ma.fields.Field):
-    """ISO-8601 (UTC when no zone is given) or Unix seconds."""
+    """ISO-8601 (UTC when no zone is given) or Unix seconds; at most a day ahead of this server's clock, as the
+    trainer would drop it otherwise."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         try:
-            return parse_event_time(value)
+            seconds = parse_event_time(value)
         except ValueError as exc:
             raise ma.ValidationError(str(exc)) from None
+        if seconds > time.time() + FUTURE_TOLERANCE_SECONDS:
+            raise ma.ValidationError("more than a day in the future of this server's clock")
+        return seconds
 
 
 class Number(ma.fields.Float):
