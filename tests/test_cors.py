@@ -173,6 +173,16 @@ def test_any_other_origin_gets_no_cors_headers_and_is_handled_as_without_cors(co
     for headers in (AUTH, {}):
         response = cors_client.get(RECOMMENDATIONS, headers={**headers, "Origin": origin})
         assert response.status_code == (200 if headers else 401) and cors_headers(response) == {}
+        assert response.headers["Vary"] == "Origin"  # a cache must not hand it to an allowed origin
+
+
+def test_a_request_without_an_origin_is_answered_as_without_the_setting(cors_client):
+    answers = [cors_client.get("/healthz"), cors_client.get("/v1/models", headers=AUTH),
+               cors_client.get(RECOMMENDATIONS), cors_client.options(RECOMMENDATIONS, headers={
+                   "Access-Control-Request-Method": "GET"})]  # no Origin: no preflight, the key check
+    assert [response.status_code for response in answers] == [200, 200, 401, 401]
+    for response in answers:
+        assert cors_headers(response) == {} and "Vary" not in response.headers
 
 
 def test_any_origin_with_a_star(settings):
@@ -182,6 +192,7 @@ def test_any_origin_with_a_star(settings):
         response = client.options(RECOMMENDATIONS, headers=preflight("GET", origin))
         assert response.status_code == 204 and response.headers["Access-Control-Allow-Origin"] == origin
         assert_allowed(client.get(RECOMMENDATIONS, headers={**AUTH, "Origin": origin}), origin)
+    assert client.options(RECOMMENDATIONS, headers=preflight("GET", "")).status_code == 401  # no origin at all
     app.extensions["recsvc"].store.stop()
 
 
@@ -239,7 +250,10 @@ def test_the_fast_path_answers_browsers_as_flask_does(cors_app, origin):
     assert flask[3] == 0 and fast[:3] == flask[:3] and fast[0] == 200
     sent = {name.lower(): value for name, value in fast[1]}
     assert sent.get("access-control-allow-origin") == (origin if origin in (DESKTOP, OTHER_DESK) else None)
-    assert sent["vary"] == "Origin"
+    if origin is None:  # no browser on another origin: the answer is the one without CORS
+        assert [name for name, _ in fast[1]] == ["Content-Type", "Content-Length", "X-Request-ID"]
+    else:
+        assert sent["vary"] == "Origin"
 
 
 def test_without_the_setting_the_fast_path_sends_what_it_always_sent(app):
@@ -256,8 +270,7 @@ def test_without_the_setting_the_fast_path_sends_what_it_always_sent(app):
 def test_gunicorn_serves_a_browser_on_an_allowed_origin(trained_registry, tmp_path):
     env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY,
            "RECSVC_CORS_ORIGINS": f"{DESKTOP}, {OTHER_DESK}", "RECSVC_SPOOL_DIR": str(tmp_path / "spool")}
-    with running_server(env, tmp_path / "server.log") as base:
-        session = requests.Session()
+    with running_server(env, tmp_path / "server.log") as base, requests.Session() as session:
         url = f"{base}{RECOMMENDATIONS}?limit=3"
         response = session.options(url, headers=preflight("GET"), timeout=5)
         assert response.status_code == 204

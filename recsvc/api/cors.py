@@ -32,11 +32,12 @@ class CorsPolicy:
 
     def allows(self, origin: str | None) -> bool:
         """Whether a browser on `origin` (the Origin header's value, None when none was sent) may read answers."""
-        return origin is not None and (self.any_origin or origin in self.origins)
+        return bool(origin) and (self.any_origin or origin in self.origins)
 
-    def answer_headers(self, origin: str | None) -> list[tuple[str, str]]:
-        """Headers of any answer to a request with this Origin header value (None: none sent): the answer
-        depends on it, so Vary says so in every answer, also one without an Origin or for a refused one."""
+    def answer_headers(self, origin: str) -> list[tuple[str, str]]:
+        """Headers of any answer to a request that sent this Origin: the CORS ones for an allowed origin, and
+        for any origin Vary, since the answer depends on it. A request without Origin (no browser on another
+        origin) gets none: it is answered as without CORS, and the fast path stays as it was for it."""
         if self.allows(origin):
             return [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", EXPOSED_HEADERS),
                     ("Vary", "Origin")]
@@ -62,8 +63,11 @@ def answer_preflight():
 
 def add_answer_headers(response):
     """after_request hook: every answer of the Flask path, errors included (they are responses by then)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return response
     policy: CorsPolicy = current_app.extensions[EXTENSION]
-    for name, value in policy.answer_headers(request.headers.get("Origin")):
+    for name, value in policy.answer_headers(origin):
         if name == "Vary":
             response.vary.add(value)
         else:

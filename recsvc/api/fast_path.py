@@ -89,8 +89,8 @@ class RecommendationsFastPath:
             self.answered += 1
             headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                        (REQUEST_ID_HEADER, request_id)]
-            if self.cors is not None:  # in the order Flask's hooks add them
-                headers[2:2] = self.cors.answer_headers(environ.get("HTTP_ORIGIN"))
+            if self.cors is not None and "HTTP_ORIGIN" in environ:  # in the order Flask's hooks add them
+                headers[2:2] = self.cors.answer_headers(environ["HTTP_ORIGIN"])
             start_response("200 OK", headers)
             record_request(ROUTE, "GET", environ["PATH_INFO"], 200, time.perf_counter() - started)
             return [body]
