@@ -195,20 +195,19 @@ def _origin(name: str, text: str) -> str:
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is not an origin: the port after the host must be a number "
                           f"from 1 to 65535 ({example})") from None
-    scheme, netloc = parts.scheme.lower(), parts.netloc
+    scheme, host = parts.scheme.lower(), parts.hostname or ""  # hostname: lower case, IPv6 without brackets
+    host = f"[{host}]" if ":" in host else host
     if scheme not in _DEFAULT_PORTS or not text.lower().startswith(f"{scheme}://"):
         problem = "it must start with https:// or http://"
     elif parts.path or "?" in text or "#" in text:
         problem = "an origin is scheme://host[:port] with no path (not even a trailing '/'), query or fragment"
-    elif "@" in netloc:
+    elif "@" in parts.netloc:
         problem = "an origin holds no user name or password"
-    elif not parts.hostname or not _HOST.fullmatch(parts.hostname if ":" not in parts.hostname
-                                                    else f"[{parts.hostname}]"):
+    elif not _HOST.fullmatch(host):
         problem = "the host must be a name in ASCII (punycode, as browsers send it) or an IP address"
     elif port == 0:
         problem = "the port must be from 1 to 65535"
     else:
-        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
         return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
     raise ConfigError(f"{name}: {text!r} is not an origin: {problem} ({example})")
 
