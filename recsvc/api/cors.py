@@ -6,6 +6,10 @@ never with the Authorization header), so it is answered here, ahead of the key c
 request then needs its key as any other. Keys travel in a header, not in cookies: no
 Access-Control-Allow-Credentials. A disallowed origin gets no CORS headers (the browser then
 withholds the answer) and its request is handled as without CORS.
+
+Hand-written rather than flask-cors: its preflight answer comes after the before_request
+hooks, where the key check has already answered 401, and the fast path in front of Flask
+needs the same headers from the same place.
 """
 
 from __future__ import annotations
