@@ -89,8 +89,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(_assign_request_id)
     app.after_request(_echo_request_id)
     app.after_request(_record_request)
-    from recsvc.api import auth, init_app
+    from recsvc.api import auth, cors, init_app
 
+    cors.init_app(app)  # before the key check: a browser's preflight carries no key
     auth.init_app(app)
     from recsvc.api.request_form import check_request_form
 

@@ -171,6 +171,47 @@ def _keys(env: Mapping[str, str], name: str) -> frozenset[str]:
     return keys
 
 
+ANY_ORIGIN = "*"
+_HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origins(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """The origins browsers may call the API from (CORS), as they write them in the Origin header; {'*'} for any.
+    Empty (unset): no CORS headers at all."""
+    listed = [part.strip() for part in (env.get(name) or "").split(",") if part.strip()]
+    if ANY_ORIGIN in listed and len(listed) > 1:
+        raise ConfigError(f"{name}: '*' allows every origin and stands alone, not in a list of origins")
+    return frozenset(listed if listed == [ANY_ORIGIN] else (_origin(name, text) for text in listed))
+
+
+def _origin(name: str, text: str) -> str:
+    """`text` in the form a browser sends in Origin (scheme://host[:port], lower case, no default port), or
+    ConfigError: an origin that differs from it in any character would never match."""
+    example = "e.g. https://agents.example.com or http://localhost:3000"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an origin: the port after the host must be a number "
+                          f"from 1 to 65535 ({example})") from None
+    scheme, host = parts.scheme.lower(), parts.hostname or ""  # hostname: lower case, IPv6 without brackets
+    host = f"[{host}]" if ":" in host else host
+    if scheme not in _DEFAULT_PORTS or not text.lower().startswith(f"{scheme}://"):
+        problem = "it must start with https:// or http://"
+    elif parts.path or "?" in text or "#" in text:
+        problem = "an origin is scheme://host[:port] with no path (not even a trailing '/'), query or fragment"
+    elif "@" in parts.netloc:
+        problem = "an origin holds no user name or password"
+    elif not _HOST.fullmatch(host):
+        problem = "the host must be a name in ASCII (punycode, as browsers send it) or an IP address"
+    elif port == 0:
+        problem = "the port must be from 1 to 65535"
+    else:
+        return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
+    raise ConfigError(f"{name}: {text!r} is not an origin: {problem} ({example})")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Model registry: the directory the trainer publishes into.
@@ -195,6 +236,8 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     rate_limit: float = 0.0  # requests per second per API key in each worker; 0: no limit
     rate_burst: int = 50  # requests a key may send at once above the rate
+    # Origins of browser-based agent desktops that may call the API (recsvc/api/cors.py); {"*"}: any; empty: none.
+    cors_origins: frozenset[str] = field(default_factory=frozenset)
 
     # Experiments file (JSON or TOML); none by default.
     experiments_path: Path | None = None
@@ -237,6 +280,7 @@ class Settings:
             auth_disabled=auth == "off",
             rate_limit=_number(env, "RECSVC_RATE_LIMIT", cls.rate_limit, minimum=0, maximum=1_000_000),
             rate_burst=_integer(env, "RECSVC_RATE_BURST", cls.rate_burst, minimum=1, maximum=1_000_000),
+            cors_origins=_origins(env, "RECSVC_CORS_ORIGINS"),
             max_body_bytes=_integer(env, "RECSVC_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024,
                                     maximum=64 * 1024 * 1024),
             experiments_path=Path(experiments) if experiments else None,

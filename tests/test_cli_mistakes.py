@@ -129,6 +129,8 @@ def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
     ("RECSVC_LOCAL_CACHE_BYTES", "100", "RECSVC_LOCAL_CACHE_BYTES='100' must be between 704 and"),
     ("RECSVC_LOCAL_CACHE_ENTRIES", "0", "RECSVC_LOCAL_CACHE_ENTRIES='0' must be between 1 and"),
     ("RECSVC_REGISTRY", "/etc/passwd", "RECSVC_REGISTRY='/etc/passwd' must be a directory"),
+    ("RECSVC_CORS_ORIGINS", "https://agents.example.com/", "RECSVC_CORS_ORIGINS: 'https://agents.example.com/' is "
+                                                           "not an origin"),
 ])
 def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value, message):
     env = {**os.environ, "RECSVC_REGISTRY": str(tmp_path), name: value}
@@ -141,6 +143,8 @@ def test_recsvc_serve_refuses_a_wrong_setting_with_exit_2(tmp_path, name, value,
 @pytest.mark.parametrize("name, value, message", [
     ("RECSVC_CACHE_TTL", "forever", "RECSVC_CACHE_TTL='forever' is not a number"),
     ("RECSVC_EXPERIMENTS", "/nonexistent/experiments.json", "RECSVC_EXPERIMENTS=/nonexistent/experiments.json"),
+    ("RECSVC_CORS_ORIGINS", "agents.example.com", "RECSVC_CORS_ORIGINS: 'agents.example.com' is not an origin: it "
+                                                  "must start with https:// or http://"),
 ])
 def test_the_images_gunicorn_refuses_a_wrong_setting_as_recsvc_serve_does(tmp_path, name, value, message):
     """The Dockerfile's CMD starts gunicorn with gunicorn_conf.py, without `recsvc serve` in front."""

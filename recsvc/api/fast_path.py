@@ -6,8 +6,9 @@ This WSGI middleware recognises the plain request — GET
 /v1/customers/<id>/recommendations with a valid key and a simple query — and answers
 it with the same steps as the Flask path: request id, key check, rate limit, then
 Recommender.recommend (cache, computation, experiment assignment and exposure, cache
-metrics), request metrics and the access line. Anything else (a bad or missing key, a
-refused rate limit, an unusual query, any error) goes to Flask untouched, so Flask
+metrics), request metrics, the access line and, with RECSVC_CORS_ORIGINS, the CORS
+headers (recsvc/api/cors.py). Anything else (a bad or missing key, a refused rate
+limit, an unusual query, any error) goes to Flask untouched, so Flask
 stays the one source of every error response. Workers that never run Flask's request
 path also copy fewer of the master's pages (see Memory in docs/operations.md).
 """
@@ -19,6 +20,7 @@ import time
 
 from flask import Flask
 
+from recsvc.api import cors
 from recsvc.api.auth import RATE_TOKEN_TAKEN, bearer_token, key_roles
 from recsvc.api.schemas import DEFAULT_LIMIT, MAX_ID, MAX_LIMIT, MAX_LIST, MAX_STRATEGY
 from recsvc.app import REQUEST_ID_HEADER, record_request, request_id_for
@@ -69,6 +71,7 @@ class RecommendationsFastPath:
     def __init__(self, app: Flask, flask_app):
         self.service = app.extensions["recsvc"]
         self.limiter = app.extensions.get("recsvc.rate_limiter")
+        self.cors: cors.CorsPolicy | None = app.extensions.get(cors.EXTENSION)  # None: RECSVC_CORS_ORIGINS unset
         self.flask_app = flask_app
         self.answered = 0  # requests answered here, for tests
 
@@ -84,8 +87,11 @@ class RecommendationsFastPath:
             if body is None:
                 return self.flask_app(environ, start_response)
             self.answered += 1
-            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                                      (REQUEST_ID_HEADER, request_id)])
+            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                       (REQUEST_ID_HEADER, request_id)]
+            if self.cors is not None and "HTTP_ORIGIN" in environ:  # in the order Flask's hooks add them
+                headers[2:2] = self.cors.answer_headers(environ["HTTP_ORIGIN"])
+            start_response("200 OK", headers)
             record_request(ROUTE, "GET", environ["PATH_INFO"], 200, time.perf_counter() - started)
             return [body]
         finally:
