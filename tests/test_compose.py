@@ -83,7 +83,7 @@ def test_the_trainer_job_runs_a_real_command_with_the_example_config(compose):
     config_path = options[options.index("--config") + 1]
     config = TrainConfig.from_file(REPO / volumes[config_path].removeprefix("./"))
     assert str(config.nightly.registry) in volumes and volumes[str(config.nightly.registry)] == "registry"
-    assert str(config.nightly.interactions).startswith("/data/") and "/data" in volumes
+    assert all(str(path).startswith("/data/") for path in config.nightly.interactions) and "/data" in volumes
     assert urlparse(config.nightly.redis_url).hostname in compose["services"]
 
 
@@ -114,7 +114,7 @@ def test_the_kubernetes_cronjob_example_uses_real_fields_commands_and_mounts():
     # The documented config is valid, and its paths lie on the CronJob's volumes.
     nightly = TrainConfig.from_dict(tomllib.loads(_doc_block(REPO / "docs" / "training.md", "toml")),
                                     base=Path(config).parent).nightly
-    for path in (nightly.interactions, nightly.catalog, nightly.registry):
+    for path in (*nightly.interactions, nightly.catalog, nightly.registry):
         assert any(Path(m) in (path, *path.parents) for m in mounts), path
 
 

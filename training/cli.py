@@ -143,6 +143,12 @@ def demo_data(out: Path, customers: int, items: int, interactions: int, seed: in
         click.echo(f"wrote {path} ({name})")
 
 
+INTERACTIONS_OPTION = click.option(
+    "--interactions", "interactions_files", type=click.Path(path_type=Path), multiple=True, required=True,
+    help="CSV, CSV.gz or Parquet with customer_id and item_id columns. Repeat it to read several files as one, "
+         "in any mix of formats; a quoted glob pattern ('events/*.csv') reads the files it matches, sorted by name.")
+
+
 def run_log_options(command):
     """--quiet and --log-format, turned into a `log` (training.runlog.RunLog) argument."""
 
@@ -192,8 +198,7 @@ def fit_summary(result) -> dict:
 
 
 @main.command()
-@click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
-              help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
+@INTERACTIONS_OPTION
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog CSV or Parquet.")
 @click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--strategies", help="Comma list, e.g. als,popular (default: from the config).")
@@ -201,7 +206,7 @@ def fit_summary(result) -> dict:
 @click.option("--force", is_flag=True, help="Publish even when the quality gate refuses (first model, emergency).")
 @run_log_options
 @user_errors
-def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, strategies: str | None,
+def fit(interactions_files: tuple[Path, ...], catalog_path: Path | None, registry: Path, strategies: str | None,
         config_path: Path | None, force: bool, log) -> None:
     """Train, evaluate on a holdout and, when the quality gate passes, publish a new model version
     (exit 3 when refused)."""
@@ -218,13 +223,12 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
     # The registry's lock, as nightly holds it: a fit and a nightly run would otherwise gate against each other's
     # current version and sweep each other's half-written version as a leftover.
     with nightly_lock(registry):
-        result = fit_and_publish(interactions_path, registry, config, catalog_path=catalog_path, log=log, force=force)
+        result = fit_and_publish(interactions_files, registry, config, catalog_path=catalog_path, log=log, force=force)
     report_fit(result, config, log)
 
 
 @main.command("evaluate")
-@click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
-              help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
+@INTERACTIONS_OPTION
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog: inactive items are "
               "never recommended.")
 @click.option("--strategies", help="Comma list (default: from the config); popular is always included.")
@@ -234,8 +238,8 @@ def fit(interactions_path: Path, catalog_path: Path | None, registry: Path, stra
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Trainer config, TOML or JSON.")
 @run_log_options
 @user_errors
-def evaluate_command(interactions_path: Path, catalog_path: Path | None, strategies: str | None, k: int | None,
-                     seed: int | None, as_json: bool, config_path: Path | None, log) -> None:
+def evaluate_command(interactions_files: tuple[Path, ...], catalog_path: Path | None, strategies: str | None,
+                     k: int | None, seed: int | None, as_json: bool, config_path: Path | None, log) -> None:
     """Compare strategies on the configured holdout, always beside popular; publishes nothing."""
     from training.config import TrainConfig
     from training.pipeline import compare_strategies
@@ -246,7 +250,7 @@ def evaluate_command(interactions_path: Path, catalog_path: Path | None, strateg
         config.k, config.primary_metric = k, f"{config.primary_metric.split('@')[0]}@{k}"
     if seed is not None:
         config.holdout = dataclasses.replace(config.holdout, seed=seed)
-    metrics, best = compare_strategies(interactions_path, config, catalog_path=catalog_path, log=log)
+    metrics, best = compare_strategies(interactions_files, config, catalog_path=catalog_path, log=log)
     if log.log_format == "json":  # like fit's summary: one JSON line on stdout
         click.echo(json.dumps({"event": "summary", "holdout": config.holdout.as_dict(), "k": config.k, "best": best,
                                "metrics": metrics}))
@@ -344,8 +348,7 @@ def registry_rollback(registry: Path, version: str | None) -> None:
 
 
 @main.command()
-@click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
-              help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
+@INTERACTIONS_OPTION
 @click.option("--strategy", required=True, help="The strategy to tune, e.g. als or ease.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
               help="Parameter sets to try, besides the config's current one.")
@@ -361,7 +364,7 @@ def registry_rollback(registry: Path, version: str | None) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Trainer config (TOML or JSON) to read, and to write the best parameters into (created if missing).")
 @user_errors
-def tune(interactions_path: Path, strategy: str, trials: int, metric: str, search: str, seed: int,
+def tune(interactions_files: tuple[Path, ...], strategy: str, trials: int, metric: str, search: str, seed: int,
          folds: int | None, validation_fraction: float | None, config_path: Path | None) -> None:
     """Search a strategy's parameters on validation folds carved from the training part (never the test split)."""
     from dataclasses import replace
@@ -375,7 +378,7 @@ def tune(interactions_path: Path, strategy: str, trials: int, metric: str, searc
         check_writable_file(config_path)  # a read-only config fails now, not after the trials
     config = replace(config, tuning=replace(config.tuning, folds=folds or config.tuning.folds,
                                             validation_fraction=validation_fraction or config.tuning.validation_fraction))
-    result = run(interactions_path, strategy, config, trials, metric, search, seed,
+    result = run(interactions_files, strategy, config, trials, metric, search, seed,
                  log=lambda line: click.echo(line, err=True))
     click.echo(format_leaderboard(result))
     if config_path is None:

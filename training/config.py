@@ -51,7 +51,7 @@ class Tuning:
 class NightlyPaths:
     """What `nightly` reads and writes; relative paths are relative to the config file."""
 
-    interactions: Path | None = None
+    interactions: list[Path] | None = None  # files and glob patterns, read in order as one input
     catalog: Path | None = None
     registry: Path | None = None
     redis_url: str | None = None  # unset: no cache warm-up
@@ -67,9 +67,21 @@ class NightlyPaths:
         problem = redis_url and redis_url_problem(str(redis_url))
         if problem:
             raise ValueError(f"nightly.redis_url {redacted_url(str(redis_url))!r} is not a Redis URL: {problem}")
-        return cls(interactions=path("interactions"), catalog=path("catalog"), registry=path("registry"),
+        return cls(interactions=_interactions(raw.get("interactions"), base), catalog=path("catalog"),
+                   registry=path("registry"),
                    redis_url=redis_url, warm_top=_positive(raw.get("warm_top", 10_000), "nightly.warm_top"),
                    warm_workers=_positive(raw.get("warm_workers", 1), "nightly.warm_workers"))
+
+
+def _interactions(value, base: Path) -> list[Path] | None:
+    """[nightly] interactions: a path or a list of paths, each of which may be a glob pattern."""
+    if not value:
+        return None
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(path, str) and path for path in paths):
+        raise ValueError(f'nightly.interactions must be a path or a list of paths (each may be a glob pattern such '
+                         f'as "events/*.csv"), not {value!r}')
+    return [base / Path(path).expanduser() for path in paths]
 
 
 @dataclass

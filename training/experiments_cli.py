@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -211,15 +212,17 @@ def _write_png(report: dict, path: Path) -> None:
 @click.argument("name")
 @DEFINITIONS
 @REDIS_URL
-@click.option("--interactions", "interactions_path", type=click.Path(path_type=Path), required=True,
-              help="CSV, CSV.gz or Parquet with customer_id and item_id columns.")
+@click.option("--interactions", "interactions_files", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="CSV, CSV.gz or Parquet with customer_id and item_id columns; repeat it for several files, or give "
+                   "a quoted glob pattern ('events/*.csv'), as for fit.")
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog: inactive items are "
               "never recommended.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Trainer config (holdout, k, "
               "strategy parameters).")
 @click.option("--json", "as_json", is_flag=True, help="Print the replay as JSON.")
 @user_errors
-def replay_command(name: str, experiments_path: Path | None, redis_url: str | None, interactions_path: Path,
+def replay_command(name: str, experiments_path: Path | None, redis_url: str | None,
+                   interactions_files: tuple[Path, ...],
                    catalog_path: Path | None, config_path: Path | None, as_json: bool) -> None:
     """Replay experiment NAME offline: each holdout customer gets the variant the live service would give
     them, and each variant's strategy is evaluated on its own customers, beside the control."""
@@ -239,12 +242,12 @@ def replay_command(name: str, experiments_path: Path | None, redis_url: str | No
         finally:
             client.close()
     config = TrainConfig.from_file(config_path)
-    result = replay(experiment, interactions_path, config, catalog_path, log=lambda line: click.echo(line, err=True))
+    result = replay(experiment, interactions_files, config, catalog_path, log=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_replay(result, config.k))
 
 
-def replay(experiment: Experiment, interactions_path: Path, config, catalog_path: Path | None = None,
-           log=None) -> dict:
+def replay(experiment: Experiment, interactions_files: Path | Sequence[Path], config,
+           catalog_path: Path | None = None, log=None) -> dict:
     """Offline metrics per variant: the variants' strategies trained on one holdout split, each evaluated on
     the holdout customers the experiment assigns to that variant."""
     from training.evaluate import evaluate
@@ -255,7 +258,7 @@ def replay(experiment: Experiment, interactions_path: Path, config, catalog_path
     names = sorted({v.strategy for v in experiment.variants})
     resolve_strategies(names)  # an unknown strategy is the user's input error, reported before reading data
     strategies = build_strategies(names, config)
-    data = load_prepared(interactions_path, config, catalog_path, log)
+    data = load_prepared(interactions_files, config, catalog_path, log)
     train, test = holdout_split(data, config)
     scorers, _metrics, _params = fit_strategies(data, train, test, strategies, config, log)
     customer_ids = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in data.interactions.customers]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import glob
 import hashlib
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,19 @@ class BadRowReport:
     def as_dict(self) -> dict:
         return {"total_rows": self.total_rows, "bad_rows": self.bad_rows, "by_reason": dict(self.counts)}
 
+    @classmethod
+    def joined(cls, reports: Sequence[tuple[Path, "BadRowReport"]]) -> "BadRowReport":
+        """Several files' reports as one over all their rows; each example names its file
+        ("events/2026-12-01.csv, data row 3: ..."), the first files' first."""
+        joined = cls()
+        for path, report in reports:
+            joined.total_rows += report.total_rows
+            joined.counts.update(report.counts)
+            for reason, examples in report.examples.items():
+                shown = joined.examples.setdefault(reason, [])
+                shown.extend(f"{path}, {example}" for example in examples[: EXAMPLES_PER_REASON - len(shown)])
+        return joined
+
 
 @dataclass
 class Interactions:
@@ -99,7 +114,8 @@ class Interactions:
     strength: np.ndarray  # float32 event weight x weight column
     timestamp: np.ndarray | None  # float64 Unix seconds per row, when the file had them
     report: BadRowReport
-    fingerprint: str
+    fingerprint: str  # see fingerprint_files
+    files: list[dict] = field(default_factory=list)  # {"path", "fingerprint", "rows"} per file read, in order
 
     def __len__(self) -> int:
         return len(self.customer)
@@ -140,10 +156,7 @@ def read_interactions_table(path: Path) -> RawTable:
 
 
 def _read(path: Path, tolerant: bool) -> RawTable:
-    if path.is_dir():
-        raise InvalidInput(f"{path}: is a directory, not a file")
-    if not path.is_file():
-        raise InvalidInput(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    _check_is_file(path)
     parquet = _is_parquet(path)
     try:
         if parquet:
@@ -156,6 +169,38 @@ def _read(path: Path, tolerant: bool) -> RawTable:
         return raw
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{path}: cannot be read as {'Parquet' if parquet else 'CSV'}: {exc}") from exc
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise InvalidInput(f"{path}: is a directory, not a file")
+    if not path.is_file():
+        raise InvalidInput(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+
+
+def interactions_files(sources: Path | str | Iterable[Path | str]) -> list[Path]:
+    """The files an interactions input names, in order. Each source is a file or a glob pattern (`*`, `?`,
+    `[...]`, as the shell has them) whose matching files come sorted by name; like the shell's, a pattern skips
+    hidden files (the export's temporary ones). A file named twice (by a name and a pattern) is read once.
+    InvalidInput when a named file does not exist or is no file, or a pattern matches no file."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for source in [sources] if isinstance(sources, (str, Path)) else sources:
+        source = Path(source)
+        if source.exists() or not glob.has_magic(str(source)):  # a file whose name holds a `[` is that file
+            _check_is_file(source)
+            matches = [source]
+        else:
+            matches = [Path(match) for match in sorted(glob.glob(str(source))) if os.path.isfile(match)]
+            if not matches:
+                raise InvalidInput(f"{source}: no file matches this pattern")
+        for path in matches:
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                files.append(path)
+    if not files:
+        raise InvalidInput("no interactions file given")
+    return files
 
 
 def _is_parquet(path: Path) -> bool:
@@ -280,6 +325,17 @@ class EncodedIds:
         codes[empty[np.where(codes < 0, len(empty) - 1, codes)]] = -1
         return cls(trimmed.dictionary, codes)
 
+    @classmethod
+    def joined(cls, parts: Sequence["EncodedIds"]) -> "EncodedIds":
+        """Several files' id columns as one, in order: their distinct values encoded once more, so that an id in
+        two files has one code."""
+        joined = pc.dictionary_encode(pa.concat_arrays([part.values for part in parts]))
+        remap = np.append(joined.indices.to_numpy(zero_copy_only=False).astype(np.int64), -1)
+        offsets = np.cumsum([0, *(len(part.values) for part in parts)])
+        codes = np.concatenate([np.where(part.codes < 0, -1, part.codes + offset)
+                                for part, offset in zip(parts, offsets)])
+        return cls(joined.dictionary, remap[codes])  # -1 picks the appended -1
+
     def too_long(self) -> np.ndarray:
         """Per-row mask of ids longer than MAX_ID_LENGTH characters."""
         return self._rows(pc.greater(pc.utf8_length(self.values), MAX_ID_LENGTH))
@@ -392,17 +448,69 @@ def fingerprint_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_interactions(path: Path, options: IngestOptions | None = None, need_timestamps: bool = False) -> Interactions:
-    """Read, validate and id-map an interactions file.
+def fingerprint_files(paths: Sequence[Path]) -> str:
+    """The fingerprint of an interactions input (hex): one file's is fingerprint_file's, as it was before an
+    input could be several files (a registry trained on one file stays up to date); several files' is the
+    SHA-256 of their fingerprints, one a line, in reading order, so that a file added, removed or changed
+    changes it."""
+    return _joined_fingerprint([fingerprint_file(path) for path in paths])
 
-    Bad rows are dropped and counted by reason; raises InvalidInput when the file
-    lacks a required column, has no usable row, its bad share exceeds
-    options.max_bad_share, or it changed while being read. `need_timestamps`: rows without one are bad
-    (time decay and the time holdout need them; options.half_life_days implies it).
+
+def _joined_fingerprint(fingerprints: Sequence[str]) -> str:
+    if len(fingerprints) == 1:
+        return fingerprints[0]
+    return hashlib.sha256("".join(f"{fingerprint}\n" for fingerprint in fingerprints).encode()).hexdigest()
+
+
+@dataclass
+class _CheckedRows:
+    """Rows read and checked: ids, strength and time per row, and which rows are bad, with the report on them."""
+
+    ids: dict[str, EncodedIds]
+    strength: np.ndarray  # float64
+    timestamp: np.ndarray | None  # float64 Unix seconds, NaN where missing; None when no row has one
+    bad: np.ndarray
+    report: BadRowReport
+
+
+def load_interactions(source: Path | str | Iterable[Path | str], options: IngestOptions | None = None,
+                      need_timestamps: bool = False) -> Interactions:
+    """Read, validate and id-map an interactions input: one file, or several files and glob patterns
+    (interactions_files), read in order as one.
+
+    Bad rows are dropped and counted by reason over the whole input; raises InvalidInput when a file is
+    missing, lacks a required column or changed while being read, a pattern matches nothing, the input has
+    no usable row, or its bad share exceeds options.max_bad_share. A file with only a header adds no row.
+    `need_timestamps`: rows without one are bad (time decay and the time holdout need them;
+    options.half_life_days implies it).
     """
     options = options or IngestOptions()
-    path = Path(path)
-    before = _identity(path) if path.is_file() else None  # else read_interactions_table says what is wrong
+    need_timestamps = need_timestamps or bool(options.half_life_days)
+    paths = interactions_files(source)
+    before = [_identity(path) for path in paths]
+    checked = [_check_file(path, options, need_timestamps) for path in paths]
+    rows = checked[0] if len(checked) == 1 else _joined(paths, checked, need_timestamps)
+    _check_bad_share(rows.report, options, _input_name(paths), several=len(paths) > 1)
+    keep = ~rows.bad
+    customers, customer = rows.ids["customer_id"].positions(keep)
+    items, item = rows.ids["item_id"].positions(keep)
+    fingerprints = [fingerprint_file(path) for path in paths]
+    for path, identity in zip(paths, before):
+        if _identity(path) != identity:
+            raise InvalidInput(f"{path}: the file changed while it was read (is the export still writing it?); "
+                               "run again once it is complete")
+    return Interactions(
+        customers=customers, items=items, customer=customer, item=item,
+        strength=rows.strength[keep].astype(np.float32),
+        timestamp=None if rows.timestamp is None else rows.timestamp[keep],
+        report=rows.report, fingerprint=_joined_fingerprint(fingerprints),
+        files=[{"path": str(path), "fingerprint": fingerprint, "rows": file.report.total_rows}
+               for path, fingerprint, file in zip(paths, fingerprints, checked)],
+    )
+
+
+def _check_file(path: Path, options: IngestOptions, need_timestamps: bool) -> _CheckedRows:
+    """One interactions file read and checked row by row (the bad share is checked over the whole input)."""
     raw = read_interactions_table(path)
     table = raw.table
     _require_columns(table, path)
@@ -424,24 +532,37 @@ def load_interactions(path: Path, options: IngestOptions | None = None, need_tim
         rows.reject(f"{column} with a control character", encoded.with_control_characters())
     strength = _row_strengths(table, options, rows)
     timestamp = None
-    need_timestamps = need_timestamps or bool(options.half_life_days)
     if "timestamp" in table.column_names:
         timestamp = _check_timestamps(table.column("timestamp"), rows, need_timestamps)
+    return _CheckedRows(ids, strength, timestamp, rows.bad, rows.report)
 
-    _check_bad_share(rows.report, options, path)
-    keep = ~rows.bad
-    customers, customer = ids["customer_id"].positions(keep)
-    items, item = ids["item_id"].positions(keep)
-    fingerprint = fingerprint_file(path)
-    if _identity(path) != before:
-        raise InvalidInput(f"{path}: the file changed while it was read (is the export still writing it?); "
-                           "run again once it is complete")
-    return Interactions(
-        customers=customers, items=items, customer=customer, item=item,
-        strength=strength[keep].astype(np.float32),
-        timestamp=None if timestamp is None else timestamp[keep],
-        report=rows.report, fingerprint=fingerprint,
+
+def _joined(paths: list[Path], files: list[_CheckedRows], need_timestamps: bool) -> _CheckedRows:
+    """Several files' checked rows as one input, in order. A file without a timestamp column has rows
+    without a time (NaN), as empty cells would be; when the times are needed it is refused, since each of its
+    rows would be a bad one."""
+    timed = any(file.timestamp is not None for file in files)
+    for path, file in zip(paths, files):
+        if need_timestamps and timed and file.timestamp is None and len(file.bad):
+            raise InvalidInput(f"{path}: no timestamp column, which time decay or the time holdout needs for every "
+                               "row (other interactions files have one)")
+    return _CheckedRows(
+        ids={name: EncodedIds.joined([file.ids[name] for file in files]) for name in REQUIRED_COLUMNS},
+        strength=np.concatenate([file.strength for file in files]),
+        timestamp=np.concatenate([np.full(len(file.bad), np.nan) if file.timestamp is None else file.timestamp
+                                  for file in files]) if timed else None,
+        bad=np.concatenate([file.bad for file in files]),
+        report=BadRowReport.joined([(path, file.report) for path, file in zip(paths, files)]),
     )
+
+
+def _input_name(paths: list[Path]) -> str:
+    """How messages about the whole input name it: the file, or the files (the first two and the last)."""
+    if len(paths) == 1:
+        return str(paths[0])
+    names = [str(path) for path in paths]
+    shown = ", ".join(names) if len(names) <= 3 else f"{names[0]}, {names[1]}, ... {names[-1]}"
+    return f"{len(paths)} interactions files ({shown})"
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
@@ -483,9 +604,9 @@ def _row_strengths(table: pa.Table, options: IngestOptions, rows: _RowCheck) -> 
     return strength
 
 
-def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path) -> None:
+def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path | str, several: bool = False) -> None:
     if not report.total_rows:
-        raise InvalidInput(f"{path}: no data rows: the file holds only column names")
+        raise InvalidInput(f"{path}: no data rows: {'every file' if several else 'the file'} holds only column names")
     if report.total_rows == report.bad_rows:
         raise InvalidInput(f"{path}: no usable interaction rows.\n{report.summary()}")
     if report.bad_share > options.max_bad_share:

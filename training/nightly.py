@@ -8,7 +8,7 @@ from pathlib import Path
 from recsvc import artifacts
 from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
 from training.config import TrainConfig
-from training.ingest import fingerprint_file
+from training.ingest import fingerprint_file, fingerprint_files, interactions_files
 from training.pipeline import FitResult, config_digest, fit_and_publish, sweep_leftovers_step
 from training.registry import nightly_lock
 from training.runlog import RunLog
@@ -34,7 +34,7 @@ class WarmOutcome:
         return self.message if self.outcome == "warmed" else f"{self.outcome}: {self.message}"
 
 
-def _required(config: TrainConfig, source: Path) -> tuple[Path, Path]:
+def _required(config: TrainConfig, source: Path) -> tuple[list[Path], Path]:
     paths = config.nightly
     missing = [name for name in ("interactions", "registry") if getattr(paths, name) is None]
     if missing:
@@ -43,7 +43,8 @@ def _required(config: TrainConfig, source: Path) -> tuple[Path, Path]:
 
 
 def up_to_date(registry: Path, config: TrainConfig) -> str | None:
-    """The current version when it was trained on exactly these files with exactly this configuration."""
+    """The current version when it was trained on exactly these files (the same files, in the same order, with
+    the same bytes) with exactly this configuration."""
     current = artifacts.current_version(registry)
     if current is None:
         return None
@@ -52,9 +53,13 @@ def up_to_date(registry: Path, config: TrainConfig) -> str | None:
     except ArtifactError:
         return None
     paths = config.nightly
-    if not paths.interactions.is_file() or (paths.catalog is not None and not paths.catalog.is_file()):
-        return None  # let ingest report the missing file
-    digest = config_digest(config, fingerprint_file(paths.interactions),
+    try:
+        interactions = interactions_files(paths.interactions)
+    except InvalidInput:
+        return None  # let ingest report the missing file or the pattern that matches none
+    if paths.catalog is not None and not paths.catalog.is_file():
+        return None
+    digest = config_digest(config, fingerprint_files(interactions),
                            fingerprint_file(paths.catalog) if paths.catalog else None)
     return current if manifest.get("config_digest") == digest else None
 

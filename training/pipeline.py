@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -118,9 +118,12 @@ def build_strategies(names: list[str], config: TrainConfig) -> dict[str, Strateg
         raise InvalidInput(f"invalid strategy parameters: {exc}") from exc
 
 
-def load_prepared(interactions_path: Path, config: TrainConfig, catalog_path: Path | None, log: RunLog) -> PreparedData:
-    """Read, validate, decay and filter the interactions; InvalidInput for unusable input."""
-    interactions = load_interactions(interactions_path, config.ingest, need_timestamps=config.holdout.kind == "time")
+def load_prepared(interactions_files: Path | Sequence[Path], config: TrainConfig, catalog_path: Path | None,
+                  log: RunLog) -> PreparedData:
+    """Read, validate, decay and filter the interactions (one file, or several files and glob patterns read as
+    one: training.ingest.interactions_files); InvalidInput for unusable input."""
+    interactions = load_interactions(interactions_files, config.ingest,
+                                     need_timestamps=config.holdout.kind == "time")
     if interactions.report.bad_rows:
         log.warning(interactions.report.summary(), bad_rows=interactions.report.as_dict())
     interactions, report = prepare(interactions, config.ingest)
@@ -205,7 +208,7 @@ def _refuse(decision: GateDecision, reason: str, force: bool) -> GateDecision:
     return decision
 
 
-def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig,
+def fit_and_publish(interactions_files: Path | Sequence[Path], registry: Path, config: TrainConfig,
                     catalog_path: Path | None = None, log: RunLog | Callable[[str], None] | None = print,
                     force: bool = False) -> FitResult:
     """Train every configured strategy, evaluate it on a holdout and, when the quality gate passes
@@ -215,7 +218,7 @@ def fit_and_publish(interactions_path: Path, registry: Path, config: TrainConfig
     names = resolve_strategies(config.strategies)
     strategies = build_strategies(names, config)
     with log.steps(total=3 + 2 * len(names)):
-        data, scorers, metrics, params = _train_and_evaluate(interactions_path, config, catalog_path, log, strategies)
+        data, scorers, metrics, params = _train_and_evaluate(interactions_files, config, catalog_path, log, strategies)
         default = choose_default(metrics, config.primary_metric, scorers)
         gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force,
                              measured=bool(data.held_out))
@@ -264,6 +267,7 @@ def _manifest(data: PreparedData, names: list[str], params: dict, metrics: dict,
         "created_at": now.isoformat(timespec="seconds"),
         "data": {
             "fingerprint": interactions.fingerprint,
+            "files": interactions.files,
             "catalog_fingerprint": catalog_fingerprint,
             "rows": interactions.report.total_rows,
             "bad_rows": interactions.report.as_dict(),
@@ -291,23 +295,25 @@ def _fingerprint_or_none(path: Path | None) -> str | None:
     return fingerprint_file(path) if path else None
 
 
-def compare_strategies(interactions_path: Path, config: TrainConfig, catalog_path: Path | None = None,
+def compare_strategies(interactions_files: Path | Sequence[Path], config: TrainConfig,
+                       catalog_path: Path | None = None,
                        log: RunLog | Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, float]], str]:
     """The offline comparison `fit` makes, without publishing anything: (metrics by strategy, best personal)."""
     log = RunLog.of(log)
     names = resolve_strategies(config.strategies)
     strategies = build_strategies(names, config)
     with log.steps(total=2 + 2 * len(names)):
-        _data, scorers, metrics, _params = _train_and_evaluate(interactions_path, config, catalog_path, log,
+        _data, scorers, metrics, _params = _train_and_evaluate(interactions_files, config, catalog_path, log,
                                                                strategies)
     return metrics, choose_default(metrics, config.primary_metric, scorers)
 
 
-def _train_and_evaluate(interactions_path: Path, config: TrainConfig, catalog_path: Path | None, log: RunLog,
-                        strategies: dict[str, Strategy]) -> tuple[PreparedData, dict[str, Scorer], dict, dict]:
+def _train_and_evaluate(interactions_files: Path | Sequence[Path], config: TrainConfig, catalog_path: Path | None,
+                        log: RunLog, strategies: dict[str, Strategy],
+                        ) -> tuple[PreparedData, dict[str, Scorer], dict, dict]:
     """The steps fit and evaluate share: ingest, holdout split, fit and score every strategy."""
     with log.step("ingest"):
-        data = load_prepared(interactions_path, config, catalog_path, log)
+        data = load_prepared(interactions_files, config, catalog_path, log)
     check_k(config.k, data.matrix.shape[1])  # before an hour of fitting, not after the first strategy
     with log.step("split"):
         train, test = holdout_split(data, config)

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -140,12 +140,12 @@ def _describe(params: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def run(interactions_path: Path, strategy: str, config: TrainConfig, trials: int, metric: str,
+def run(interactions_files: Path | Sequence[Path], strategy: str, config: TrainConfig, trials: int, metric: str,
         search: str = "random", seed: int = 42, log: Callable[[str], None] = print) -> TuneResult:
     """Read and prepare the interactions exactly as `fit` does (weights, decay, filters) and tune on them."""
     search_space(strategy, config)  # a wrong name or space fails before the data is read
     parse_metric(metric)
-    data = load_prepared(interactions_path, config, None, RunLog(sink=log))
+    data = load_prepared(interactions_files, config, None, RunLog(sink=log))
     return tune(data, strategy, config, trials, metric, search, seed, log=log)
 
 
