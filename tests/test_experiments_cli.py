@@ -94,6 +94,22 @@ def test_cli_replay_evaluates_each_variant_on_the_customers_it_would_get(experim
     assert experiment.control == replay["control"] == "control"
 
 
+def test_cli_replay_reads_several_interactions_files_as_one(experiment_settings, demo_paths, tmp_path):  # noqa: F811
+    header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
+    (tmp_path / "base.csv").write_text(header + "".join(rows[:9_000]))
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "2026-11-30.csv").write_text(header + "".join(rows[9_000:]))
+    replays = []
+    for interactions in ([demo_paths["interactions"]], [tmp_path / "base.csv", tmp_path / "events" / "*.csv"]):
+        result = CliRunner().invoke(main, ["experiments", "replay", "als-vs-pop", "--experiments",
+                                           str(experiment_settings.experiments_path),
+                                           *(arg for path in interactions for arg in ("--interactions", str(path))),
+                                           "--catalog", str(demo_paths["catalog"]), "--json"])
+        assert result.exit_code == 0, result.output
+        replays.append(json.loads(result.output[result.output.index("{"):]))
+    assert replays[0] == replays[1]
+
+
 def test_cli_replay_reads_the_definitions_the_servers_published_to_redis(experiment_settings, auth,  # noqa: F811
                                                                           demo_paths, tmp_path):
     _run_experiment(experiment_settings, auth, customers=3)  # a server publishes its definitions at start

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -268,3 +270,117 @@ def test_a_file_rewritten_while_it_is_read_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "read_interactions_table", read_then_the_export_rewrites_it)
     with pytest.raises(InvalidInput, match="changed while it was read"):
         load_interactions(path)
+
+
+# Several files as one input: a base history and the API's exported days (training.ingest.interactions_files).
+
+DAY_HEADER = '"customer_id","item_id","event_type","timestamp","weight"\n'  # as `events export` writes it
+
+
+def _day(tmp_path, name: str, rows: str = ""):
+    """An exported day's file under events/; without rows, the header-only file of a day with no events."""
+    (tmp_path / "events").mkdir(exist_ok=True)
+    data = (DAY_HEADER + rows).encode()
+    return _write(tmp_path / "events", gzip.compress(data) if name.endswith(".gz") else data, name)
+
+
+def test_several_files_in_any_mix_of_formats_read_as_their_concatenation(tmp_path):
+    """A Parquet base with integer ids, typed times and no event_type, then the days a pattern matches (one
+    gzip'd, one header-only): the same interactions as one CSV holding every row in that order."""
+    pq.write_table(pa.table({"customer_id": [7, 8, 8], "item_id": ["router", "phone", "case"],
+                             "timestamp": pa.array(np.array([1_790_000_000, 1_790_000_100, 1_790_000_200],
+                                                            dtype="datetime64[s]"))}), tmp_path / "base.parquet")
+    _day(tmp_path, "2026-10-01.csv.gz", '"7","phone","purchase",2026-10-01 10:00:00Z,\n'
+                                        '"alice","router","view",2026-10-01 11:00:00Z,2\n')
+    _day(tmp_path, "2026-10-02.csv")
+    _day(tmp_path, "2026-10-03.csv", '"8","router","click",1790933400,\n')
+    one = _write(tmp_path, "customer_id,item_id,event_type,timestamp,weight\n7,router,,1790000000,\n"
+                           "8,phone,,1790000100,\n8,case,,1790000200,\n7,phone,purchase,2026-10-01 10:00:00Z,\n"
+                           "alice,router,view,2026-10-01 11:00:00Z,2\n8,router,click,1790933400,\n", "one.csv")
+    several = load_interactions([tmp_path / "base.parquet", tmp_path / "events" / "*"])
+    expected = load_interactions(one)
+    assert _as_dict(several) == _as_dict(expected) == {
+        ("7", "router"): 1, ("8", "phone"): 1, ("8", "case"): 1, ("7", "phone"): 8, ("alice", "router"): 2,
+        ("8", "router"): 2}
+    assert several.timestamp.tolist() == expected.timestamp.tolist()
+    assert several.report.total_rows == 6 and several.report.bad_rows == 0
+    assert [(Path(f["path"]).name, f["rows"]) for f in several.files] == [
+        ("base.parquet", 3), ("2026-10-01.csv.gz", 2), ("2026-10-02.csv", 0), ("2026-10-03.csv", 1)]
+
+
+def test_a_file_without_timestamps_among_timed_ones_has_rows_without_a_time(tmp_path):
+    _write(tmp_path, "customer_id,item_id\nc1,i1\nc2,i2\n", "base.csv")
+    _day(tmp_path, "2026-10-01.csv", '"c1","i2","view",1790000000,\n')
+    interactions = load_interactions([tmp_path / "base.csv", tmp_path / "events" / "*.csv"])
+    assert np.isnan(interactions.timestamp[:2]).all() and interactions.timestamp[2] == 1_790_000_000
+    with pytest.raises(InvalidInput, match=r"base\.csv: no timestamp column, which time decay or the time holdout"):
+        load_interactions([tmp_path / "base.csv", tmp_path / "events" / "*.csv"], IngestOptions(half_life_days=7))
+
+
+def test_bad_rows_are_counted_over_every_file_and_named_by_file_and_row(tmp_path):
+    """The threshold applies to the whole input: 1 bad row of 4 in one day is 25%, but 2 of 100 rows in all."""
+    base = _write(tmp_path, "customer_id,item_id,weight\n" + "c1,i1,1\n" * 95 + ",i2,1\n", "base.csv")
+    day = _day(tmp_path, "2026-10-01.csv", '"c2","i1","view",,\n"c3","i2","view",,-1\n"c3","i1",,,\n"c4","i1",,,\n')
+    with pytest.raises(InvalidInput, match="too many bad rows"):
+        load_interactions(day)
+    interactions = load_interactions([base, day])
+    assert interactions.report.total_rows == 100 and len(interactions) == 98
+    assert interactions.report.counts == {"missing customer_id": 1, "weight not a positive number": 1}
+    assert interactions.report.examples["missing customer_id"] == [
+        f"{base}, data row 96: {{'customer_id': None, 'item_id': 'i2', 'weight': '1'}}"]
+    assert interactions.report.examples["weight not a positive number"][0].startswith(f"{day}, data row 2: ")
+    with pytest.raises(InvalidInput, match=r"2 interactions files \(.*base\.csv, .*2026-10-01\.csv\): too many bad "
+                                           r"rows \(2.00% > the allowed 1.00%\)") as refused:
+        load_interactions([base, day], IngestOptions(max_bad_share=0.01))
+    assert f"e.g. {day}, data row 2: " in refused.value.message
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    base = _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
+    interactions = load_interactions([base, tmp_path / "*.csv"])
+    assert len(interactions) == 1 and [f["path"] for f in interactions.files] == [str(base)]
+
+
+def test_one_file_keeps_the_fingerprint_of_its_bytes_and_several_fingerprint_every_file(tmp_path):
+    """A registry trained on one file stays up to date; another file, or another file's bytes, is new data."""
+    base = _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
+    assert load_interactions(base).fingerprint == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert load_interactions([tmp_path / "base.*"]).fingerprint == load_interactions(base).fingerprint
+    _day(tmp_path, "2026-10-01.csv")
+    with_empty_day = load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint
+    assert with_empty_day != load_interactions(base).fingerprint
+    _day(tmp_path, "2026-10-02.csv", '"c2","i1","view",,\n')
+    with_day = load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint
+    assert with_day not in (with_empty_day, load_interactions(base).fingerprint)
+    assert load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint == with_day
+    _day(tmp_path, "2026-10-02.csv", '"c2","i2","view",,\n')
+    assert load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint != with_day
+
+
+@pytest.mark.parametrize("command", ["fit", "evaluate"])
+@pytest.mark.parametrize("second, message", [
+    ("events/*.csv", "events/*.csv: no file matches this pattern"),
+    ("events/2026-10-02.csv", "events/2026-10-02.csv: no such file"),
+    ("events", "events: is a directory, not a file"),
+])
+def test_a_missing_file_or_a_pattern_that_matches_nothing_exits_2_before_reading(tmp_path, monkeypatch, command,
+                                                                                 second, message):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
+    (tmp_path / "events").mkdir()
+    _write(tmp_path / "events", "customer_id,item_id\nc1,i1\n", "2026-10-01.csv.gz")  # not *.csv
+    args = [command, "--interactions", "base.csv", "--interactions", second,
+            *(["--registry", "registry"] if command == "fit" else [])]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "registry" / "CURRENT").exists()
+
+
+def test_an_input_of_header_only_files_is_refused_as_one_such_file_is(tmp_path):
+    _day(tmp_path, "2026-10-01.csv")
+    _day(tmp_path, "2026-10-02.csv")
+    result = CliRunner().invoke(train_cli, ["evaluate", "--interactions", str(tmp_path / "events" / "*.csv")])
+    assert result.exit_code == 2
+    assert "2 interactions files (" in result.output
+    assert "no data rows: every file holds only column names" in result.output

@@ -99,6 +99,9 @@ def test_the_json_summary_says_whether_the_warm_up_failed(demo_paths, tmp_path):
 @pytest.mark.parametrize("body, message", [
     ("[nightly]\nregistry = \"r\"\n", "the [nightly] section needs interactions"),
     ("[nightly]\ninteractions = \"missing.csv\"\nregistry = \"r\"\n", "missing.csv: no such file"),
+    ("[nightly]\ninteractions = [\"events/*.csv\"]\nregistry = \"r\"\n", "events/*.csv: no file matches this pattern"),
+    ("[nightly]\ninteractions = [\"a.csv\", 3]\nregistry = \"r\"\n",
+     "nightly.interactions must be a path or a list of paths (each may be a glob pattern"),
     ("[gate]\ntolerance = 1.5\n", "gate tolerance must be in [0, 1), not 1.5"),
 ])
 def test_unusable_nightly_input_exits_2(tmp_path, body, message):
@@ -227,3 +230,36 @@ def test_the_nightly_lock_sweeps_leftovers_even_when_nothing_is_published(demo_p
     again = nightly(config)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert not half_deleted.exists()
+
+
+def test_nightly_reads_a_list_of_files_and_patterns_and_runs_again_only_for_new_data(demo_paths, tmp_path):
+    """[nightly] interactions = ["base.csv", "events/*.csv"], relative to the config: a new day's file is new
+    data, a night with nothing new is up to date."""
+    header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
+    (tmp_path / "base.csv").write_text(header + "".join(rows[:12_000]))
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "2026-11-29.csv").write_text(header + "".join(rows[12_000:13_500]))
+    config = tmp_path / "nightly.toml"
+    config.write_text('[nightly]\ninteractions = ["base.csv", "events/*.csv"]\nregistry = "registry"\n'
+                      '[strategies]\nenabled = ["popular"]\n'
+                      "[gate]\ntolerance = 0.5\n")  # this test is about when nightly trains, not about the gate
+
+    def nightly_run() -> str:
+        result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def current_data() -> dict:
+        registry = tmp_path / "registry"
+        return artifacts.read_manifest(artifacts.versions_root(registry) / artifacts.current_version(registry))["data"]
+
+    assert "published" in nightly_run()
+    first = current_data()
+    assert first["rows"] == 13_500 and [Path(f["path"]).name for f in first["files"]] == ["base.csv", "2026-11-29.csv"]
+    assert "nothing to do" in nightly_run()
+    (tmp_path / "events" / "2026-11-30.csv").write_text(header + "".join(rows[13_500:]))
+    assert "published" in nightly_run()
+    second = current_data()
+    assert second["rows"] == 15_000 and second["fingerprint"] != first["fingerprint"]
+    assert len(artifacts.list_versions(tmp_path / "registry")) == 2
+    assert "nothing to do" in nightly_run()

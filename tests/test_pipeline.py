@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -385,3 +386,33 @@ def test_a_k_above_the_catalogue_is_refused_before_any_fitting(tmp_path, command
         assert not [line for line in lines if str(line.get("step", "")).startswith("fit.")]
     else:
         assert "--metric ndcg@10" in result.stderr and "trial" not in result.output
+
+
+def test_fit_reads_a_base_file_and_the_days_a_pattern_matches_as_one_input(tmp_path, demo_paths):
+    """The demo data cut into a Parquet base and exported days (one without events): the same model, metrics
+    included, as from the whole file, and the manifest names every file."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
+    (tmp_path / "base.csv").write_text(header + "".join(rows[:10_000]))
+    pq.write_table(pacsv.read_csv(tmp_path / "base.csv"), tmp_path / "base.parquet")
+    (tmp_path / "events").mkdir()
+    for day, part in (("2026-11-29", rows[10_000:12_500]), ("2026-11-30", rows[12_500:]), ("2026-12-01", [])):
+        (tmp_path / "events" / f"{day}.csv").write_text(header + "".join(part))
+    several = run(["fit", "--interactions", str(tmp_path / "base.parquet"), "--interactions",
+                   str(tmp_path / "events" / "*.csv"), "--registry", str(tmp_path / "several"),
+                   "--strategies", "popular"])
+    assert several.exit_code == 0, several.output
+    whole = run(["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(tmp_path / "whole"),
+                 "--strategies", "popular"])
+    assert whole.exit_code == 0, whole.output
+    manifests = [artifacts.read_manifest(artifacts.versions_root(registry) / artifacts.current_version(registry))
+                 for registry in (tmp_path / "several", tmp_path / "whole")]
+    several_data, whole_data = (manifest["data"] for manifest in manifests)
+    assert several_data["rows"] == whole_data["rows"] == 15_000
+    counts = ("interactions", "customer_item_pairs", "customers", "items")
+    assert {key: several_data[key] for key in counts} == {key: whole_data[key] for key in counts}
+    assert manifests[0]["strategies"]["popular"]["metrics"] == manifests[1]["strategies"]["popular"]["metrics"]
+    assert [(Path(f["path"]).name, f["rows"]) for f in manifests[0]["data"]["files"]] == [
+        ("base.parquet", 10_000), ("2026-11-29.csv", 2_500), ("2026-11-30.csv", 2_500), ("2026-12-01.csv", 0)]
