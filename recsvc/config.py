@@ -267,8 +267,7 @@ class Settings:
                                   maximum=10_000) / 1000,
             local_cache_entries=entries,
             local_cache_bytes=_local_cache_bytes(env, "RECSVC_LOCAL_CACHE_BYTES", cls.local_cache_bytes, entries),
-            cache_max_entry_bytes=_integer(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", cls.cache_max_entry_bytes,
-                                           minimum=1024, maximum=16 * 1024 * 1024),
+            cache_max_entry_bytes=cache_max_entry_bytes(env),
             cache_lock_wait=_number(env, "RECSVC_CACHE_LOCK_WAIT_MS", cls.cache_lock_wait * 1000, minimum=0,
                                     maximum=10_000) / 1000,
             redis_breaker_failures=_integer(env, "RECSVC_REDIS_BREAKER_FAILURES", cls.redis_breaker_failures,
@@ -291,6 +290,14 @@ class Settings:
             recent_items_ttl=_number(env, "RECSVC_RECENT_ITEMS_TTL", cls.recent_items_ttl, minimum=1,
                                      maximum=365 * 86400),
         )
+
+
+def cache_max_entry_bytes(env: Mapping[str, str] | None = None) -> int:
+    """RECSVC_CACHE_MAX_ENTRY_BYTES: a larger list is served but not cached. The cache warm-up reads this one alone,
+    so that a setting only the server uses (keys, spool directory) cannot stop it."""
+    env = os.environ if env is None else env
+    return _integer(env, "RECSVC_CACHE_MAX_ENTRY_BYTES", Settings.cache_max_entry_bytes, minimum=1024,
+                    maximum=16 * 1024 * 1024)
 
 
 def check_server_settings(env: Mapping[str, str] | None = None) -> Settings:

@@ -57,6 +57,23 @@ def test_k_above_the_number_of_items_is_a_clear_error(demo_paths):
                  "--k", "100000"]), "k = 100000 is more than the")
 
 
+@pytest.mark.parametrize("command, setting", [
+    ("fit", "set [evaluation] k in the config to at most that"),
+    ("evaluate", "set --k (or [evaluation] k in the config) to at most that"),
+])
+def test_k_above_the_number_of_items_names_a_setting_the_command_takes(tmp_path, command, setting):
+    """fit has no --k: its message must not send the user to one (the default k is 10, the file has 3 items)."""
+    interactions = tmp_path / "interactions.csv"
+    interactions.write_text("customer_id,item_id\n" + "".join(f"C{c},SKU-{i}\n" for c in range(4) for i in range(3)))
+    args = [command, "--interactions", str(interactions), "--strategies", "popular"]
+    if command == "fit":
+        args += ["--registry", str(tmp_path / "registry")]
+    result = run(args)
+    refused(result, f"k = 10 is more than the 3 items there are to recommend; {setting}")
+    if command == "fit":
+        assert "--k" not in result.output
+
+
 @pytest.mark.parametrize("column", [pa.array([[1], [2]]), pa.array([b"\xff", b"a"], pa.binary())])
 def test_parquet_ids_that_are_neither_text_nor_numbers_are_refused(tmp_path, column):
     path = tmp_path / "odd.parquet"

@@ -90,6 +90,20 @@ def test_cli_prints_entries_per_second(trained_registry, redis_url, redis_client
     assert len(keys) == 25 and 0 < redis_client.pttl(keys[0]) <= 120_000
 
 
+def test_server_only_settings_in_the_environment_do_not_stop_the_warm_up(trained_registry, redis_url, tmp_path):
+    """A trainer sharing the servers' environment file: their spool directory and keys are none of its business,
+    while their RECSVC_CACHE_MAX_ENTRY_BYTES is (a list the servers would not cache is not written)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    env = {"RECSVC_SPOOL_DIR": str(blocker / "spool"), "RECSVC_API_KEYS": "short"}
+    args = ["warm-cache", "--registry", str(trained_registry), "--redis-url", redis_url, "--top", "5"]
+    result = CliRunner(env=env).invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "warmed 5 entries" in result.output
+    result = CliRunner(env={**env, "RECSVC_CACHE_MAX_ENTRY_BYTES": "10"}).invoke(main, args)
+    assert result.exit_code == 2 and "RECSVC_CACHE_MAX_ENTRY_BYTES='10' must be between 1024" in result.output
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--registry", "{empty}", "--redis-url", "{redis}"], 2, "has no current model version"),
     (["--registry", "{registry}", "--redis-url", "http://example.org"], 2, "is not a Redis URL"),

@@ -148,8 +148,9 @@ def evaluate(scorer: Scorer, train: sp.csr_matrix, test: sp.csr_matrix, k: int =
     return result
 
 
-def check_k(k: int, items: int, setting: str = "[evaluation] k (or --k)") -> None:
-    """InvalidInput when a list of k cannot be filled from the catalogue at all; callers check before fitting."""
+def check_k(k: int, items: int, setting: str = "[evaluation] k in the config") -> None:
+    """InvalidInput when a list of k cannot be filled from the catalogue at all; callers check before fitting.
+    `setting` names what sets k for the command that runs (fit and nightly have no --k)."""
     if k > items:
         raise InvalidInput(f"k = {k} is more than the {items:,} items there are to recommend; set {setting} to at "
                            "most that")

@@ -302,19 +302,21 @@ def compare_strategies(interactions_files: Path | Sequence[Path], config: TrainC
     log = RunLog.of(log)
     names = resolve_strategies(config.strategies)
     strategies = build_strategies(names, config)
-    with log.steps(total=2 + 2 * len(names)):
+    with log.steps(total=2 + 2 * len(names)):  # `recsvc-train evaluate`, which takes --k
         _data, scorers, metrics, _params = _train_and_evaluate(interactions_files, config, catalog_path, log,
-                                                               strategies)
+                                                               strategies,
+                                                               k_setting="--k (or [evaluation] k in the config)")
     return metrics, choose_default(metrics, config.primary_metric, scorers)
 
 
 def _train_and_evaluate(interactions_files: Path | Sequence[Path], config: TrainConfig, catalog_path: Path | None,
-                        log: RunLog, strategies: dict[str, Strategy],
+                        log: RunLog, strategies: dict[str, Strategy], k_setting: str = "[evaluation] k in the config",
                         ) -> tuple[PreparedData, dict[str, Scorer], dict, dict]:
-    """The steps fit and evaluate share: ingest, holdout split, fit and score every strategy."""
+    """The steps fit and evaluate share: ingest, holdout split, fit and score every strategy. `k_setting`: what
+    sets k for the command that runs, named when k is above the number of items."""
     with log.step("ingest"):
         data = load_prepared(interactions_files, config, catalog_path, log)
-    check_k(config.k, data.matrix.shape[1])  # before an hour of fitting, not after the first strategy
+    check_k(config.k, data.matrix.shape[1], k_setting)  # before an hour of fitting, not after the first strategy
     with log.step("split"):
         train, test = holdout_split(data, config)
     data.held_out = int(test.nnz)

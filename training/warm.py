@@ -18,7 +18,7 @@ from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import (GENERATION_TTL, encode_entry, generation_key, new_generation, recent_items_key,
                           recommendation_keys)
-from recsvc.config import Settings, checked_redis_url, redacted_url
+from recsvc.config import cache_max_entry_bytes, checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
 from training.warm_batch import DEFAULT_QUERY, BatchRecommender, EncodedLists
@@ -145,7 +145,7 @@ class Plan:
         keys = recommendation_keys(bundle.version, strategy, customer_ids, DEFAULT_QUERY.cache_params())
         batches = [slice(start, start + BATCH) for start in range(0, len(customers), BATCH)]
         return cls(bundle, strategy, customers, customer_ids, keys, batches, ttl, redis_url,
-                   Settings.from_env().cache_max_entry_bytes)
+                   cache_max_entry_bytes())
 
 
 def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) -> tuple[int, float, float]:
