@@ -41,6 +41,7 @@ KINDS = (EXPOSURE, FEEDBACK, EVENT)
 FSYNC_POLICIES = ("always", "everysec")
 SPOOL_SUFFIX = ".spool"
 READ_CHUNK = 5_000  # stream entries per XRANGE call
+TRIM_STEP = 100_000  # stream entries per XTRIM call at most (about 4 ms of Redis's time each)
 REPLAY_CHUNK = 500  # records per pipelined round trip when replaying
 READ_TIMEOUT = 10.0  # seconds; reading a whole stream for a report or replaying takes longer than one command
 
@@ -94,12 +95,41 @@ class RedisStreams:
         """Every record of a kind, oldest first, in chunks so a long stream never arrives in one reply.
         `since`, `until` (Unix seconds): only the records the stream took at or after `since` and before `until`,
         by the time in their entry id (Redis's clock, in milliseconds), whatever time a record itself holds."""
+        return (record for _taken, record in self.entries(kind, since, until))
+
+    def entries(self, kind: str, since: float | None = None,
+                until: float | None = None) -> Iterator[tuple[float, dict]]:
+        """read()'s records with the time the stream took each (Unix seconds, milliseconds exact)."""
+        for chunk in self._chunks(kind, since, until):
+            for entry_id, fields in chunk:
+                yield int(entry_id.split(b"-")[0]) / 1000, orjson.loads(fields[b"r"])
+
+    def count(self, kind: str, until: float | None = None) -> int:
+        """How many records the stream took before `until` (Unix seconds; all without it). Reads them in chunks:
+        Redis has no command that counts a range."""
+        return sum(len(chunk) for chunk in self._chunks(kind, None, until))
+
+    def length(self, kind: str) -> int:
+        return self.client.xlen(event_stream_key(kind))
+
+    def trim(self, kind: str, before: float) -> int:
+        """Remove the records the stream took before `before` (Unix seconds, by their entry id as read() selects):
+        afterwards the stream holds exactly what read(kind, since=before) returned. Returns how many went.
+        Whole stream nodes go first, at most TRIM_STEP entries per command, so Redis keeps answering the servers
+        between steps (one exact XTRIM of a million entries blocked it for 32 ms); an exact XTRIM MINID then
+        removes the few left in the node that holds `before`. "~" never removes an entry at or after the MINID."""
+        key, min_id = event_stream_key(kind), f"{_milliseconds(before)}-0"
+        removed = 0
+        while step := self.client.xtrim(key, minid=min_id, approximate=True, limit=TRIM_STEP):
+            removed += step
+        return removed + self.client.xtrim(key, minid=min_id, approximate=False)
+
+    def _chunks(self, kind: str, since: float | None, until: float | None) -> Iterator[list]:
         cursor = "-" if since is None else str(_milliseconds(since))
         end = "+" if until is None else str(_milliseconds(until) - 1)  # "<ms>" as an end: every entry of that ms
         while True:
             entries = self.client.xrange(event_stream_key(kind), min=cursor, max=end, count=READ_CHUNK)
-            for _entry_id, fields in entries:
-                yield orjson.loads(fields[b"r"])
+            yield entries
             if len(entries) < READ_CHUNK:
                 return
             cursor = "(" + entries[-1][0].decode()

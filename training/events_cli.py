@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import click
@@ -9,8 +11,10 @@ import redis
 
 from recsvc.config import redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
-from recsvc.event_log import EVENT, RedisStreams, parse_event_time
+from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS, RedisStreams, parse_event_time
 from training.experiments_cli import REDIS_URL, redis_client, user_errors
+
+EXIT_REFUSED = 3  # as fit's quality gate: the command was sound, doing it now would lose what must be kept
 
 
 class EventTime(click.ParamType):
@@ -65,3 +69,55 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
     finally:
         client.close()
     click.echo(result.summary())
+
+
+@events.command("trim")
+@REDIS_URL
+@click.option("--before", type=EventTime(), required=True, help="Remove what the log took before this time: "
+              "ISO-8601 (UTC when no zone is given) or Unix seconds, as export's --until.")
+@click.option("--stream", "kinds", type=click.Choice(KINDS), multiple=True,
+              help="A stream to trim; repeat it for several (default: event only; experiment reports read "
+                   "exposure and feedback).")
+@click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
+@click.option("--allow-report-loss", is_flag=True, help="Trim exposure and feedback also when a running "
+              "experiment's report counts the records that go.")
+@user_errors
+def trim_command(redis_url: str | None, before: float, kinds: tuple[str, ...], dry_run: bool,
+                 allow_report_loss: bool) -> None:
+    """Remove the entries the log took before --before from its streams (by the time in their entry id, as export
+    selects), so that `export --until T` then `trim --before T` loses no event. Prints, per stream, the entries
+    removed and left.
+
+    Trimming exposure or feedback takes what goes out of every experiment's report: refused (exit 3, nothing
+    trimmed) while an experiment that is running, or not published to Redis, has exposures before --before.
+    Exit codes: 0 trimmed (or counted), 2 bad option, 3 refused, 1 Redis unreachable."""
+    from training.event_trim import check_before, experiment_losses, refusal, trim_stream, what_goes
+
+    if not redis_url:
+        raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
+    check_before(before, time.time())
+    kinds = tuple(dict.fromkeys(kinds)) or (EVENT,)
+    client = redis_client(redis_url)
+    streams = RedisStreams(client, dedupe_ttl=0)
+    try:
+        losses = experiment_losses(streams, before) if {EXPOSURE, FEEDBACK} & set(kinds) else []
+        refused = [loss for loss in losses if loss.protected and not allow_report_loss]
+        if refused and not dry_run:
+            click.echo(f"refused: {refusal(refused, kinds)}", err=True)
+            sys.exit(EXIT_REFUSED)
+        for kind in kinds:  # each line as its stream is done: after a failure the lines say what was trimmed
+            click.echo(trim_stream(streams, kind, before, dry_run).summary(before))
+    except redis.RedisError as exc:
+        raise RecsvcError(f"cannot trim the event log in {redacted_url(redis_url)}: {str(exc).rstrip('.')}") \
+            from None
+    finally:
+        client.close()
+    if losses:
+        click.echo("experiment reports count only the exposures and feedback left in the log", err=True)
+    for loss in losses:
+        if loss not in refused:
+            click.echo(f"warning: {loss.describe()}: its report {'would' if dry_run else 'does'} no longer "
+                       f"count {what_goes(kinds)}", err=True)
+    if refused:
+        click.echo(f"refused (a run without --dry-run would be): {refusal(refused, kinds)}", err=True)
+        sys.exit(EXIT_REFUSED)

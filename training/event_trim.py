@@ -1,0 +1,105 @@
+"""Trimming the event log's Redis streams: what the log took before a time goes, an experiment's report never by accident."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+from recsvc.cache import event_stream_key, experiments_key
+from recsvc.errors import InvalidInput
+from recsvc.event_log import EXPOSURE, FEEDBACK, RedisStreams
+from recsvc.experiments import STOPPED
+
+# A trim time ahead of now removes what the log takes until then too, including what no export has read yet:
+# beyond clock differences between machines it is a typo (2062 for 2026), refused.
+FUTURE_TOLERANCE_SECONDS = 60
+
+
+def shown_time(seconds: float) -> str:
+    """UTC ISO-8601 with milliseconds, the precision of stream entry ids; --before and --since read it back."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def check_before(before: float, now: float) -> None:
+    """InvalidInput when `before` (Unix seconds) is more than FUTURE_TOLERANCE_SECONDS after `now`."""
+    if before > now + FUTURE_TOLERANCE_SECONDS:
+        raise InvalidInput(f"--before {shown_time(before)} is in the future (now: {shown_time(now)}): it would remove "
+                           "everything the log holds, also what no export has read yet; give a time up to now")
+
+
+@dataclass
+class ExperimentLoss:
+    """One experiment's exposures that the log took before the trim time: its report counts them (and the
+    feedback joined to them) only while they stay."""
+
+    name: str
+    status: str | None  # as the servers published it to Redis; None: not published
+    exposures: int
+    first: float  # when the log took the first of them (Unix seconds)
+    before: float  # the trim time
+
+    @property
+    def protected(self) -> bool:
+        """Running, or unknown: its report may still be wanted. Only a stopped experiment's data goes unasked."""
+        return self.status != STOPPED
+
+    def describe(self) -> str:
+        status = self.status or "not published to Redis"
+        return (f"experiment {self.name} ({status}) has {self.exposures:,} exposures the log took before "
+                f"{shown_time(self.before)}, the first at {shown_time(self.first)}")
+
+
+def experiment_losses(streams: RedisStreams, before: float) -> list[ExperimentLoss]:
+    """The experiments with exposures in the log before `before`, by name. Feedback joins its exposure, which the
+    log took before it, so these are also the experiments whose feedback before `before` counts in a report.
+    Reads those exposures (as a report does) and the definitions the servers published."""
+    published = {name.decode(): json.loads(definition).get("status")
+                 for name, definition in streams.client.hgetall(experiments_key()).items()}
+    losses: dict[str, ExperimentLoss] = {}
+    for taken, record in streams.entries(EXPOSURE, until=before):
+        name = record["experiment"]
+        if name in losses:
+            losses[name].exposures += 1
+        else:
+            losses[name] = ExperimentLoss(name, published.get(name), 1, taken, before)
+    return sorted(losses.values(), key=lambda loss: loss.name)
+
+
+def what_goes(kinds: tuple[str, ...]) -> str:
+    """What of an experiment's exposures before the trim time its report loses when `kinds` are trimmed."""
+    if EXPOSURE in kinds:
+        return "them and their feedback" if FEEDBACK in kinds else "them"
+    return "their feedback"
+
+
+def refusal(protected: list[ExperimentLoss], kinds: tuple[str, ...]) -> str:
+    """Why trimming `kinds` now is refused, and the ways on."""
+    earliest = min(loss.first for loss in protected)
+    return ("; ".join(loss.describe() for loss in protected)
+            + f": trimming now would take {what_goes(kinds)} out of its report. Take the report first and stop the "
+            f"experiment (status \"stopped\"), or trim --before {shown_time(earliest)} or earlier, or pass "
+            "--allow-report-loss. Nothing trimmed")
+
+
+@dataclass
+class StreamTrim:
+    kind: str
+    removed: int  # entries removed; on a dry run, that would be
+    left: int
+    dry_run: bool
+
+    def summary(self, before: float) -> str:
+        verb, left = ("would remove", "would be left") if self.dry_run else ("removed", "left")
+        return (f"{self.kind} ({event_stream_key(self.kind)}): {verb} {self.removed:,} entries the log took before "
+                f"{shown_time(before)}, {self.left:,} {left}")
+
+
+def trim_stream(streams: RedisStreams, kind: str, before: float, dry_run: bool) -> StreamTrim:
+    """Remove (or, on a dry run, count) the entries of one stream that the log took before `before`."""
+    if dry_run:
+        removed = streams.count(kind, until=before)
+        return StreamTrim(kind, removed, max(streams.length(kind) - removed, 0), dry_run)
+    removed = streams.trim(kind, before)
+    return StreamTrim(kind, removed, streams.length(kind), dry_run)
