@@ -1,4 +1,4 @@
-"""Trimming the event log's Redis streams: what the log took before a time goes, an experiment's report never by accident."""
+"""Trimming the event log's Redis streams: what the log took before a time goes, never a report's data by accident."""
 
 from __future__ import annotations
 

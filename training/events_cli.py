@@ -116,8 +116,8 @@ def trim_command(redis_url: str | None, before: float, kinds: tuple[str, ...], d
         click.echo("experiment reports count only the exposures and feedback left in the log", err=True)
     for loss in losses:
         if loss not in refused:
-            click.echo(f"warning: {loss.describe()}: its report {'would' if dry_run else 'does'} no longer "
-                       f"count {what_goes(kinds)}", err=True)
+            counts = "would no longer count" if dry_run else "no longer counts"
+            click.echo(f"warning: {loss.describe()}: its report {counts} {what_goes(kinds)}", err=True)
     if refused:
         click.echo(f"refused (a run without --dry-run would be): {refusal(refused, kinds)}", err=True)
         sys.exit(EXIT_REFUSED)
