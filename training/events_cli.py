@@ -33,7 +33,7 @@ class EventTime(click.ParamType):
 
 @click.group()
 def events() -> None:
-    """Events posted to POST /v1/events."""
+    """The event log in Redis: events posted to POST /v1/events as a training file; trimming its streams."""
 
 
 @events.command("export")
