@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 
 from recsvc.errors import ConfigError, InvalidInput, RecsvcError  # noqa: E402
+from training.runlog import LoggedCommand, run_log_options  # noqa: E402
 
 EXIT_UNUSABLE_INPUT = 2
 EXIT_REFUSED_BY_GATE = 3
@@ -79,8 +80,9 @@ def error_message(exc: Exception) -> str:
 
 def user_errors(command):
     """Turn an error into a readable message and a documented exit code, never a traceback for a user's
-    mistake. With --log-format json every error is one JSON line on stderr (with `exit_code`), an unexpected
-    one too (the traceback in a field), so that a cron job's .jsonl log stays JSON."""
+    mistake. With --log-format json every error is one JSON line on stderr (with `exit_code`, and the error's
+    details as fields: the bad-row counts of a refused input), an unexpected one too (the traceback in a field),
+    so that a cron job's .jsonl log stays JSON."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -98,8 +100,8 @@ def user_errors(command):
             code = exit_code_of(exc)
             if code is None and log.log_format != "json":
                 raise  # a bug: the traceback, exit 1
-            fields = {"traceback": traceback.format_exc()} if code is None else {}
-            log.error(error_message(exc), exit_code=code or 1, **fields)
+            fields = {"traceback": traceback.format_exc()} if code is None else getattr(exc, "details", {})
+            log.error(error_message(exc), **{**fields, "exit_code": code or 1})
             sys.exit(code or 1)
 
     return wrapper
@@ -149,21 +151,6 @@ INTERACTIONS_OPTION = click.option(
          "in any mix of formats; a quoted glob pattern ('events/*.csv') reads the files it matches, sorted by name.")
 
 
-def run_log_options(command):
-    """--quiet and --log-format, turned into a `log` (training.runlog.RunLog) argument."""
-
-    @click.option("--quiet", "-q", is_flag=True, help="Only warnings, errors and the outcome (for cron).")
-    @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                  help="json: one JSON object per line on stderr, and the summary as one JSON line on stdout.")
-    @functools.wraps(command)
-    def wrapper(*args, quiet: bool, log_format: str, **kwargs):
-        from training.runlog import RunLog
-
-        return command(*args, log=RunLog(log_format=log_format, quiet=quiet), **kwargs)
-
-    return wrapper
-
-
 def _strategy_list(strategies: str | None, config) -> None:
     if strategies is not None:
         config.strategies = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -197,7 +184,7 @@ def fit_summary(result) -> dict:
             "path": result.path, "removed_versions": result.removed_versions}
 
 
-@main.command()
+@main.command(cls=LoggedCommand)
 @INTERACTIONS_OPTION
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog CSV or Parquet.")
 @click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -227,7 +214,7 @@ def fit(interactions_files: tuple[Path, ...], catalog_path: Path | None, registr
     report_fit(result, config, log)
 
 
-@main.command("evaluate")
+@main.command("evaluate", cls=LoggedCommand)
 @INTERACTIONS_OPTION
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog: inactive items are "
               "never recommended.")
@@ -263,7 +250,7 @@ def evaluate_command(interactions_files: tuple[Path, ...], catalog_path: Path | 
     click.echo(format_table(metrics, metric_columns(config.k), marker=best))
 
 
-@main.command()
+@main.command(cls=LoggedCommand)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="Nightly config (TOML or JSON) with a [nightly] section naming interactions and registry.")
 @click.option("--force", is_flag=True, help="Retrain even when up to date, and publish even when the gate refuses.")
@@ -298,17 +285,20 @@ def registry() -> None:
     """List, show and roll back model versions."""
 
 
-@registry.command("list")
+@registry.command("list", cls=LoggedCommand)
 @REGISTRY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@run_log_options
 @user_errors
-def registry_list(registry: Path, as_json: bool) -> None:
-    """Every version, oldest first; the current one is starred."""
+def registry_list(registry: Path, as_json: bool, log) -> None:
+    """Every version, oldest first; the current one is starred. --log-format json: the versions as with --json,
+    on one line."""
     from training.registry import list_summaries
 
     summaries = list_summaries(registry)
-    if as_json:
-        click.echo(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2))
+    if as_json or log.log_format == "json":
+        versions = [dataclasses.asdict(s) for s in summaries]
+        click.echo(json.dumps(versions, indent=None if log.log_format == "json" else 2))
         return
     if not summaries:
         click.echo(f"{registry}: no versions yet")
@@ -321,30 +311,37 @@ def registry_list(registry: Path, as_json: bool) -> None:
     click.echo("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
 
 
-@registry.command("show")
+@registry.command("show", cls=LoggedCommand)
 @REGISTRY_OPTION
 @click.argument("version", required=False)
+@run_log_options
 @user_errors
-def registry_show(registry: Path, version: str | None) -> None:
-    """The manifest of VERSION (default: the current one) as JSON."""
+def registry_show(registry: Path, version: str | None, log) -> None:
+    """The manifest of VERSION (default: the current one) as JSON (--log-format json: on one line)."""
     from training.registry import show
 
-    click.echo(json.dumps(show(registry, version), indent=2, sort_keys=True))
+    manifest = show(registry, version)
+    click.echo(json.dumps(manifest, indent=None if log.log_format == "json" else 2, sort_keys=True))
 
 
-@registry.command("rollback")
+@registry.command("rollback", cls=LoggedCommand)
 @REGISTRY_OPTION
 @click.argument("version", required=False)
+@run_log_options
 @user_errors
-def registry_rollback(registry: Path, version: str | None) -> None:
+def registry_rollback(registry: Path, version: str | None, log) -> None:
     """Make VERSION current (default: the version current before the current one); servers follow within seconds.
 
     Takes the nightly lock (exit 4 while a nightly run holds it)."""
     from training.registry import rollback
 
     previous, current = rollback(registry, version)
-    click.echo(f"CURRENT: {current} is current already; nothing changed" if previous == current
-               else f"CURRENT: {previous} -> {current}")
+    if log.log_format == "json":
+        click.echo(json.dumps({"event": "summary", "outcome": "unchanged" if previous == current else "rolled_back",
+                               "from": previous, "to": current}))
+    else:
+        click.echo(f"CURRENT: {current} is current already; nothing changed" if previous == current
+                   else f"CURRENT: {previous} -> {current}")
 
 
 @main.command()
@@ -388,7 +385,7 @@ def tune(interactions_files: tuple[Path, ...], strategy: str, trials: int, metri
     click.echo(f"wrote the best {strategy} parameters to {config_path}")
 
 
-@main.command("warm-cache")
+@main.command("warm-cache", cls=LoggedCommand)
 @click.option("--registry", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--redis-url", required=True, help="The Redis the servers use, e.g. redis://127.0.0.1:6379/0.")
 @click.option("--top", type=click.IntRange(min=1), default=10_000, show_default=True,
@@ -398,13 +395,15 @@ def tune(interactions_files: tuple[Path, ...], strategy: str, trials: int, metri
 @click.option("--workers", type=click.IntRange(min=1), default=min(4, os.cpu_count() or 1), show_default="the cores, "
               "at most 4", help="Processes computing lists at once (forked once the model is loaded); the warm-up "
               "is bound by computation.")
+@run_log_options
 @user_errors
-def warm_cache(registry: Path, redis_url: str, top: int, ttl: float, workers: int) -> None:
+def warm_cache(registry: Path, redis_url: str, top: int, ttl: float, workers: int, log) -> None:
     """Precompute the default suggestions of the most active customers into Redis (exit 1: Redis unreachable)."""
     from training.warm import warm_cache as warm
 
-    result = warm(registry, redis_url, top, ttl=ttl, log=lambda line: click.echo(line, err=True), workers=workers)
-    click.echo(result.summary())
+    result = warm(registry, redis_url, top, ttl=ttl, log=log.info, workers=workers)
+    click.echo(json.dumps({"event": "summary", "outcome": "warmed", **result.as_dict()})
+               if log.log_format == "json" else result.summary())
 
 
 def _add_groups() -> None:

@@ -36,6 +36,10 @@ class ExportResult:
                      "concatenate it with the rest of the interactions")
         return text
 
+    def as_dict(self) -> dict:
+        """The figures of the summary: events written, repeated event_ids left out, the file."""
+        return {"events": self.rows, "repeated": self.repeated, "path": str(self.path)}
+
 
 def output_format(path: Path) -> str:
     """csv, csv.gz or parquet, by the name's suffix; InvalidInput for any other name."""

@@ -50,6 +50,11 @@ class ExperimentLoss:
         return (f"experiment {self.name} ({status}) has {self.exposures:,} exposures the log took before "
                 f"{shown_time(self.before)}, the first at {shown_time(self.first)}")
 
+    def as_dict(self) -> dict:
+        """What describe() says, as fields of a JSON log line."""
+        return {"experiment": self.name, "status": self.status, "exposures": self.exposures,
+                "first": shown_time(self.first)}
+
 
 def experiment_losses(streams: RedisStreams, before: float) -> list[ExperimentLoss]:
     """The experiments with exposures in the log before `before`, by name. Feedback joins its exposure, which the
@@ -94,6 +99,9 @@ class StreamTrim:
         verb, left = ("would remove", "would be left") if self.dry_run else ("removed", "left")
         return (f"{self.kind} ({event_stream_key(self.kind)}): {verb} {self.removed:,} entries the log took before "
                 f"{shown_time(before)}, {self.left:,} {left}")
+
+    def as_dict(self) -> dict:
+        return {"key": event_stream_key(self.kind), "removed": self.removed, "left": self.left}
 
 
 def trim_stream(streams: RedisStreams, kind: str, before: float, dry_run: bool) -> StreamTrim:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,10 @@ import redis
 from recsvc.config import redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS, RedisStreams, parse_event_time
+from training.event_trim import (ExperimentLoss, StreamTrim, check_before, experiment_losses, refusal, shown_time,
+                                 trim_stream, what_goes)
 from training.experiments_cli import REDIS_URL, redis_client, user_errors
+from training.runlog import LoggedCommand, RunLog, run_log_options
 
 EXIT_REFUSED = 3  # as fit's quality gate: the command was sound, doing it now would lose what must be kept
 
@@ -36,15 +40,16 @@ def events() -> None:
     """The event log in Redis: events posted to POST /v1/events as a training file; trimming its streams."""
 
 
-@events.command("export")
+@events.command("export", cls=LoggedCommand)
 @REDIS_URL
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The interactions file to write: FILE.csv, FILE.csv.gz or FILE.parquet (replaced whole).")
 @click.option("--since", type=EventTime(), help="Only events the log took at or after this time: ISO-8601 (UTC "
               "when no zone is given) or Unix seconds.")
 @click.option("--until", type=EventTime(), help="Only events the log took before this time.")
+@run_log_options
 @user_errors
-def export_command(redis_url: str | None, out: Path, since: float | None, until: float | None) -> None:
+def export_command(redis_url: str | None, out: Path, since: float | None, until: float | None, log: RunLog) -> None:
     """Write the events the API kept (its Redis stream) as an interactions file for `fit` and `nightly`:
     customer_id, item_id, event_type, timestamp (the event's own, else when it was received), weight.
 
@@ -68,10 +73,15 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
                           f"{out} not written") from None
     finally:
         client.close()
-    click.echo(result.summary())
+    if log.log_format == "json":
+        click.echo(json.dumps({"event": "summary", "outcome": "written", **result.as_dict(),
+                               "since": None if since is None else shown_time(since),
+                               "until": None if until is None else shown_time(until)}))
+    else:
+        click.echo(result.summary())
 
 
-@events.command("trim")
+@events.command("trim", cls=LoggedCommand)
 @REDIS_URL
 @click.option("--before", type=EventTime(), required=True, help="Remove what the log took before this time: "
               "ISO-8601 (UTC when no zone is given) or Unix seconds, as export's --until.")
@@ -81,9 +91,10 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
 @click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
 @click.option("--allow-report-loss", is_flag=True, help="Trim exposure and feedback also when a running "
               "experiment's report counts the records that go.")
+@run_log_options
 @user_errors
 def trim_command(redis_url: str | None, before: float, kinds: tuple[str, ...], dry_run: bool,
-                 allow_report_loss: bool) -> None:
+                 allow_report_loss: bool, log: RunLog) -> None:
     """Remove the entries the log took before --before from its streams (by the time in their entry id, as export
     selects), so that `export --until T` then `trim --before T` loses no event. Prints, per stream, the entries
     removed and left.
@@ -91,33 +102,46 @@ def trim_command(redis_url: str | None, before: float, kinds: tuple[str, ...], d
     Trimming exposure or feedback takes what goes out of every experiment's report: refused (exit 3, nothing
     trimmed) while an experiment that is running, or not published to Redis, has exposures before --before.
     Exit codes: 0 trimmed (or counted), 2 bad option, 3 refused, 1 Redis unreachable."""
-    from training.event_trim import check_before, experiment_losses, refusal, trim_stream, what_goes
-
     if not redis_url:
         raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
     check_before(before, time.time())
     kinds = tuple(dict.fromkeys(kinds)) or (EVENT,)
     client = redis_client(redis_url)
     streams = RedisStreams(client, dedupe_ttl=0)
+    trims: list[StreamTrim] = []
     try:
         losses = experiment_losses(streams, before) if {EXPOSURE, FEEDBACK} & set(kinds) else []
         refused = [loss for loss in losses if loss.protected and not allow_report_loss]
         if refused and not dry_run:
-            click.echo(f"refused: {refusal(refused, kinds)}", err=True)
-            sys.exit(EXIT_REFUSED)
+            trim_outcome(log, before, kinds, dry_run, trims, refused)
         for kind in kinds:  # each line as its stream is done: after a failure the lines say what was trimmed
-            click.echo(trim_stream(streams, kind, before, dry_run).summary(before))
-    except redis.RedisError as exc:
-        raise RecsvcError(f"cannot trim the event log in {redacted_url(redis_url)}: {str(exc).rstrip('.')}") \
-            from None
+            trims.append(trim_stream(streams, kind, before, dry_run))
+            if log.log_format == "text":
+                click.echo(trims[-1].summary(before))
+    except redis.RedisError as exc:  # in json, the error line's `streams` says what was trimmed
+        raise RecsvcError(f"cannot trim the event log in {redacted_url(redis_url)}: {str(exc).rstrip('.')}",
+                          details={"streams": {trim.kind: trim.as_dict() for trim in trims}}) from None
     finally:
         client.close()
     if losses:
-        click.echo("experiment reports count only the exposures and feedback left in the log", err=True)
+        log.info("experiment reports count only the exposures and feedback left in the log")
     for loss in losses:
         if loss not in refused:
             counts = "would no longer count" if dry_run else "no longer counts"
-            click.echo(f"warning: {loss.describe()}: its report {counts} {what_goes(kinds)}", err=True)
+            message = f"{loss.describe()}: its report {counts} {what_goes(kinds)}"
+            log.warning(message if log.log_format == "json" else f"warning: {message}", **loss.as_dict())
+    trim_outcome(log, before, kinds, dry_run, trims, refused)
+
+
+def trim_outcome(log: RunLog, before: float, kinds: tuple[str, ...], dry_run: bool, trims: list[StreamTrim],
+                 refused: list[ExperimentLoss]) -> None:
+    """The summary (one JSON line on stdout with --log-format json; text printed each stream's line already), then
+    the refusal and exit 3 when an experiment's report keeps what would go (a dry run counts first)."""
+    if log.log_format == "json":
+        outcome = "refused" if refused else "counted" if dry_run else "trimmed"
+        click.echo(json.dumps({"event": "summary", "outcome": outcome, "before": shown_time(before),
+                               "dry_run": dry_run, "streams": {trim.kind: trim.as_dict() for trim in trims}}))
     if refused:
-        click.echo(f"refused (a run without --dry-run would be): {refusal(refused, kinds)}", err=True)
+        label = "refused (a run without --dry-run would be)" if dry_run else "refused"
+        log.warning(f"{label}: {refusal(refused, kinds)}", experiments=[loss.as_dict() for loss in refused])
         sys.exit(EXIT_REFUSED)

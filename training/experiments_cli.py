@@ -18,6 +18,7 @@ from recsvc.config import checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
 from recsvc.experiments import Experiment, load_experiments, parse_experiments
+from training.runlog import LoggedCommand, RunLog, run_log_options
 
 CHART_SUFFIXES = (".html", ".png")
 
@@ -45,7 +46,7 @@ def experiments() -> None:
     """A/B experiments: live report, offline replay."""
 
 
-@experiments.command("report")
+@experiments.command("report", cls=LoggedCommand)
 @click.argument("name")
 @REDIS_URL
 @DEFINITIONS
@@ -54,11 +55,12 @@ def experiments() -> None:
               help="Also write a chart of the rates with their intervals: FILE.html (no extra needs) or FILE.png "
                    "(needs matplotlib: pip install 'recsvc[charts]').")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@run_log_options
 @user_errors
 def report_command(name: str, redis_url: str | None, experiments_path: Path | None, alpha: float,
-                   chart_path: Path | None, as_json: bool) -> None:
+                   chart_path: Path | None, as_json: bool, log: RunLog) -> None:
     """The statistics of experiment NAME from the event log in Redis (exit 2: unknown experiment or bad option,
-    1: Redis unreachable)."""
+    1: Redis unreachable). --log-format json: the report as with --json, on one line."""
     if not redis_url:
         raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
     if chart_path is not None and chart_path.suffix.lower() not in CHART_SUFFIXES:
@@ -72,10 +74,13 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
         report = report_for(experiment, streams.read(EXPOSURE), streams.read(FEEDBACK), alpha)
     except redis.RedisError as exc:
         raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {exc}") from None
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if as_json or log.log_format == "json":
+        click.echo(json.dumps(report, indent=None if log.log_format == "json" else 2))
+    else:
+        click.echo(format_report(report))
     if chart_path is not None:
         write_chart(report, chart_path)
-        click.echo(f"wrote {chart_path}", err=True)
+        log.info(f"wrote {chart_path}", chart=str(chart_path))
 
 
 def redis_client(redis_url: str) -> redis.Redis:

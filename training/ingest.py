@@ -605,10 +605,12 @@ def _row_strengths(table: pa.Table, options: IngestOptions, rows: _RowCheck) -> 
 
 
 def _check_bad_share(report: BadRowReport, options: IngestOptions, path: Path | str, several: bool = False) -> None:
+    # details: the counts as fields of the error's JSON log line (--log-format json), for monitoring to alert on
     if not report.total_rows:
-        raise InvalidInput(f"{path}: no data rows: {'every file' if several else 'the file'} holds only column names")
+        raise InvalidInput(f"{path}: no data rows: {'every file' if several else 'the file'} holds only column names",
+                           details=report.as_dict())
     if report.total_rows == report.bad_rows:
-        raise InvalidInput(f"{path}: no usable interaction rows.\n{report.summary()}")
+        raise InvalidInput(f"{path}: no usable interaction rows.\n{report.summary()}", details=report.as_dict())
     if report.bad_share > options.max_bad_share:
         digits = 2
         while f"{report.bad_share:.{digits}%}" == f"{options.max_bad_share:.{digits}%}" and digits < 6:

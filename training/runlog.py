@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TextIO
 
+import click
 from tqdm import tqdm
 
 LOG_FORMATS = ("text", "json")
@@ -91,3 +93,46 @@ class RunLog:
         if self._bar is not None:
             self._bar.update(1)
         self.info(f"{name}: {self.seconds[name]:.1f}s", step=name, seconds=round(self.seconds[name], 3))
+
+
+def run_log_options(command):
+    """--quiet and --log-format, turned into a `log` (RunLog) argument. Give the command cls=LoggedCommand too, so
+    that a mistake in its command line is a JSON line as well."""
+
+    @click.option("--quiet", "-q", is_flag=True, help="Only warnings, errors and the outcome (for cron).")
+    @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+                  help="json: one JSON object per line on stderr, and the summary as one JSON line on stdout.")
+    @functools.wraps(command)
+    def wrapper(*args, quiet: bool, log_format: str, **kwargs):
+        return command(*args, log=RunLog(log_format=log_format, quiet=quiet), **kwargs)
+
+    return wrapper
+
+
+class LoggedCommand(click.Command):
+    """A command with run_log_options: with --log-format json, a mistake in its command line (a value that is no
+    time, a missing option, an unknown one) is one JSON error line too, exit 2 as click's usage text; the
+    command's own errors are training.cli.user_errors' business."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        log_format = asked_log_format(args)  # before click's parser, which consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if log_format != "json":
+                raise
+            RunLog(log_format="json").error(exc.format_message(), exit_code=exc.exit_code)
+            ctx.exit(exc.exit_code)
+
+
+def asked_log_format(args: list[str]) -> str:
+    """The --log-format a command line asks for (the last one, as click takes it), "text" when none."""
+    log_format = "text"
+    for index, token in enumerate(args):
+        if token == "--":
+            break
+        if token.startswith("--log-format="):
+            log_format = token.partition("=")[2]
+        elif token == "--log-format" and index + 1 < len(args):
+            log_format = args[index + 1]
+    return log_format

@@ -58,6 +58,12 @@ class WarmResult:
                 f"{rate:,.0f} entries/s end to end; computing took {self.compute_seconds:.2f}s, writing "
                 f"{self.write_seconds:.2f}s alongside it ({write_rate:,.0f} entries/s written)")
 
+    def as_dict(self) -> dict:
+        """The figures of the summary, seconds rounded to the millisecond (--log-format json)."""
+        return {"version": self.version, "strategy": self.strategy, "entries": self.entries,
+                "seconds": round(self.seconds, 3), "compute_seconds": round(self.compute_seconds, 3),
+                "write_seconds": round(self.write_seconds, 3), "workers": self.workers}
+
 
 class PrefetchedRecentItems(RecentItems):
     """The server's recent items (POST /v1/events) of a batch of customers, read beforehand in one round trip."""
