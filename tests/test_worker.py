@@ -81,19 +81,43 @@ def wait_until_workers_poll(log: Path, workers: int, timeout: float = 30.0) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("connections", [8, 6])
 def test_keep_alive_connections_opened_at_once_are_split_evenly(trained_registry, tmp_path, connections):
+    """The balancing waits at most ACCEPT_DEFER_SECONDS for the other worker to wake, so on a loaded machine a
+    round can end one connection off even (a 4/2 failed one full run of the suite in CI on 2026-12-01). Three
+    rounds: at least two even and none more than one off. Without the balancing (plain gthread; six runs of this
+    test, 36 rounds) most rounds split 7/1, 6/2, 5/1 or 6/0, at most one of a run's three was even, and every run
+    failed."""
     env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY}
     with running_server(env, tmp_path / "server.log", workers=2) as base:
         wait_until_workers_poll(tmp_path / "server.log", 2)
         port = urlparse(base).port
-        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(connections)]
-        try:
-            for client in clients:  # one request each, kept alive, so every connection has been accepted
-                client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-            for client in clients:
-                assert client.recv(4096).startswith(b"HTTP/1.1 200")
-            per_worker = server_connections(port)
-            assert sum(per_worker.values()) == connections, per_worker
-            assert sorted(per_worker.values()) == [connections // 2] * 2, per_worker
-        finally:
-            for client in clients:
-                client.close()
+        splits = []
+        for _round in range(3):
+            splits.append(split_of_connections_opened_at_once(port, connections))
+            wait_until_no_connections(port)
+    even = [connections // 2] * 2
+    assert sum(split == even for split in splits) >= 2, splits
+    assert all(split[1] - split[0] <= 2 for split in splits), splits
+
+
+def split_of_connections_opened_at_once(port: int, connections: int) -> list[int]:
+    """Open `connections` at once, one request each kept alive, and count them per worker (sorted)."""
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(connections)]
+    try:
+        for client in clients:  # one request each, kept alive, so every connection has been accepted
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        for client in clients:
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        per_worker = server_connections(port)
+        assert sum(per_worker.values()) == connections, per_worker
+        return sorted(per_worker.values()) + [0] * (2 - len(per_worker))
+    finally:
+        for client in clients:
+            client.close()
+
+
+def wait_until_no_connections(port: int, timeout: float = 10.0) -> None:
+    """Block until the workers have closed every connection of the round before (they count it until then)."""
+    deadline = time.monotonic() + timeout
+    while server_connections(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server_connections(port), "the workers kept the closed connections"
