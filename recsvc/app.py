@@ -8,6 +8,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 from flask import Flask, g, request
 
@@ -170,9 +171,19 @@ def _assign_request_id() -> None:
     g.request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER, ""))
 
 
+@lru_cache(maxsize=None)  # one entry per route
+def endpoint_label(rule: str) -> str:
+    """The route template as the metrics and access lines name it, without converter names:
+    "/v1/customers/<id:customer_id>/recommendations" is "/v1/customers/<customer_id>/recommendations"."""
+    return _CONVERTER.sub("<", rule)
+
+
+_CONVERTER = re.compile(r"<[^:<>]+:")
+
+
 def _record_request(response):
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
-    endpoint = request.url_rule.rule if request.url_rule is not None else None
+    endpoint = endpoint_label(request.url_rule.rule) if request.url_rule is not None else None
     record_request(endpoint, request.method, request.path, response.status_code, seconds)
     return response
 

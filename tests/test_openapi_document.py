@@ -68,6 +68,13 @@ def test_path_ids_are_documented_with_their_length_bound(api, spec, path, name):
     error_of(api.get(too_long, headers={"Authorization": "Bearer " + ADMIN_KEY}), 400)
 
 
+@pytest.mark.parametrize("path, name", [("/v1/customers/{customer_id}/recommendations", "customer_id"),
+                                        ("/v1/items/{item_id}/similar", "item_id")])
+def test_path_ids_are_documented_to_carry_a_slash_as_percent_2f(spec, path, name):
+    (parameter,) = [p for p in spec["paths"][path]["parameters"] if p["name"] == name]
+    assert "a '/' in it is sent as %2F" in parameter["description"]
+
+
 def test_a_body_is_documented_as_required_where_the_server_needs_one(api, spec, auth):  # noqa: F811
     """POST recommendations takes no body (every field has a default); the other POSTs answer 400 without one."""
     for method, path, operation in operations(spec):

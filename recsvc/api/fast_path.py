@@ -30,6 +30,9 @@ from recsvc.recommend import RecommendationQuery
 ROUTE = "/v1/customers/<customer_id>/recommendations"
 # Ids and values made of these characters read the same to Flask and to us (no percent-decoding, no '+').
 _PATH = re.compile(r"/v1/customers/([A-Za-z0-9._~:@-]{1,%d})/recommendations" % MAX_ID)
+# An id with '/' (sent as %2F; the server decoded it): tried only when _PATH did not match, so plain ids stay as fast.
+# Flask's <id:...> converter takes the same id: everything between the two fixed parts.
+_SLASHED_PATH = re.compile(r"/v1/customers/([A-Za-z0-9._~:@/-]{1,%d})/recommendations" % MAX_ID)
 _VALUE = re.compile(r"[A-Za-z0-9._~:@-]+")
 _LIMIT = re.compile(r"[1-9][0-9]{0,2}")
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
@@ -103,7 +106,8 @@ class RecommendationsFastPath:
         if environ["REQUEST_METHOD"] != "GET" or environ.get("CONTENT_LENGTH") not in (None, "", "0") \
                 or "HTTP_TRANSFER_ENCODING" in environ:
             return None
-        match = _PATH.fullmatch(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        match = _PATH.fullmatch(path) or _SLASHED_PATH.fullmatch(path)
         return match.group(1) if match else None
 
     def _body(self, environ, customer_id: str, request_id: str) -> bytes | None:

@@ -10,7 +10,7 @@ from recsvc.api.schemas import SimilarArgsSchema, SimilarItemsSchema, path_id, p
 blp = Blueprint("items", __name__, url_prefix="/v1", description="Similar items")
 
 
-@blp.route("/items/<item_id>/similar", parameters=[path_id_parameter("item_id", "The item to find others like")])
+@blp.route("/items/<id:item_id>/similar", parameters=[path_id_parameter("item_id", "The item to find others like")])
 @blp.arguments(SimilarArgsSchema(), location="query")
 @blp.response(200, SimilarItemsSchema)
 @blp.alt_response(404, description="The item is not in the current model")

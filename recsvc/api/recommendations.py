@@ -25,7 +25,7 @@ def _json(body: bytes) -> Response:
     return Response(body, mimetype="application/json")
 
 
-@blp.route("/customers/<customer_id>/recommendations",
+@blp.route("/customers/<id:customer_id>/recommendations",
            parameters=[path_id_parameter("customer_id", "The customer on the line")])
 class CustomerRecommendations(MethodView):
     @blp.arguments(RecommendationArgsSchema(), location="query")

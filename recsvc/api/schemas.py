@@ -8,6 +8,7 @@ import marshmallow as ma
 from marshmallow import validate
 from webargs.fields import DelimitedList
 from webargs.flaskparser import abort
+from werkzeug.routing import PathConverter
 
 MAX_ID = 128
 MAX_LIST = 100
@@ -53,10 +54,21 @@ def path_id(raw: str, name: str) -> str:
               messages={"path": {name: error.messages}})
 
 
+class PathIdConverter(PathConverter):
+    """`<id:name>`: an id in the path, which may hold '/' (sent as %2F, which gunicorn and werkzeug decode before
+    routing). Whatever lies between the route's fixed parts is the id, a leading, trailing or doubled '/'
+    included (werkzeug's `path` takes none at the start); path_id then reads it. Every route with an id ends in a
+    fixed part (/recommendations, /similar), so the id's end is never in doubt."""
+
+    regex = r"[\s\S]+?"  # a newline too: request_form answers a control character with its 400, not a 404
+    part_isolating = False  # werkzeug would take a regex without '/' in it for one that matches no '/'
+
+
 def path_id_parameter(name: str, description: str) -> dict:
     """The OpenAPI description of an id in the path, as path_id reads it (werkzeug's converter says only
     minLength 1)."""
-    return {"in": "path", "name": name, "description": f"{description}; surrounding whitespace is not part of it",
+    return {"in": "path", "name": name,
+            "description": f"{description}; surrounding whitespace is not part of it, and a '/' in it is sent as %2F",
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL_CHARACTERS}}
 
 
