@@ -106,8 +106,10 @@ class RecommendationsFastPath:
         if environ["REQUEST_METHOD"] != "GET" or environ.get("CONTENT_LENGTH") not in (None, "", "0") \
                 or "HTTP_TRANSFER_ENCODING" in environ:
             return None
-        path = environ.get("PATH_INFO", "")
-        match = _PATH.fullmatch(path) or _SLASHED_PATH.fullmatch(path)
+        match = _PATH.fullmatch(environ.get("PATH_INFO", ""))
+        if match:
+            return match.group(1)
+        match = _SLASHED_PATH.fullmatch(environ.get("PATH_INFO", ""))
         return match.group(1) if match else None
 
     def _body(self, environ, customer_id: str, request_id: str) -> bytes | None:
