@@ -54,6 +54,7 @@ def test_nightly_publishes_warms_the_cache_and_is_safe_to_rerun(demo_paths, tmp_
     again = nightly(config)
     assert again.returncode == 0, again.stderr
     assert f"{version} was trained on the same data and configuration: nothing to do" in again.stdout
+    assert "nothing to do" not in again.stderr  # said once, as the outcome, not again as a log line
     assert artifacts.list_versions(registry) == [version]
 
 

@@ -112,9 +112,8 @@ def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyR
         sweep_recent_items_step(config.nightly.redis_url, log)
         current = None if force else up_to_date(registry, config)
         if current is not None:
-            message = f"{current} was trained on the same data and configuration: nothing to do"
-            log.info(message)
-            return NightlyResult("up_to_date", message)
+            # The outcome line says it (stdout; the summary in JSON): no log line repeating it on stderr.
+            return NightlyResult("up_to_date", f"{current} was trained on the same data and configuration: nothing to do")
         result = fit_and_publish(interactions, registry, config, catalog_path=config.nightly.catalog, log=log,
                                  force=force)
         if not result.published:
