@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 
 from recsvc.errors import ConfigError, InvalidInput, RecsvcError  # noqa: E402
+from training.cli_options import INTERACTIONS_OPTION  # noqa: E402
 from training.runlog import LoggedCommand, run_log_options  # noqa: E402
 
 EXIT_UNUSABLE_INPUT = 2
@@ -143,12 +144,6 @@ def demo_data(out: Path, customers: int, items: int, interactions: int, seed: in
     paths = write(out, DemoSizes(customers=customers, items=items, interactions=interactions), seed=seed)
     for name, path in paths.items():
         click.echo(f"wrote {path} ({name})")
-
-
-INTERACTIONS_OPTION = click.option(
-    "--interactions", "interactions_files", type=click.Path(path_type=Path), multiple=True, required=True,
-    help="CSV, CSV.gz or Parquet with customer_id and item_id columns. Repeat it to read several files as one, "
-         "in any mix of formats; a quoted glob pattern ('events/*.csv') reads the files it matches, sorted by name.")
 
 
 def _strategy_list(strategies: str | None, config) -> None:

@@ -18,6 +18,7 @@ from recsvc.config import checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
 from recsvc.experiments import Experiment, load_experiments, parse_experiments
+from training.cli_options import INTERACTIONS_OPTION
 from training.runlog import LoggedCommand, RunLog, run_log_options
 
 CHART_SUFFIXES = (".html", ".png")
@@ -217,9 +218,7 @@ def _write_png(report: dict, path: Path) -> None:
 @click.argument("name")
 @DEFINITIONS
 @REDIS_URL
-@click.option("--interactions", "interactions_files", type=click.Path(path_type=Path), multiple=True, required=True,
-              help="CSV, CSV.gz or Parquet with customer_id and item_id columns; repeat it for several files, or give "
-                   "a quoted glob pattern ('events/*.csv'), as for fit.")
+@INTERACTIONS_OPTION
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), help="Catalog: inactive items are "
               "never recommended.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Trainer config (holdout, k, "
