@@ -47,11 +47,25 @@ class Pieces:
         self.popular_reasons: dict[str, int] = {}  # by text: a window's, or all-time for items quiet in it
         self.no_names_reason = self.add(b',"reasons":[' + orjson.dumps(reason_texts("personal", [])[0]))
         self.heads = {source: self._head(bundle, strategy, source) for source in ("personal", "popular")}
+        self.tails = {source: self.add(after) for source, (_before, _between, after) in self.heads.items()}
+        self._array = np.empty(0, dtype=object)
+        self._lengths = np.empty(0, dtype=np.int64)
 
     def add(self, piece: bytes) -> int:
         self.table.append(piece)
         self.lengths.append(len(piece))
         return len(self.table) - 1
+
+    def array(self) -> np.ndarray:
+        """The table as an object array, made again only when pieces were added."""
+        if len(self._array) < len(self.table):
+            self._array = objects(self.table)
+        return self._array
+
+    def lengths_array(self) -> np.ndarray:
+        if len(self._lengths) < len(self.lengths):
+            self._lengths = np.array(self.lengths, dtype=np.int64)
+        return self._lengths
 
     @staticmethod
     def _head(bundle: ModelBundle, strategy: str, source: str) -> tuple[bytes, bytes, bytes]:
@@ -216,30 +230,35 @@ class BatchRecommender:
         count = (slots[:, :, 0] != Pieces.EMPTY).sum(axis=1)
         rows = np.flatnonzero(count)
         slots[rows, count[rows] - 1, 4] += 1  # the last item's tail, without the comma (Pieces.items)
-        table = self.pieces.table + scores[::-1]
-        lengths = np.concatenate([np.array(self.pieces.lengths), np.fromiter(map(len, reversed(scores)), np.int64,
-                                                                              len(scores))])
-        heads, tails = [], []
-        for customer_id, source in zip(customer_ids, sources.tolist()):
-            before, between, after = self.pieces.heads[source]
-            heads.append(before + orjson.dumps(customer_id) + between)
-            tails.append(after)
+        table = np.concatenate([self.pieces.array(), objects(scores[::-1])])
+        lengths = np.concatenate([self.pieces.lengths_array(),
+                                  np.fromiter(map(len, reversed(scores)), np.int64, len(scores))])
+        heads = [self.pieces.heads[source][0] + orjson.dumps(customer_id) + self.pieces.heads[source][1]
+                 for customer_id, source in zip(customer_ids, sources.tolist())]
+        tails = np.where(sources == "personal", self.pieces.tails["personal"], self.pieces.tails["popular"])
         slots = slots.reshape(len(slots), -1)
         slots = np.where(slots < 0, len(table) + slots, slots)
-        sizes = lengths[slots].sum(axis=1) + np.fromiter(map(len, heads), np.int64, len(heads)) + \
-            np.fromiter(map(len, tails), np.int64, len(tails))
+        sizes = lengths[slots].sum(axis=1) + np.fromiter(map(len, heads), np.int64, len(heads)) + lengths[tails]
         return EncodedLists(table, slots, heads, tails, sizes)
+
+
+def objects(pieces: list[bytes]) -> np.ndarray:
+    """A 1-d object array of these bytes: fancy indexing it gathers pieces in C, twice as fast as a Python
+    map over a list (EncodedLists.join)."""
+    array = np.empty(len(pieces), dtype=object)
+    array[:] = pieces
+    return array
 
 
 @dataclass
 class EncodedLists:
     """Encoded response bodies as pieces: row i is heads[i], then table[slots[i, 0]], table[slots[i, 1]], ...,
-    then tails[i]; sizes[i] is its length in bytes."""
+    then table[tails[i]]; sizes[i] is its length in bytes."""
 
-    table: list[bytes]
+    table: np.ndarray  # of bytes (objects)
     slots: np.ndarray
     heads: list[bytes]
-    tails: list[bytes]
+    tails: np.ndarray
     sizes: np.ndarray
 
     def fragments(self) -> list[bytes]:
@@ -249,15 +268,14 @@ class EncodedLists:
         """The given rows, each after before[i] and followed by `after` (e.g. the Redis command around
         it), as one bytes: one join of all pieces, not one per row."""
         first = len(self.table)
-        table = self.table + before + [self.heads[row] for row in rows.tolist()] + \
-            [self.tails[row] for row in rows.tolist()] + [after]
+        table = np.concatenate([self.table, objects(before + [self.heads[row] for row in rows.tolist()] + [after])])
         ids = np.empty((len(rows), self.slots.shape[1] + 4), dtype=np.int64)
         ids[:, 0] = first + np.arange(len(rows))
         ids[:, 1] = ids[:, 0] + len(rows)
         ids[:, 2:-2] = self.slots[rows]
-        ids[:, -2] = ids[:, 1] + len(rows)
+        ids[:, -2] = self.tails[rows]
         ids[:, -1] = len(table) - 1
-        return b"".join(map(table.__getitem__, ids.ravel().tolist()))
+        return b"".join(table[ids.ravel()].tolist())
 
 
 def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray]:
