@@ -176,7 +176,7 @@ class BatchRecommender:
         pair_rows, pair_slots = np.nonzero(positions >= 0)
         items = positions[pair_rows, pair_slots]
         pieces.items(items)
-        first, second = self._reason_items(items, histories[pair_rows])
+        first, second = self._reason_items(items, pair_rows, histories)
         pieces.reasons(np.concatenate([first[first >= 0], second[second >= 0]]))
         scores = orjson.dumps(best[pair_rows, pair_slots].tolist())[1:-1].split(b",") if len(items) else []
         target = slots[rows[pair_rows], pair_slots]  # a copy: fancy indexing
@@ -188,16 +188,19 @@ class BatchRecommender:
         slots[rows[pair_rows], pair_slots] = target
         return scores
 
-    def _reason_items(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The history items named as reasons for each (customer, item) pair, -1 for none: what the server's
-        _reasons picks from scorer.contributions. Fast approximate contributions decide where their error
-        bound cannot change the pick; the exact ones decide the rest. In chunks of pairs with histories of
-        similar length (customers come most active first), so little of the work is padding."""
+    def _reason_items(self, items: np.ndarray, pair_rows: np.ndarray,
+                      histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The history items named as reasons for each (customer, item) pair (the customer's history is
+        histories[pair_rows[i]]), -1 for none: what the server's _reasons picks from scorer.contributions.
+        Fast approximate contributions decide where their error bound cannot change the pick; the exact ones
+        decide the rest. In chunks of pairs with histories of similar length (customers come most active
+        first), each chunk's histories copied only as wide as its longest, so little of the work is padding."""
         named = np.full((len(items), MAX_REASON_ITEMS), -1, dtype=np.int64)
+        lengths = (histories >= 0).sum(axis=1)[pair_rows]  # histories are padded at the end
         for start in range(0, len(items), REASON_CHUNK):
             chunk = slice(start, start + REASON_CHUNK)
-            width = max(int((histories[chunk] >= 0).sum(axis=1).max(initial=0)), 1)
-            named[chunk] = self._reason_chunk(items[chunk], histories[chunk, :width])
+            width = max(int(lengths[chunk].max(initial=0)), 1)
+            named[chunk] = self._reason_chunk(items[chunk], histories[pair_rows[chunk], :width])
         return named[:, 0], named[:, 1]
 
     def _reason_chunk(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
@@ -283,15 +286,17 @@ def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray
     ties to the lower column (what Recommender._reasons takes: a stable argsort, positive ones), -1 when
     there are fewer; unsure marks rows whose picks an error of `error` per weight could change.
     Padding columns hold -inf; `weights` is overwritten."""
-    rows = np.arange(len(weights))
+    weights = np.ascontiguousarray(weights)  # the same array when it is (as both callers' are)
+    flat, starts = weights.reshape(-1), np.arange(len(weights)) * weights.shape[1]
     picks = np.full((len(weights), MAX_REASON_ITEMS), -1, dtype=np.int64)
     values = []
     for rank in range(MAX_REASON_ITEMS):
         column = weights.argmax(axis=1)
-        value = weights[rows, column].astype(np.float64)
+        at = starts + column  # flat positions: cheaper than indexing by (row, column) pairs
+        value = flat[at].astype(np.float64)
         picks[:, rank] = np.where(value > 0, column, -1)
         values.append(value)
-        weights[rows, column] = -np.inf
+        flat[at] = -np.inf
     values.append(weights.max(axis=1).astype(np.float64))
     unsure = np.zeros(len(weights), dtype=bool)
     if error > 0:
