@@ -126,8 +126,9 @@ def test_a_token_made_while_the_warm_up_computes_wins_and_hides_the_warmed_list(
 
     def receive_then_an_event_arrives(self):
         generations, recent = receive(self)
-        raced[self.customer_ids[0]] = b"made-by-an-event"
-        redis_client.set(generation_key(self.customer_ids[0]), raced[self.customer_ids[0]], px=60_000)
+        customer = self.customer_ids[0].decode()  # the batch's ids, as its keys hold them
+        raced[customer] = b"made-by-an-event"
+        redis_client.set(generation_key(customer), raced[customer], px=60_000)
         return generations, recent
 
     monkeypatch.setattr(StateReader, "receive", receive_then_an_event_arrives)

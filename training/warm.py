@@ -21,7 +21,7 @@ from recsvc.cache import (GENERATION_TTL, generation_key, new_generation, recent
 from recsvc.config import cache_max_entry_bytes, checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
-from training.warm_batch import DEFAULT_QUERY, BatchRecommender, EncodedLists
+from training.warm_batch import CUSTOMER_MARK, DEFAULT_QUERY, BatchRecommender, EncodedLists
 
 DEFAULT_TOP = 10_000
 # A nightly warm-up must last until the next model: keys carry the version and events invalidate a
@@ -137,7 +137,7 @@ class Plan:
     strategy: str
     customers: np.ndarray  # model positions, most active first
     customer_ids: list[str]
-    keys: list[bytes]  # UTF-8
+    id_bytes: list[bytes]  # the customer ids in UTF-8, as the keys hold them
     batches: list[slice]
     ttl: float
     redis_url: str
@@ -146,13 +146,16 @@ class Plan:
     @classmethod
     def of(cls, bundle: ModelBundle, top: int, ttl: float, redis_url: str) -> "Plan":
         customers = most_active(bundle, top)
-        customer_ids = [c.decode("utf-8") for c in bundle.customers.ids[customers].tolist()]
-        strategy = bundle.default_strategy
-        keys = [key.encode() for key in recommendation_keys(bundle.version, strategy, customer_ids,
-                                                             DEFAULT_QUERY.cache_params())]
+        id_bytes = bundle.customers.ids[customers].tolist()
+        customer_ids = [c.decode("utf-8") for c in id_bytes]
         batches = [slice(start, start + BATCH) for start in range(0, len(customers), BATCH)]
-        return cls(bundle, strategy, customers, customer_ids, keys, batches, ttl, redis_url,
+        return cls(bundle, bundle.default_strategy, customers, customer_ids, id_bytes, batches, ttl, redis_url,
                    cache_max_entry_bytes())
+
+    def around_ids(self) -> tuple[bytes, bytes]:
+        """(before, after) the customer id in the recommendation keys of the default list."""
+        return key_around(lambda customer_id: recommendation_keys(
+            self.bundle.version, self.strategy, [customer_id], DEFAULT_QUERY.cache_params())[0])
 
 
 def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) -> tuple[int, float, float]:
@@ -161,17 +164,17 @@ def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) ->
     lists = BatchRecommender(plan.bundle, plan.strategy)
     client = connect(plan.redis_url)  # connections of this process's own
     entries, computing = 0, 0.0
-    with closing(client), StateReader(client) as reader, CommandWriter(client, plan.ttl) as writer:
+    with closing(client), StateReader(client) as reader, CommandWriter(client, plan) as writer:
         if batches:
-            reader.request(plan.customer_ids[batches[0]])
+            reader.request(plan.id_bytes[batches[0]])
         for number, batch in enumerate(batches):
             started = time.perf_counter()
             generations, recent = reader.receive()
             if number + 1 < len(batches):
-                reader.request(plan.customer_ids[batches[number + 1]])
+                reader.request(plan.id_bytes[batches[number + 1]])
             encoded = lists.encode(plan.customers[batch], plan.customer_ids[batch], recent)
             rows = np.flatnonzero(encoded.sizes <= plan.max_bytes)
-            writer.submit(*writer.commands(encoded, rows, plan.keys[batch], plan.customer_ids[batch], generations))
+            writer.submit(*writer.commands(encoded, rows, plan.id_bytes[batch], generations))
             computing += time.perf_counter() - started
             entries += len(rows)
             log(f"warm-up: {min(batch.stop, len(plan.customers))}/{len(plan.customers)} customers computed")
@@ -208,16 +211,25 @@ def _join(child) -> tuple[int, float, float]:
     return outcome
 
 
-def command(*parts: bytes | list[bytes]) -> bytes:
-    """One command in the Redis protocol; a list stands for as many arguments (keys, say). redis-py packs
-    one at a third of this speed; a generator step per argument cost as much as the formatting itself."""
-    strings: list[bytes] = []
-    for part in parts:
-        if isinstance(part, list):
-            strings += [b"$%d\r\n%b\r\n" % (len(argument), argument) for argument in part]
-        else:
-            strings.append(b"$%d\r\n%b\r\n" % (len(part), part))
-    return b"*%d\r\n" % len(strings) + b"".join(strings)
+def command(*parts: bytes) -> bytes:
+    """One command in the Redis protocol (redis-py packs one at a third of this speed)."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts)
+
+
+def key_around(key_of: Callable[[str], str]) -> tuple[bytes, bytes]:
+    """(before, after) the customer id in the keys that key_of (one of recsvc.cache's key functions) makes:
+    a batch's keys are then written with one format each."""
+    before, mark, after = key_of(CUSTOMER_MARK).partition(CUSTOMER_MARK)
+    if not mark:
+        raise AssertionError(f"no customer id in the key {key_of(CUSTOMER_MARK)!r}")
+    return before.encode(), after.encode()
+
+
+def key_arguments(around: tuple[bytes, bytes], customer_ids: list[bytes]) -> bytes:
+    """The customers' keys as arguments of a command in the Redis protocol."""
+    before, after = around
+    fixed = len(before) + len(after)
+    return b"".join([b"$%d\r\n%b%b%b\r\n" % (fixed + len(c), before, c, after) for c in customer_ids])
 
 
 class StateReader:
@@ -230,7 +242,8 @@ class StateReader:
         except redis.RedisError as exc:
             raise CacheUnavailable(f"loading a script into Redis failed: {exc}") from None
         self.connection = client.connection_pool.make_connection()
-        self.customer_ids: list[str] = []
+        self.generation_keys, self.recent_items_keys = key_around(generation_key), key_around(recent_items_key)
+        self.customer_ids: list[bytes] = []
 
     def __enter__(self) -> "StateReader":
         return self
@@ -238,14 +251,17 @@ class StateReader:
     def __exit__(self, *_exc) -> None:
         self.connection.disconnect()
 
-    def request(self, customer_ids: list[str]) -> None:
+    def request(self, customer_ids: list[bytes]) -> None:
         """Ask for the generations first: POST /v1/events adds recent items before it changes the generation,
         so an entry is never computed from recent items older than the generation it is tagged with (it
         would be served, stale)."""
         self.customer_ids = customer_ids
-        commands = command(b"MGET", [generation_key(c).encode() for c in customer_ids]) + \
-            command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
-                    [recent_items_key(c).encode() for c in customer_ids], repr(time.time()).encode())
+        n, now = len(customer_ids), repr(time.time()).encode()
+        commands = b"".join([b"*%d\r\n$4\r\nMGET\r\n" % (1 + n), key_arguments(self.generation_keys, customer_ids),
+                             b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$%d\r\n%d\r\n" % (
+                                 4 + n, len(self.script), self.script.encode(), len(b"%d" % n), n),
+                             key_arguments(self.recent_items_keys, customer_ids),
+                             b"$%d\r\n%b\r\n" % (len(now), now)])
         try:
             self.connection.send_packed_command([commands])
         except (redis.RedisError, OSError) as exc:
@@ -258,7 +274,7 @@ class StateReader:
         except (redis.RedisError, OSError) as exc:
             raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
         ids = self.customer_ids
-        recent = PrefetchedRecentItems({ids[int(index) - 1]: {m.decode("utf-8") for m in members}
+        recent = PrefetchedRecentItems({ids[int(index) - 1].decode("utf-8"): {m.decode("utf-8") for m in members}
                                         for index, members in zip(found[::2], found[1::2])})
         return generations, recent
 
@@ -267,16 +283,19 @@ class CommandWriter:
     """Sends pre-encoded SET commands on a connection of its own, from a thread, so Redis stores one batch
     while the next is computed; replies are checked in bulk, not parsed one by one."""
 
-    def __init__(self, client: redis.Redis, ttl: float):
-        px = b"%d" % int(ttl * 1000)
+    def __init__(self, client: redis.Redis, plan: "Plan"):
+        px = b"%d" % int(plan.ttl * 1000)
         self.token_px = b"%d" % int(GENERATION_TTL * 1000)  # tokens outlive the entries: ttl <= MAX_TTL
         self.trailer = b"\r\n$2\r\nPX\r\n$%d\r\n%b\r\n" % (len(px), px)  # ends each SET after its value
-        # SET key, then the value's length and its start: the token tagged as cache.encode_entry does (a length
-        # byte, then the token); the list's bytes and the trailer follow (EncodedLists.join).
-        self.set_command = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%c%b"
+        # SET key (before, id, after), then the value's length and its start: the token tagged as
+        # cache.encode_entry does (a length byte, then the token); the list's bytes and the trailer follow
+        # (EncodedLists.join).
+        self.keys = plan.around_ids()
+        self.set_command = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%c%b"
         # SET generation-key token PX ... NX (as RedisCache.claim), then the SET above.
-        self.token_command = b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n$" + \
-            b"%d\r\n%b\r\n$2\r\nNX\r\n" % (len(self.token_px), self.token_px) + self.set_command
+        self.generation_keys = key_around(generation_key)
+        self.token_command = b"*6\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n$%d\r\n%b\r\n$2\r\nNX\r\n" + \
+            self.set_command
         self.connection = client.connection_pool.make_connection()
         self.pending: queue.Queue = queue.Queue(maxsize=2)
         self.failure: CacheUnavailable | None = None
@@ -294,23 +313,30 @@ class CommandWriter:
         if self.failure is not None and exc[0] is None:
             raise self.failure
 
-    def commands(self, encoded: EncodedLists, rows: np.ndarray, keys: list[str], customer_ids: list[str],
+    def commands(self, encoded: EncodedLists, rows: np.ndarray, customer_ids: list[bytes],
                  generations: list[bytes | None]) -> tuple[bytes, np.ndarray]:
         """SET each row's list under its key, tagged with its customer's generation token (cache.encode_entry),
         with the TTL. A customer without a token first gets one (SET NX, as RedisCache.claim does): every
         entry's token then exists in Redis, and losing it to eviction turns the entry into a miss. Returns the
-        commands and, per reply, whether it answers a token's SET NX. The Redis protocol is written here
-        (redis-py encodes a command in Python at a third of the speed)."""
+        commands and, per reply, whether it answers a token's SET NX. The Redis protocol is written here, one
+        format per entry (redis-py encodes a command in Python at a third of the speed)."""
         prefix = new_generation()[:12]  # + the row: a token of its own for each customer of the batch
+        (key_before, key_after), (generation_before, generation_after) = self.keys, self.generation_keys
+        key_length, generation_length = len(key_before) + len(key_after), len(generation_before) + len(generation_after)
+        px = self.token_px
         before = []
         for row, size in zip(rows.tolist(), encoded.sizes[rows].tolist()):
-            key, token = keys[row], generations[row]
+            customer_id, token = customer_ids[row], generations[row]
             if token is None:
-                token, name = prefix + b"%d" % row, generation_key(customer_ids[row]).encode()
-                before.append(self.token_command % (len(name), name, len(token), token, len(key), key,
-                                                    1 + len(token) + size, len(token), token))
+                token = prefix + b"%d" % row
+                before.append(self.token_command % (
+                    generation_length + len(customer_id), generation_before, customer_id, generation_after,
+                    len(token), token, len(px), px,
+                    key_length + len(customer_id), key_before, customer_id, key_after,
+                    1 + len(token) + size, len(token), token))
             else:
-                before.append(self.set_command % (len(key), key, 1 + len(token) + size, len(token), token))
+                before.append(self.set_command % (key_length + len(customer_id), key_before, customer_id, key_after,
+                                                  1 + len(token) + size, len(token), token))
         missing = np.fromiter((g is None for g in generations), bool, len(generations))[rows]
         ends = np.cumsum(1 + missing)  # a row's replies: its token's SET NX (when missing), then its SET
         is_token = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=bool)
