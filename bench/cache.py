@@ -12,6 +12,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # set before numpy loads
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -177,7 +178,8 @@ def run(args, workdir: Path, server: RedisServer) -> None:
 
 def run_warm_only(args, workdir: Path, server: RedisServer) -> None:
     """The warm-up alone, from an empty Redis each time, with 1 and --warm-workers processes taking turns;
-    redis-py's pipelined SET of the same entries after each pair. Prints min and median of each."""
+    redis-py's pipelined SET of the same entries after each pair. Prints min and median of each, and the CPU
+    seconds the warm-up's processes and Redis used (less sensitive than wall time to other work on the machine)."""
     registry = args.registry or workdir / "registry"
     if artifacts.load_current(registry) is None:
         started = time.perf_counter()
@@ -187,11 +189,14 @@ def run_warm_only(args, workdir: Path, server: RedisServer) -> None:
     client = redis.Redis.from_url(server.url)
     counts = sorted({1, args.warm_workers})
     runs: dict[int, list] = {workers: [] for workers in counts}
+    cpu: dict[int, list] = {workers: [] for workers in counts}
     raws: list[float] = []
     for _ in range(args.repeat):
         for workers in counts:
             client.flushdb()
+            before = cpu_seconds(client)
             runs[workers].append(warm_cache(registry, server.url, top=args.top, log=lambda _l: None, workers=workers))
+            cpu[workers].append(tuple(b - a for a, b in zip(before, cpu_seconds(client))))
         keys = [key for _, key in zip(range(1000), client.scan_iter(f"{KEY_PREFIX}:rec:*", count=1000))]
         entry_bytes = int(np.mean([len(value) for value in client.mget(keys)]))
         client.flushdb()
@@ -201,10 +206,20 @@ def run_warm_only(args, workdir: Path, server: RedisServer) -> None:
     for workers, warms in runs.items():
         rates = [w.entries / w.seconds for w in warms]
         computing = [w.compute_seconds for w in warms]
+        own, redis_cpu = zip(*cpu[workers])
         print(f"  {workers} process{'es' if workers > 1 else '  '}: end to end max {max(rates):,.0f}/s, median "
               f"{np.median(rates):,.0f}/s (min {min(w.seconds for w in warms):.3f}s, median "
               f"{np.median([w.seconds for w in warms]):.3f}s); computing min {min(computing):.3f}s, median "
-              f"{np.median(computing):.3f}s")
+              f"{np.median(computing):.3f}s; CPU of the warm-up min {min(own):.3f}s, median {np.median(own):.3f}s, "
+              f"of Redis median {np.median(redis_cpu):.3f}s")
+
+
+def cpu_seconds(client: redis.Redis) -> tuple[float, float]:
+    """(CPU seconds of this process and its ended children, of the Redis server) so far."""
+    own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
+    info = client.info("cpu")
+    return own, info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def merge(parts: list[Phase]) -> Phase:
