@@ -25,7 +25,8 @@ from recsvc.recommend import (MAX_REASON_ITEMS, Ranked, RecommendationQuery, Rec
                               fallback_scorer, popular_step, reason_texts, response_body)
 from recsvc.scoring import Scorer
 
-REASON_CHUNK = 2048  # (customer, item) pairs whose reasons are picked together
+REASON_CHUNK = 1024  # at least so many (customer, item) pairs have their reasons picked together ...
+REASON_CHUNK_PADDING = 0.8  # ... and more while their histories are at least this share of the first's length
 PIECES_PER_ITEM = 5  # item head with "score":, score, first reason, second reason, item tail
 DEFAULT_QUERY = RecommendationQuery(customer_id="")
 CUSTOMER_MARK = "\x01"  # a customer id no real one equals; cut out of the encoded template
@@ -97,8 +98,9 @@ class Pieces:
 
     def reasons(self, positions: np.ndarray) -> None:
         """Build 'Because the customer has ...' for these history items."""
-        for position in np.unique(positions[self.first_reason[positions] < 0]).tolist():
-            text = orjson.dumps(reason_texts("personal", [item_label(self.bundle, position)])[0])
+        new = np.unique(positions[self.first_reason[positions] < 0]).tolist()
+        texts = reason_texts("personal", [item_label(self.bundle, position) for position in new]) if new else []
+        for position, text in zip(new, map(orjson.dumps, texts)):
             self.first_reason[position] = self.add(b',"reasons":[' + text)
             self.next_reason[position] = self.add(b"," + text)
 
@@ -197,10 +199,13 @@ class BatchRecommender:
         first), each chunk's histories copied only as wide as its longest, so little of the work is padding."""
         named = np.full((len(items), MAX_REASON_ITEMS), -1, dtype=np.int64)
         lengths = (histories >= 0).sum(axis=1)[pair_rows]  # histories are padded at the end
-        for start in range(0, len(items), REASON_CHUNK):
-            chunk = slice(start, start + REASON_CHUNK)
+        start = 0
+        while start < len(items):
+            shorter = np.flatnonzero(lengths[start + REASON_CHUNK:] < REASON_CHUNK_PADDING * lengths[start])
+            chunk = slice(start, start + REASON_CHUNK + (int(shorter[0]) if len(shorter) else len(items)))
             width = max(int(lengths[chunk].max(initial=0)), 1)
             named[chunk] = self._reason_chunk(items[chunk], histories[pair_rows[chunk], :width])
+            start = chunk.stop
         return named[:, 0], named[:, 1]
 
     def _reason_chunk(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
