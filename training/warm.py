@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import socket
 import threading
 import time
 from contextlib import closing
@@ -30,6 +31,8 @@ DEFAULT_TTL = 24 * 3600.0
 MAX_TTL = GENERATION_TTL / 2  # a customer's invalidation must outlive the entries it hides
 OK_BYTES = len(b"+OK\r\n")
 NIL_REPLIES = (b"_", b"$-1")  # RESP3, RESP2
+SHORTEST_NIL = len(b"_\r\n")
+MAX_LOW_WATER = 32768  # bytes; far below any socket's receive buffer
 BATCH = 1000  # customers per batch: one matrix product, one state read, one write
 TIMEOUT = 5.0  # seconds; the warm-up is offline, unlike the server's tens of milliseconds
 
@@ -371,11 +374,21 @@ class CommandWriter:
         expected = len(is_token)
         received = bytearray()
         sock = self.connection._sock  # redis-py's socket of this connection: AUTH, SELECT and TLS already done
-        while received.count(b"\r\n") < expected:
+        # The replies still to come are at least this long (+OK, or `_` for a token's nil). Waking only once
+        # as many bytes are there (SO_RCVLOWAT) keeps this thread from taking the GIL from the computation
+        # for each of the dozens of chunks Redis answers in; it never waits for bytes that do not come.
+        shortest = OK_BYTES * np.arange(expected, -1, -1) - (OK_BYTES - SHORTEST_NIL) * \
+            np.concatenate([np.cumsum(is_token[::-1])[::-1], [0]])
+        answered = 0
+        while answered < expected:
+            partial = len(received) - received.rfind(b"\r\n") - 2 if answered else len(received)
+            _wake_after(sock, int(shortest[answered]) - partial)
             chunk = sock.recv(max(65536, OK_BYTES * expected - len(received)))
             if not chunk:
                 raise redis.ConnectionError("Redis closed the connection")
             received += chunk
+            answered = received.count(b"\r\n")
+        _wake_after(sock, 1)
         if received == b"+OK\r\n" * expected:
             return
         lines = bytes(received).split(b"\r\n")[:expected]
@@ -383,6 +396,11 @@ class CommandWriter:
             return
         error = next((line for line in lines if line.startswith(b"-")), bytes(received[:80]))
         raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
+
+
+def _wake_after(sock, size: int) -> None:
+    """Let the socket's readers wake only once `size` bytes have arrived (or it closes): Linux's SO_RCVLOWAT."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(size, MAX_LOW_WATER)))
 
 
 # KEYS: the customers' recent-items sets; ARGV[1]: now (Unix seconds). Returns index (1-based), members, ... for
