@@ -297,8 +297,8 @@ class CommandWriter:
         self.set_command = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%c%b"
         # SET generation-key token PX ... NX (as RedisCache.claim), then the SET above.
         self.generation_keys = key_around(generation_key)
-        self.token_command = b"*6\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n$%d\r\n%b\r\n$2\r\nNX\r\n" + \
-            self.set_command
+        self.token_command = b"*6\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%b\r\n" + \
+            b"$2\r\nPX\r\n$%d\r\n%b\r\n$2\r\nNX\r\n" + self.set_command
         self.connection = client.connection_pool.make_connection()
         self.pending: queue.Queue = queue.Queue(maxsize=2)
         self.failure: CacheUnavailable | None = None

@@ -290,7 +290,23 @@ def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray
     """(picks, unsure): per row, the columns of the MAX_REASON_ITEMS largest positive weights, largest first,
     ties to the lower column (what Recommender._reasons takes: a stable argsort, positive ones), -1 when
     there are fewer; unsure marks rows whose picks an error of `error` per weight could change.
-    Padding columns hold -inf; `weights` is overwritten."""
+    Padding columns hold -inf (never NaN); `weights` may be overwritten."""
+    picks, values = (_strongest_float32 if weights.dtype == np.float32 else _strongest_argmax)(weights)
+    unsure = np.zeros(len(weights), dtype=bool)
+    if error > 0:
+        settled = np.zeros(len(weights), dtype=bool)  # a rank surely not positive: later ones do not matter
+        for rank in range(MAX_REASON_ITEMS):
+            value, following = values[rank], values[rank + 1]
+            not_positive = value + error <= 0
+            with np.errstate(invalid="ignore"):  # -inf - -inf: a rank without weight, not_positive already
+                clear = (value - error > 0) & (value - following > 2 * error)
+            unsure |= ~(settled | not_positive | clear)
+            settled |= not_positive
+    return picks, unsure
+
+
+def _strongest_argmax(weights: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """strongest's picks, and the float64 values of each rank and of the best weight after them."""
     weights = np.ascontiguousarray(weights)  # the same array when it is (as both callers' are)
     flat, starts = weights.reshape(-1), np.arange(len(weights)) * weights.shape[1]
     picks = np.full((len(weights), MAX_REASON_ITEMS), -1, dtype=np.int64)
@@ -303,14 +319,35 @@ def strongest(weights: np.ndarray, error: float) -> tuple[np.ndarray, np.ndarray
         values.append(value)
         flat[at] = -np.inf
     values.append(weights.max(axis=1).astype(np.float64))
-    unsure = np.zeros(len(weights), dtype=bool)
-    if error > 0:
-        settled = np.zeros(len(weights), dtype=bool)  # a rank surely not positive: later ones do not matter
-        for rank in range(MAX_REASON_ITEMS):
-            value, following = values[rank], values[rank + 1]
-            not_positive = value + error <= 0
-            with np.errstate(invalid="ignore"):  # -inf - -inf: a rank without weight, not_positive already
-                clear = (value - error > 0) & (value - following > 2 * error)
-            unsure |= ~(settled | not_positive | clear)
-            settled |= not_positive
-    return picks, unsure
+    return picks, values
+
+
+def _ordered_bits(weights: np.ndarray) -> np.ndarray:
+    """float32 weights as int32 that order as the floats do (-inf lowest; no NaN), and back (an involution)."""
+    bits = weights.view(np.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+MASKED = np.int64(_ordered_bits(np.array([-np.inf], dtype=np.float32))[0]) << 32  # a taken weight: -inf again
+
+
+def _strongest_float32(weights: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """_strongest_argmax of float32 weights (the approximate contributions), a third faster: each weight and
+    its column packed into one int64 (ordered bits above, the column reversed below, so ties go to the lower
+    column), laid out column by column, so that each rank is one max over whole rows of the batch, instead
+    of an argmax over each pair's few columns."""
+    n, width = weights.shape
+    keys = _ordered_bits(np.ascontiguousarray(weights.T)).astype(np.int64) << 32
+    keys |= (width - 1 - np.arange(width, dtype=np.int64))[:, None]
+    flat, rows = keys.reshape(-1), np.arange(n)
+    picks = np.full((n, MAX_REASON_ITEMS), -1, dtype=np.int64)
+    values = []
+    for rank in range(MAX_REASON_ITEMS + 1):
+        best = keys.max(axis=0)
+        value = _ordered_bits((best >> 32).astype(np.int32)).view(np.float32).astype(np.float64)
+        values.append(value)
+        if rank < MAX_REASON_ITEMS:
+            column = (width - 1) - (best & 0xFFFFFFFF)
+            picks[:, rank] = np.where(value > 0, column, -1)
+            flat[column * n + rows] = MASKED
+    return picks, values
