@@ -407,9 +407,9 @@ def _wake_after(sock, size: int) -> None:
 # those with items that still count (scored after now) only: most customers have none, and one script call
 # replaces a round trip (or a parsed reply) per customer.
 _RECENT_ITEMS = """
-local found = {}
+local found, after = {}, '(' .. ARGV[1]
 for i, key in ipairs(KEYS) do
-  local members = redis.call('ZRANGEBYSCORE', key, '(' .. ARGV[1], '+inf')
+  local members = redis.call('ZRANGEBYSCORE', key, after, '+inf')
   if #members > 0 then
     found[#found + 1] = i
     found[#found + 1] = members
