@@ -300,6 +300,28 @@ def test_a_mistake_in_the_command_line_is_a_json_line_in_json_mode_and_usage_tex
     assert one_error(invoke("registry", "list", "--log-format=json"), 2)["message"] == "Missing option '--registry'."
 
 
+# --- fit and nightly in text -----------------------------------------------------------------------------------
+
+
+def test_fit_and_nightly_print_their_result_on_stdout_with_quiet_too(demo_paths, tmp_path):
+    """As the other cron commands: --quiet leaves out the log lines (stderr), not the result (stdout)."""
+    fit = ["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(tmp_path / "fitted"),
+           "--strategies", "popular"]
+    loud, quiet = invoke(*fit), invoke(*fit, "--quiet")
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert loud.stdout.splitlines()[-1].startswith("published ") and "ingest: " in loud.stderr
+    [published] = quiet.stdout.splitlines()
+    assert published.startswith("published ") and quiet.stderr == ""
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], tmp_path / "registry",
+                            strategies='[strategies]\nenabled = ["popular"]\n')
+    first, again = (invoke("nightly", "--config", str(config), "--quiet") for _ in range(2))
+    assert first.exit_code == again.exit_code == 0, first.output + again.output
+    [published] = first.stdout.splitlines()
+    assert published.startswith(f"published {artifacts.current_version(tmp_path / 'registry')} ")
+    [nothing_to_do] = again.stdout.splitlines()
+    assert nothing_to_do.endswith("nothing to do") and first.stderr == again.stderr == ""
+
+
 # --- the nightly recipe of docs/training.md ---------------------------------------------------------------------
 
 

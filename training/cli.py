@@ -168,7 +168,7 @@ def report_fit(result, config, log, warm: dict | None = None) -> None:
     if log.log_format != "json":
         removed = f"; retention removed {', '.join(result.removed_versions)}" if result.removed_versions else ""
         click.echo(f"published {result.version} (default strategy: {result.default_strategy}; {result.gate.reason}) "
-                   f"in {result.timings['total']:.1f}s -> {result.path}{removed}", err=log.quiet)
+                   f"in {result.timings['total']:.1f}s -> {result.path}{removed}")  # the result: stdout, --quiet too
 
 
 def fit_summary(result) -> dict:
