@@ -291,6 +291,18 @@ def test_a_refused_input_gives_its_bad_row_counts_as_fields_of_the_json_error(tm
     assert f"{bad_rows} of {total} rows rejected" in error["message"]
 
 
+def test_bad_rows_below_the_threshold_are_a_warning_with_the_same_fields_as_the_refusal(tmp_path):
+    path = tmp_path / "some-bad.csv"
+    rows = "".join(f"c{customer},i{item},1\n" for customer in range(10) for item in range(12))
+    path.write_text("customer_id,item_id,weight\n" + rows + ",i1,1\n")  # 1 bad row of 121: below the allowed 5%
+    result = invoke("fit", "--interactions", str(path), "--registry", str(tmp_path / "r"), "--strategies", "popular",
+                    "--log-format", "json")
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in json_lines(result.stderr) if line["level"] == "warning"]
+    assert (warning["bad_rows"], warning["total_rows"], warning["by_reason"]) == (1, 121, {"missing customer_id": 1})
+    assert warning["message"].startswith("1 of 121 rows rejected")
+
+
 def test_a_mistake_in_the_command_line_is_a_json_line_in_json_mode_and_usage_text_otherwise(tmp_path):
     for args, message in ((["fit", "--registry", str(tmp_path), "--frobnicate"], "No such option '--frobnicate'"),
                           (["nightly"], "Missing option '--config'.")):

@@ -126,7 +126,8 @@ def load_prepared(interactions_files: Path | Sequence[Path], config: TrainConfig
     interactions = load_interactions(interactions_files, config.ingest,
                                      need_timestamps=config.holdout.kind == "time", fingerprints=fingerprints)
     if interactions.report.bad_rows:
-        log.warning(interactions.report.summary(), bad_rows=interactions.report.as_dict())
+        # the counts as fields, flat as in the refusal's error line: bad_rows, total_rows, by_reason
+        log.warning(interactions.report.summary(), **interactions.report.as_dict())
     interactions, report = prepare(interactions, config.ingest)
     log.info(report.summary(), prepare=report.as_dict())
     catalog = load_catalog(catalog_path, interactions.items, warn=log.warning) if catalog_path else Catalog.empty(len(interactions.items))
