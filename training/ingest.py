@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from recsvc.artifacts import Catalog
 from recsvc.errors import InvalidInput
-from recsvc.event_log import FUTURE_TOLERANCE_SECONDS
+from recsvc.event_log import EVENT_TIME_MAX_AHEAD_SECONDS
 
 MAX_ID_LENGTH = 128
 REQUIRED_COLUMNS = ("customer_id", "item_id")
@@ -408,7 +408,7 @@ def _check_timestamps(column: pa.ChunkedArray, rows: "_RowCheck", needed: bool) 
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         missing |= pc.equal(pc.utf8_trim_whitespace(column), "").fill_null(True).to_numpy(zero_copy_only=False)
     rows.reject("timestamp not ISO-8601 or Unix seconds", ~missing & ~np.isfinite(seconds))
-    rows.reject("timestamp in the future (Unix milliseconds?)", seconds > time.time() + FUTURE_TOLERANCE_SECONDS)
+    rows.reject("timestamp in the future (Unix milliseconds?)", seconds > time.time() + EVENT_TIME_MAX_AHEAD_SECONDS)
     rows.reject("timestamp before 1970", seconds < 0)
     if needed:
         rows.reject("missing timestamp (time decay or the time holdout needs one)", missing)
