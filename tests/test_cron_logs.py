@@ -13,7 +13,7 @@ from recsvc import artifacts
 from recsvc.cache import event_stream_key
 from recsvc.event_log import EVENT, FEEDBACK
 from tests.conftest import free_port
-from tests.test_events_trim import FROM_T, T, T_ISO, around_t, experiment_log, log, publish
+from tests.test_events_trim import FROM_T, T_ISO, T, around_t, experiment_log, log, publish
 from tests.test_nightly import ENV, RECSVC_TRAIN, lock_held, nightly_config
 from tests.test_registry import publish as publish_version
 from training.cli import main

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from recsvc.errors import InvalidInput
-from training.cli import main as train_cli
 from training import ingest
+from training.cli import main as train_cli
 from training.ingest import FileFingerprints, IngestOptions, fingerprint_file, load_catalog, load_interactions
 
 CSV = """customer_id,item_id,event_type,timestamp,weight

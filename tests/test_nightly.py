@@ -142,7 +142,8 @@ def test_nightly_exits_4_while_another_process_holds_the_lock(demo_paths, tmp_pa
     with lock_held(registry):
         result = nightly(config)
     assert result.returncode == 4, result.stderr
-    assert "another run (fit, nightly or rollback) is in progress" in result.stderr and "this run did nothing" in result.stderr
+    assert "another run (fit, nightly or rollback) is in progress" in result.stderr
+    assert "this run did nothing" in result.stderr
     assert artifacts.list_versions(registry) == []
     assert nightly(config).returncode == 0  # the lock died with its holder
 

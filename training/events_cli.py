@@ -13,8 +13,16 @@ import redis
 from recsvc.config import redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS, RedisStreams, parse_event_time
-from training.event_trim import (ExperimentLoss, StreamTrim, check_before, experiment_losses, refusal, shown_time,
-                                 trim_stream, what_goes)
+from training.event_trim import (
+    ExperimentLoss,
+    StreamTrim,
+    check_before,
+    experiment_losses,
+    refusal,
+    shown_time,
+    trim_stream,
+    what_goes,
+)
 from training.experiments_cli import REDIS_URL, redis_client, require_redis_url, user_errors
 from training.runlog import LoggedCommand, RunLog, run_log_options
 

@@ -249,7 +249,8 @@ def replay_command(name: str, experiments_path: Path | None, redis_url: str | No
         try:
             experiment = _definition(name, None, client)
         except redis.RedisError as exc:
-            raise RecsvcError(f"cannot read the published experiment definitions from {redacted_url(redis_url)}: {exc}") from None
+            raise RecsvcError(f"cannot read the published experiment definitions from {redacted_url(redis_url)}: "
+                              f"{exc}") from None
         finally:
             client.close()
     config = TrainConfig.from_file(config_path)

@@ -8,9 +8,9 @@ import glob
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,7 +297,8 @@ def _require_columns(table: pa.Table, path: Path) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise InvalidInput(
-            f"{path}: required column(s) {', '.join(missing)} missing; found {', '.join(table.column_names) or 'none'}. "
+            f"{path}: required column(s) {', '.join(missing)} missing; "
+            f"found {', '.join(table.column_names) or 'none'}. "
             "An interactions file needs a header with customer_id and item_id "
             "(optional: event_type, timestamp, weight)."
         )

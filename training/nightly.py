@@ -114,7 +114,8 @@ def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyR
         current = None if force else up_to_date(registry, config, fingerprints)
         if current is not None:
             # The outcome line says it (stdout; the summary in JSON): no log line repeating it on stderr.
-            return NightlyResult("up_to_date", f"{current} was trained on the same data and configuration: nothing to do")
+            return NightlyResult("up_to_date",
+                                 f"{current} was trained on the same data and configuration: nothing to do")
         result = fit_and_publish(interactions, registry, config, catalog_path=config.nightly.catalog, log=log,
                                  force=force, fingerprints=fingerprints)
         if not result.published:

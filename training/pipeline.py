@@ -130,7 +130,8 @@ def load_prepared(interactions_files: Path | Sequence[Path], config: TrainConfig
         log.warning(interactions.report.summary(), **interactions.report.as_dict())
     interactions, report = prepare(interactions, config.ingest)
     log.info(report.summary(), prepare=report.as_dict())
-    catalog = load_catalog(catalog_path, interactions.items, warn=log.warning) if catalog_path else Catalog.empty(len(interactions.items))
+    catalog = (load_catalog(catalog_path, interactions.items, warn=log.warning) if catalog_path
+               else Catalog.empty(len(interactions.items)))
     matrix = interactions.matrix()
     log.info(f"{len(interactions)} interactions, {matrix.shape[0]} customers, {matrix.shape[1]} items",
              interactions=len(interactions), customers=matrix.shape[0], items=matrix.shape[1])
