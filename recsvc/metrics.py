@@ -12,8 +12,15 @@ import os
 import time
 from contextlib import contextmanager
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -37,7 +44,8 @@ CACHE_OVERSIZE = Counter("recsvc_cache_oversize_total", "Lists not cached becaus
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # The embedded cache (no Redis): one table in shared memory for all workers, so one series, not one per worker:
 # the worker that answers a scrape of /metrics sets it from the whole table, and the most recent value wins.
-LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries", "Lists in the server's embedded cache (shared by its workers)",
+LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries",
+                            "Lists in the server's embedded cache (shared by its workers)",
                             multiprocess_mode="livemostrecent")
 LOCAL_CACHE_BYTES = Gauge("recsvc_local_cache_bytes",
                           "Bytes of the embedded cache's slots in use (lists and generations; shared by the workers)",

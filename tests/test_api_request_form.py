@@ -130,7 +130,7 @@ def test_event_timestamps_written_oddly_are_refused(client, auth, timestamp):
     assert fields == {"events": {"0": {"timestamp": ["use ISO-8601 or Unix seconds"]}}}
 
 
-def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_settings, auth):
+def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_settings, auth):  # noqa: F811
     app = start_app(experiment_settings)
     try:
         response = app.test_client().post("/v1/recommendations/batch", headers=auth, json={"requests": [
@@ -193,7 +193,8 @@ def test_a_chunked_body_that_is_not_plain_json_is_415(server, old, new):
     assert status == 415 and b'"unsupported_media_type"' in body
 
 
-@pytest.mark.parametrize("path", ["/v1/customers/%20C000003%20/recommendations", "/v1/customers/C000003/recommendations"])
+@pytest.mark.parametrize("path", ["/v1/customers/%20C000003%20/recommendations",
+                                  "/v1/customers/C000003/recommendations"])
 def test_ids_are_read_like_the_trainer_reads_them_without_surrounding_spaces(client, auth, path):
     body = client.get(path, headers=auth).get_json()
     assert body["customer_id"] == "C000003" and body["source"] == "personal"

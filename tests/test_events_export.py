@@ -96,8 +96,8 @@ def test_since_and_until_select_by_when_the_log_took_the_events_so_windows_expor
     assert customers["before"] + customers["middle"] + customers["after"] == customers["all"]
 
 
-def test_an_event_retried_with_its_event_id_is_exported_once(redis_app, redis_client, redis_url, auth,
-                                                             tmp_path):  # noqa: F811
+def test_an_event_retried_with_its_event_id_is_exported_once(redis_app, redis_client, redis_url, auth,  # noqa: F811
+                                                             tmp_path):
     event = {"customer_id": "c-1", "item_id": "SKU-1", "event_type": "click", "event_id": "evt-0001"}
     post(redis_app, auth, [event])
     post(redis_app, auth, [event])  # a retry: the log keeps it once

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 import http
+import logging
 
 import marshmallow as ma
 from apispec import BasePlugin
@@ -13,8 +12,15 @@ from flask_smorest import Api
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
 
-from recsvc.errors import (ArtifactError, ConfigError, EventLogUnavailable, InvalidInput, ModelUnavailable, NotFound,
-                           RecsvcError)
+from recsvc.errors import (
+    ArtifactError,
+    ConfigError,
+    EventLogUnavailable,
+    InvalidInput,
+    ModelUnavailable,
+    NotFound,
+    RecsvcError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ class ThinQueryParser(FlaskParser):
             return missing
         body = req.get_data(cache=True)
         limit = req.max_content_length
-        if req.content_length is None and limit is not None and len(body) >= limit and req.environ["wsgi.input"].read(1):
+        if (req.content_length is None and limit is not None and len(body) >= limit
+                and req.environ["wsgi.input"].read(1)):
             # A chunked body: werkzeug stops reading at the limit without a word; Content-Length bodies get 413 there.
             raise RequestEntityTooLarge()
         if not body:
