@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     shared = cache if isinstance(cache, LocalCache) else make_local_cache(settings)
     event_log, recent_items = event_log_from_settings(settings, shared=shared)
     router = experiments_from_settings(settings, event_log)  # a bad definitions file stops start-up here
+    store.also_check.append(router.refresh)  # a changed file is re-read at the reload interval
     recommender = Recommender(store, cache, settings.cache_ttl, experiments=router, recent_items=recent_items)
     app.extensions["recsvc"] = Service(settings, store, cache, recommender, router, event_log, recent_items)
 
