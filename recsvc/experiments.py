@@ -12,6 +12,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Collection
 
 import marshmallow as ma
 from marshmallow import validate
@@ -212,6 +213,20 @@ def read_definitions(path: Path, label: str) -> tuple[ExperimentSet, str]:
     return parse_experiments(raw, label), hashlib.sha256(content).hexdigest()[:12]
 
 
+def check_strategies(experiments: ExperimentSet, served: Collection[str] | None, label: str) -> None:
+    """ConfigError when an experiment running now has a variant whose strategy the served model lacks (none
+    loaded: no check). Applied to a changed file only: there it is most likely a typo, and the definitions in use
+    keep serving; at start-up such a variant serves the default strategy, uncounted (ExperimentRouter.assign)."""
+    if served is None:
+        return
+    now = dt.datetime.now(dt.timezone.utc)
+    missing = [f"experiment {e.name}, variant {v.name}: strategy {v.strategy!r}" for e in experiments.experiments
+               if e.is_running(now) for v in e.variants if v.strategy not in served]
+    if missing:
+        raise ConfigError(f"{label}: {'; '.join(missing)} not in the served model (which has "
+                          f"{', '.join(sorted(served))})", details={"missing_strategies": missing})
+
+
 def file_state(path: Path) -> tuple[int, int, int, int] | None:
     """(device, inode, size, modification time in ns) of the file a path names now, following symlinks (a
     Kubernetes ConfigMap swaps one); None when it cannot be read (missing)."""
@@ -261,11 +276,14 @@ def describe(experiment: Experiment) -> dict:
 class ExperimentRouter:
     """Puts a request without an explicit strategy into the running experiment and records its exposure."""
 
-    def __init__(self, experiments: ExperimentSet, event_log, source: DefinitionsFile | None = None):
-        """`source`: the file the definitions came from, re-read by refresh() when it changes."""
+    def __init__(self, experiments: ExperimentSet, event_log, source: DefinitionsFile | None = None,
+                 served_strategies: Callable[[], Collection[str] | None] = lambda: None):
+        """`source`: the file the definitions came from, re-read by refresh() when it changes.
+        `served_strategies`: the strategies of the served model version (None before one loads)."""
         self.experiments = experiments  # replaced whole by refresh(): a request reads it once
         self.event_log = event_log  # a recsvc.event_log.EventLog
         self.source = source
+        self.served_strategies = served_strategies
         self._missing_warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # one refresh at a time: the watcher's and an admin's reload
 
@@ -285,6 +303,7 @@ class ExperimentRouter:
                 return False
             try:
                 experiments, digest = read_definitions(source.path, source.label)
+                check_strategies(experiments, self.served_strategies(), source.label)
             except ConfigError as exc:
                 experiments, digest, problem = None, None, exc.message
             if file_state(source.path) != state:  # written while read, maybe cut short: read again next time
@@ -375,13 +394,14 @@ def _iso(seconds: float | None) -> str | None:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="seconds") if seconds else None
 
 
-def from_settings(settings, event_log) -> ExperimentRouter:
+def from_settings(settings, event_log, served_strategies: Callable[[], Collection[str] | None] = lambda: None
+                  ) -> ExperimentRouter:
     """The router for settings.experiments_path; ConfigError at start-up for a bad file."""
     if settings.experiments_path is None:
         router = ExperimentRouter(ExperimentSet(), event_log)
     else:
         source = DefinitionsFile(settings.experiments_path)
-        router = ExperimentRouter(source.load(), event_log, source)
+        router = ExperimentRouter(source.load(), event_log, source, served_strategies)
         metrics.experiments_loaded(None, source.digest)
     if event_log.reader is not None:
         event_log.on_reconnect.append(router.publish_quietly)
