@@ -142,7 +142,8 @@ def test_models_without_a_model_is_503(tmp_path, auth):
 def test_admin_reload_swaps_in_the_new_current_version(api, auth, registry):
     publish(registry, tiny_bundle("v2"))
     body = api.post("/v1/admin/reload", headers=ADMIN).get_json()
-    assert body == {"changed": True, "model_version": "v2", "previous_version": "v1", "last_load_failure": None}
+    assert body == {"changed": True, "model_version": "v2", "previous_version": "v1", "last_load_failure": None,
+                    "experiments": None}  # no RECSVC_EXPERIMENTS
     assert api.get("/v1/models", headers=auth).get_json()["model_version"] == "v2"
     assert api.post("/v1/admin/reload", headers=ADMIN).get_json()["changed"] is False
 
