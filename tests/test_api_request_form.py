@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import time
 
 import pytest
 
@@ -234,3 +235,33 @@ def test_requests_gunicorn_refuses_get_the_json_error_shape(server, request_byte
     assert answered == status, body
     assert headers["content-type"] == "application/json" and len(headers["x-request-id"]) == 32
     assert body.startswith(b'{"error":{"code":') and b"<html>" not in body
+
+
+def test_a_body_that_stops_coming_is_408_within_the_read_timeout_and_frees_the_thread(server):
+    """A chunk size of FFFFFFFF or a Content-Length the client never fills: the read waits for bytes that never come.
+    Both requests are open at once, on the two threads of the one worker; a third request is still answered after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recsvc.api.parsing import BODY_READ_TIMEOUT_SECONDS
+
+    def stalled(request: bytes) -> tuple[float, bytes]:
+        host, port = server
+        with socket.create_connection((host, int(port)), timeout=BODY_READ_TIMEOUT_SECONDS + 10) as sock:
+            sock.sendall(request)  # and nothing more, the connection left open
+            started = time.monotonic()
+            data = b""
+            while chunk := sock.recv(65536):  # the server closes it after the answer
+                data += chunk
+            return time.monotonic() - started, data
+
+    huge_chunk = post_chunked(server, b"FFFFFFFF\r\n{\"limit\": 2")
+    short_length = (f"POST {RECS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"limit\": 2}").encode()
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(stalled, [huge_chunk, short_length]))
+    for waited, data in answers:
+        assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+        assert b'"code":"request_timeout"' in data and b"no byte of the body" in data
+        assert BODY_READ_TIMEOUT_SECONDS - 0.5 < waited < BODY_READ_TIMEOUT_SECONDS + 3
+    status, _headers, body = raw(server, post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n"))
+    assert status == 200 and body.count(b'"item_id"') == 2

@@ -9,9 +9,13 @@ from flask import request
 from webargs.core import missing
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 LIST_FIELDS = frozenset({"exclude"})  # query fields that are comma lists
+# Seconds a body read may wait for the client's next bytes under gunicorn. Its sockets block without a timeout, so
+# a body that stops short of its Content-Length or of a chunk's size (say FFFFFFFF) held a worker thread until the
+# client hung up; an honest client sends RECSVC_MAX_BODY_BYTES in far less.
+BODY_READ_TIMEOUT_SECONDS = 5.0  # as gunicorn waits for a request to start and for an unread body to drain
 
 
 class ThinQueryParser(FlaskParser):
@@ -30,11 +34,7 @@ class ThinQueryParser(FlaskParser):
         thousands of digits, NaN and Infinity: each is a 400 that says what is wrong."""
         if not is_json_request(req):
             return missing
-        body = req.get_data(cache=True)
-        limit = req.max_content_length
-        if req.content_length is None and limit is not None and len(body) >= limit and req.environ["wsgi.input"].read(1):
-            # A chunked body: werkzeug stops reading at the limit without a word; Content-Length bodies get 413 there.
-            raise RequestEntityTooLarge()
+        body = _read_body(req)
         if not body:
             return missing
         try:
@@ -61,6 +61,30 @@ class ThinQueryParser(FlaskParser):
         except ma.ValidationError as error:
             abort(error_status_code or self.DEFAULT_VALIDATION_STATUS, exc=error,
                   messages={"query": error.messages}, schema=argmap, headers=error_headers)
+
+
+def _read_body(req) -> bytes:
+    """The whole body, at most the body limit (413 beyond it, also chunked); 408 when the client stops sending
+    for BODY_READ_TIMEOUT_SECONDS. gunicorn then closes the connection: a body read that failed leaves it unusable."""
+    sock = req.environ.get("gunicorn.socket")  # absent under the test client
+    if sock is not None:
+        sock.settimeout(BODY_READ_TIMEOUT_SECONDS)
+    try:
+        body = req.get_data(cache=True)
+        limit = req.max_content_length
+        if req.content_length is None and limit is not None and len(body) >= limit and req.environ["wsgi.input"].read(1):
+            # A chunked body: werkzeug stops reading at the limit without a word; Content-Length bodies get 413 there.
+            raise RequestEntityTooLarge()
+        return body
+    except Exception as error:
+        # werkzeug turns the socket's TimeoutError into ClientDisconnected, raised while handling it.
+        if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+            raise RequestTimeout(f"the client sent no byte of the body for {BODY_READ_TIMEOUT_SECONDS:g} seconds; "
+                                 f"send the whole body as announced (Content-Length or chunk size)") from None
+        raise
+    finally:
+        if sock is not None:
+            sock.settimeout(None)  # as gunicorn's blocking sockets were
 
 
 def _single_values(args: MultiDict) -> dict:
