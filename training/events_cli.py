@@ -74,7 +74,8 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
     check_writable_file(out)
     client = redis_client(redis_url)
     try:
-        result = export_events(RedisStreams(client, dedupe_ttl=0).read(EVENT, since, until), out)
+        streams = RedisStreams(client, dedupe_ttl=0)
+        result = export_events(lambda: streams.read(EVENT, since, until), out)
     except redis.RedisError as exc:
         raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {str(exc).rstrip('.')}; "
                           f"{out} not written") from None
