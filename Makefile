@@ -12,7 +12,7 @@ DEV_KEY ?= local-dev-key
 # implicit parallelises itself; threaded BLAS underneath it is much slower.
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: install run test demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve bench-experiments fuzz bench-load drills lint-docker audit
+.PHONY: install run test lint demo fit serve system-deps redis-server clean bench-quality bench-train bench-cache bench-serve bench-experiments fuzz bench-load drills lint-docker audit
 
 # python3-venv is a separate Debian package; install it (and redis-server for the tests) when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -37,6 +37,10 @@ install: $(STAMP)
 
 test: install redis-server
 	$(BIN)/pytest
+
+# ruff (a dev dependency): pyflakes, pycodestyle's errors and import order; settings in pyproject.toml. .ci/run calls it.
+lint: install
+	$(BIN)/ruff check .
 
 $(DEMO)/interactions.csv: | $(STAMP)
 	$(BIN)/recsvc-train demo-data --out $(DEMO)

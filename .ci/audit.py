@@ -8,10 +8,10 @@ passing it silently would be false comfort: the warning names what was not check
 from __future__ import annotations
 
 import json
-from importlib import metadata
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 BIN = Path(sys.executable).parent

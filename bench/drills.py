@@ -31,13 +31,14 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from redis_server import RedisServer  # noqa: E402
 from serve import API_KEY, REPO, free_port, start_gunicorn, stop, worker_pids  # noqa: E402
 
 from recsvc import artifacts  # noqa: E402
 from recsvc.cache import event_stream_key  # noqa: E402
 from recsvc.cli import MALLOC_ENV  # noqa: E402
 from recsvc.event_log import EVENT, FEEDBACK, RedisStreams  # noqa: E402
+
+from redis_server import RedisServer  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CUSTOMERS, ITEMS = 20_000, 2_000
@@ -341,9 +342,10 @@ class Drills:
         return artifacts.current_version(self.registry)
 
 
-DRILLS = [("Redis killed and restarted", "redis_killed"), ("Redis full (maxmemory)", "redis_full"), ("new model published", "new_model"),
-          ("corrupt model published", "corrupt_model"), ("registry unreadable", "registry_unreadable"),
-          ("registry moved away", "registry_gone"), ("gunicorn worker killed", "worker_killed")]
+DRILLS = [("Redis killed and restarted", "redis_killed"), ("Redis full (maxmemory)", "redis_full"),
+          ("new model published", "new_model"), ("corrupt model published", "corrupt_model"),
+          ("registry unreadable", "registry_unreadable"), ("registry moved away", "registry_gone"),
+          ("gunicorn worker killed", "worker_killed")]
 
 
 def print_table(rows: list[Row]) -> bool:

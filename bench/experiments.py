@@ -20,10 +20,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cache import KEY, Phase, build_registry, run_phase, zipf_customers  # noqa: E402
-from redis_server import RedisServer  # noqa: E402
 
 from recsvc.app import create_app  # noqa: E402
 from recsvc.config import Settings  # noqa: E402
+
+from redis_server import RedisServer  # noqa: E402
 
 EXPERIMENT = {"name": "bench", "salt": "bench-1", "status": "running", "control": "control",
               "variants": [{"name": "control", "strategy": "als", "weight": 50},

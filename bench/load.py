@@ -25,11 +25,12 @@ from pathlib import Path  # noqa: E402
 import redis  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from redis_server import RedisServer  # noqa: E402
 from serve import API_KEY, REPO, find_wrk, free_port, parse_wrk, start_gunicorn, stop, write_model  # noqa: E402
 
 from recsvc.cache import event_stream_key  # noqa: E402
 from recsvc.cli import MALLOC_ENV  # noqa: E402
+
+from redis_server import RedisServer  # noqa: E402
 
 # wrk (plain, not wrk2) has no rate option: each connection waits an exponential (Poisson) gap before its next
 # request, mean connections / rate. Every 202 (feedback and events only) is counted so the run can check the

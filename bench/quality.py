@@ -8,11 +8,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit runs its own thre
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-from dataclasses import replace  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -122,7 +122,8 @@ def report(manifest: dict, recomputed: dict, served: dict) -> list[str]:
     for name, m in metrics.items():
         for metric in ("ndcg@10", "precision@10"):
             if abs(recomputed[name][metric] - m[metric]) > 1e-6:
-                failures.append(f"{name}: published arrays give {metric} {recomputed[name][metric]:.4f}, manifest says {m[metric]:.4f}")
+                failures.append(f"{name}: published arrays give {metric} {recomputed[name][metric]:.4f}, "
+                                f"manifest says {m[metric]:.4f}")
             offline = m[metric]
             if abs(served[name][metric] - offline) > API_TOLERANCE:
                 failures.append(f"{name}: the API gives {metric} {served[name][metric]:.4f}, offline {offline:.4f}")
@@ -173,7 +174,8 @@ def main() -> int:
         recomputed = offline_check(bundle, train, test)
         view = serving_view(bundle, train, tmp / "view")
         served = {name: served_metrics(view, bundle, test, name, tmp / "spool") for name in bundle.scorers}
-        print(f"published {bundle.version}; API answers from {view.name} for {served['popular']['customers']} customers\n")
+        print(f"published {bundle.version}; API answers from {view.name} for {served['popular']['customers']} "
+              "customers\n")
         failures = report(bundle.manifest, recomputed, served)
         if seeds:
             other_seeds(bundle.owned, config, seeds)

@@ -3,8 +3,8 @@
 Prints: cached GET throughput as a ratio to the hello endpoint served with the same
 gunicorn settings (target >= 0.85), the median of many short alternating pairs of runs
 with its spread; uncached p50/p99 on a 100k items x 100k customers x 64 factors model
-at 8 connections (target p99 <= 15 ms), with the workers' CPU time per request; RSS, PSS and private memory of each worker after
-the load against the model's array size, and what the private memory is made of
+at 8 connections (target p99 <= 15 ms), with the workers' CPU time per request; RSS, PSS and private memory of each
+worker after the load against the model's array size, and what the private memory is made of
 (target: a worker adds < 20% of the arrays).
 """
 
@@ -200,7 +200,8 @@ def parse_wrk(out: str) -> dict:
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "requests": int(re.search(r"(\d+) requests in", out).group(1)),
             "p50": percentiles.get("50"), "p99": percentiles.get("99"),
-            "non_2xx": int(errors.group(1)) if errors else 0, "socket_errors": socket_errors.group(1) if socket_errors else None}
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else None}
 
 
 # --- the run -----------------------------------------------------------------------------------------------

@@ -164,8 +164,9 @@ def report(args, rounds: list[dict], generated: float) -> None:
         for number, r in enumerate(rounds, start=1):
             print(f"round {number}: implicit ALS fit ({FACTORS} factors, {ITERATIONS} iterations) "
                   f"{r['implicit_fit_seconds']:.1f}s; recsvc-train fit --strategies als end to end "
-                  f"{r['recsvc_fit_seconds']:.1f}s; ratio {r['ratio']:.3f}; CPU seconds {r['implicit_cpu_seconds']:.1f} "
-                  f"vs {r['recsvc_cpu_seconds']:.1f}, ratio {r['cpu_ratio']:.3f}; recsvc peak RSS {r['peak_rss_gib']:.2f} GiB")
+                  f"{r['recsvc_fit_seconds']:.1f}s; ratio {r['ratio']:.3f}; "
+                  f"CPU seconds {r['implicit_cpu_seconds']:.1f} vs {r['recsvc_cpu_seconds']:.1f}, "
+                  f"ratio {r['cpu_ratio']:.3f}; recsvc peak RSS {r['peak_rss_gib']:.2f} GiB")
         print(f"ratio (median of {len(rounds)} rounds) {ratio:.3f} (target <= {TARGET_RATIO}); "
               f"peak RSS {peak_gib:.2f} GiB (target <= {TARGET_RSS_GIB})")
     if ratio > TARGET_RATIO or peak_gib > TARGET_RSS_GIB:

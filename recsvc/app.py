@@ -83,7 +83,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     # own with it (every worker must know them while Redis is down, full or refusing us).
     shared = cache if isinstance(cache, LocalCache) else make_local_cache(settings)
     event_log, recent_items = event_log_from_settings(settings, shared=shared)
-    router = experiments_from_settings(settings, event_log)  # a bad definitions file stops start-up here
+    # A bad definitions file stops start-up here; a changed file is checked against the served model's strategies.
+    router = experiments_from_settings(settings, event_log, lambda: store.bundle.scorers if store.bundle else None)
+    store.also_check.append(router.refresh)  # a changed file is re-read at the reload interval
     recommender = Recommender(store, cache, settings.cache_ttl, experiments=router, recent_items=recent_items)
     app.extensions["recsvc"] = Service(settings, store, cache, recommender, router, event_log, recent_items)
 

@@ -162,7 +162,8 @@ def read_manifest(version_dir: Path) -> dict:
     if not isinstance(manifest, dict):
         raise ArtifactError(f"the manifest of {Path(version_dir).name} is not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"{Path(version_dir).name} has artifact format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+        raise ArtifactError(f"{Path(version_dir).name} has artifact format {manifest.get('format')!r}, "
+                            f"expected {FORMAT_VERSION}")
     return manifest
 
 
@@ -321,7 +322,8 @@ def load_version(registry: Path, version_id: str, *, mmap: bool = True) -> Model
             customers=IdIndex(load_array(path / "customers.npy", mmap=mmap)),
             items=IdIndex(load_array(path / "items.npy", mmap=mmap)),
             owned=load_csr(path, "owned", mmap=mmap),
-            catalog=Catalog(*(load_array(path / f"catalog.{a}.npy", mmap=mmap) for a in ("title", "category", "active"))),
+            catalog=Catalog(*(load_array(path / f"catalog.{a}.npy", mmap=mmap)
+                              for a in ("title", "category", "active"))),
             scorers={name: load_scorer(path / "strategies" / name, mmap=mmap) for name in manifest["strategies"]},
             path=path,
         )

@@ -10,7 +10,6 @@ import click
 from recsvc.config import check_server_settings, gunicorn_settings
 from recsvc.errors import ConfigError
 
-
 # glibc malloc tuning read at process start, so it is set before gunicorn runs: few arenas, and buffers over
 # 128 KiB (score arrays) handed back to the system when freed instead of kept per thread in every worker.
 # Up to 1 MiB of free memory at the top of an arena is kept: at glibc's default (128 KiB) a request's

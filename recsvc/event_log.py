@@ -476,9 +476,10 @@ def event_time(value: object) -> float | None:
 
 _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 LATEST_TIME = 32503680000.0  # 3000-01-01 in Unix seconds
-# Clocks of export machines and clients differ; a day ahead is no timestamp's mistake. The trainer drops rows
-# further ahead, and the API refuses such events.
-FUTURE_TOLERANCE_SECONDS = 86_400
+# How far an event's own timestamp may be ahead of the clock that reads it. Clocks of export machines and clients
+# differ; a day ahead is no timestamp's mistake. The trainer drops rows further ahead, and the API refuses such
+# events.
+EVENT_TIME_MAX_AHEAD_SECONDS = 86_400
 
 
 def parse_event_time(value: object) -> float:

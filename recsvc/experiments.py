@@ -6,14 +6,18 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Collection
 
 import marshmallow as ma
 from marshmallow import validate
 
+from recsvc import metrics
 from recsvc.cache import experiments_key
 from recsvc.errors import ConfigError, RecsvcError
 
@@ -187,22 +191,75 @@ def load_experiments(path: Path | None, label: str | None = None) -> ExperimentS
     Errors name the file as `label` (default: RECSVC_EXPERIMENTS=path, as the server reads it)."""
     if path is None:
         return ExperimentSet()
-    path = Path(path)
-    label = label or f"RECSVC_EXPERIMENTS={path}"
+    return read_definitions(Path(path), label or f"RECSVC_EXPERIMENTS={path}")[0]
+
+
+def read_definitions(path: Path, label: str) -> tuple[ExperimentSet, str]:
+    """(definitions, digest of the file's bytes: 12 hex digits of sha256); ConfigError naming `label`."""
     if path.is_dir():
         raise ConfigError(f"{label}: is a directory, not a file")
     if path.exists() and not path.is_file():  # a FIFO or a device would block start-up or never end
         raise ConfigError(f"{label}: not a regular file")
     try:
-        text = path.read_text(encoding="utf-8")
+        content = path.read_bytes()
+        text = content.decode("utf-8")
         raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{label}: no such file") from None
-    except (OSError, ValueError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError and TOMLDecodeError are ValueErrors
         raise ConfigError(f"{label}: cannot parse: {exc}") from None
     except RecursionError:  # json nests by recursion: thousands of opening brackets
         raise ConfigError(f"{label}: cannot parse: nested too deeply") from None
-    return parse_experiments(raw, label)
+    return parse_experiments(raw, label), hashlib.sha256(content).hexdigest()[:12]
+
+
+def check_strategies(experiments: ExperimentSet, served: Collection[str] | None, label: str) -> None:
+    """ConfigError when an experiment running now has a variant whose strategy the served model lacks (none
+    loaded: no check). Applied to a changed file only: there it is most likely a typo, and the definitions in use
+    keep serving; at start-up such a variant serves the default strategy, uncounted (ExperimentRouter.assign)."""
+    if served is None:
+        return
+    now = dt.datetime.now(dt.timezone.utc)
+    missing = [f"experiment {e.name}, variant {v.name}: strategy {v.strategy!r}" for e in experiments.experiments
+               if e.is_running(now) for v in e.variants if v.strategy not in served]
+    if missing:
+        raise ConfigError(f"{label}: {'; '.join(missing)} not in the served model (which has "
+                          f"{', '.join(sorted(served))})", details={"missing_strategies": missing})
+
+
+def file_state(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, modification time in ns) of the file a path names now, following symlinks (a
+    Kubernetes ConfigMap swaps one); None when it cannot be read (missing)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class DefinitionsFailure:
+    reason: str  # as ConfigError words it, naming the file
+    at: float  # Unix seconds
+
+
+class DefinitionsFile:
+    """The RECSVC_EXPERIMENTS file as this process last read it: the file's state then, and what it held."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.label = f"RECSVC_EXPERIMENTS={path}"
+        self.state: tuple[int, int, int, int] | None = None  # file_state() when last read
+        self.digest: str | None = None  # of the definitions in use
+        self.loaded_at: float | None = None  # when they were read (Unix seconds)
+        self.last_failure: DefinitionsFailure | None = None  # while the file on disk is refused
+
+    def load(self) -> ExperimentSet:
+        """The definitions in the file at start-up (state, digest and time recorded); ConfigError when wrong."""
+        self.state = file_state(self.path)  # before the read: a write after it shows as a change next time
+        experiments, self.digest = read_definitions(self.path, self.label)
+        self.loaded_at = time.time()
+        return experiments
 
 
 def describe(experiment: Experiment) -> dict:
@@ -219,10 +276,73 @@ def describe(experiment: Experiment) -> dict:
 class ExperimentRouter:
     """Puts a request without an explicit strategy into the running experiment and records its exposure."""
 
-    def __init__(self, experiments: ExperimentSet, event_log):
-        self.experiments = experiments
+    def __init__(self, experiments: ExperimentSet, event_log, source: DefinitionsFile | None = None,
+                 served_strategies: Callable[[], Collection[str] | None] = lambda: None):
+        """`source`: the file the definitions came from, re-read by refresh() when it changes.
+        `served_strategies`: the strategies of the served model version (None before one loads)."""
+        self.experiments = experiments  # replaced whole by refresh(): a request reads it once
         self.event_log = event_log  # a recsvc.event_log.EventLog
+        self.source = source
+        self.served_strategies = served_strategies
         self._missing_warned: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()  # one refresh at a time: the watcher's and an admin's reload
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the definitions file when its inode, size or modification time changed since the last
+        read (always with `force`), and swap the new definitions in; True when they differ from those in use.
+
+        The new definitions apply from the next request on and are published to Redis. A file that cannot be
+        read or is invalid (missing, bad TOML or JSON, a failed check) is refused: the definitions in use stay,
+        and the failure is logged, counted and kept in `source.last_failure` until the file loads again."""
+        source = self.source
+        if source is None:
+            return False
+        with self._lock:
+            state = file_state(source.path)
+            if state == source.state and not force:
+                return False
+            try:
+                experiments, digest = read_definitions(source.path, source.label)
+                check_strategies(experiments, self.served_strategies(), source.label)
+            except ConfigError as exc:
+                experiments, digest, problem = None, None, exc.message
+            if file_state(source.path) != state:  # written while read, maybe cut short: read again next time
+                return False
+            source.state = state
+            if experiments is None:
+                self._refuse(problem)
+                return False
+            source.last_failure = None
+            previous = source.digest
+            if digest == previous:  # touched, or rewritten with the same bytes
+                metrics.experiments_serving(digest, refused=False)
+                return False
+            self.experiments, source.digest, source.loaded_at = experiments, digest, time.time()
+        metrics.experiments_loaded(previous, source.digest)
+        log.info("experiment definitions reloaded from %s: %s", source.label, summary(experiments),
+                 extra={"experiments_digest": source.digest, "previous_digest": previous})
+        if self.event_log.reader is not None:
+            self.publish_quietly(self.event_log.reader.client)
+        return True
+
+    def _refuse(self, reason: str) -> None:
+        """Keep the definitions in use; log and count the failure once while it stays the same."""
+        failure = self.source.last_failure
+        if failure is not None and failure.reason == reason:
+            return
+        self.source.last_failure = DefinitionsFailure(reason, time.time())
+        metrics.experiments_refused()
+        log.error("%s; keeping the experiment definitions in use (digest %s, loaded %s)", reason,
+                  self.source.digest, _iso(self.source.loaded_at), extra={"experiments_digest": self.source.digest})
+
+    def start_watching(self) -> None:
+        """In a process forked after the app was loaded (a gunicorn worker): a lock of its own (the master's
+        watcher may have held the inherited one at the fork), this process's metrics, and a check of the file
+        now, so a worker started after a change never serves older definitions."""
+        self._lock = threading.Lock()
+        if self.source is not None:
+            metrics.experiments_serving(self.source.digest, refused=self.source.last_failure is not None)
+            self.refresh()
 
     def assign(self, customer_id: str, strategy: str | None, available) -> Assignment | None:
         """The customer's assignment, or None: a request naming a strategy bypasses experiments and is not
@@ -265,9 +385,24 @@ class ExperimentRouter:
             self.event_log.reconnect_owed = True  # also when Redis returns before any record was spooled
 
 
-def from_settings(settings, event_log) -> ExperimentRouter:
+def summary(experiments: ExperimentSet) -> str:
+    """'name (status), ...' for a log line."""
+    return ", ".join(f"{e.name} ({e.status})" for e in experiments.experiments) or "no experiments"
+
+
+def _iso(seconds: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="seconds") if seconds else None
+
+
+def from_settings(settings, event_log, served_strategies: Callable[[], Collection[str] | None] = lambda: None
+                  ) -> ExperimentRouter:
     """The router for settings.experiments_path; ConfigError at start-up for a bad file."""
-    router = ExperimentRouter(load_experiments(settings.experiments_path), event_log)
+    if settings.experiments_path is None:
+        router = ExperimentRouter(ExperimentSet(), event_log)
+    else:
+        source = DefinitionsFile(settings.experiments_path)
+        router = ExperimentRouter(source.load(), event_log, source, served_strategies)
+        metrics.experiments_loaded(None, source.digest)
     if event_log.reader is not None:
         event_log.on_reconnect.append(router.publish_quietly)
         router.publish_quietly(event_log.reader.client)

@@ -74,9 +74,11 @@ def pre_fork(server, worker):
 
 
 def post_worker_init(worker):
-    # Each worker watches the registry from the start, also one that has not served a request yet.
+    # Each worker watches the registry and the experiments file from the start, also one that has not served a
+    # request yet.
     service = getattr(worker.wsgi, "extensions", {}).get("recsvc")
     if service is not None:
+        service.experiments.start_watching()
         service.store.start_watching()
 
 

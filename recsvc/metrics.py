@@ -12,8 +12,15 @@ import os
 import time
 from contextlib import contextmanager
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -37,7 +44,8 @@ CACHE_OVERSIZE = Counter("recsvc_cache_oversize_total", "Lists not cached becaus
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # The embedded cache (no Redis): one table in shared memory for all workers, so one series, not one per worker:
 # the worker that answers a scrape of /metrics sets it from the whole table, and the most recent value wins.
-LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries", "Lists in the server's embedded cache (shared by its workers)",
+LOCAL_CACHE_ENTRIES = Gauge("recsvc_local_cache_entries",
+                            "Lists in the server's embedded cache (shared by its workers)",
                             multiprocess_mode="livemostrecent")
 LOCAL_CACHE_BYTES = Gauge("recsvc_local_cache_bytes",
                           "Bytes of the embedded cache's slots in use (lists and generations; shared by the workers)",
@@ -54,6 +62,16 @@ MODEL_AGE = Gauge("recsvc_model_age_seconds", "Age of the served model version, 
 MODEL_LOADS = Counter("recsvc_model_loads_total", "Model versions loaded and swapped in")
 MODEL_LOAD_FAILURES = Counter("recsvc_model_load_failures_total",
                               "Model versions refused because they failed to load or validate")
+# Experiment definitions (RECSVC_EXPERIMENTS), re-read by each worker when the file changes (recsvc/experiments.py).
+EXPERIMENTS_INFO = Gauge("recsvc_experiments_info", "1 for the digest of the experiment definitions a worker uses",
+                         ["digest"], multiprocess_mode="liveall")
+EXPERIMENTS_LOADS = Counter("recsvc_experiments_loads_total",
+                            "Experiment definitions loaded: at start-up and after each change of the file")
+EXPERIMENTS_LOAD_FAILURES = Counter("recsvc_experiments_load_failures_total",
+                                    "Changed experiments files refused (unreadable, missing or invalid)")
+EXPERIMENTS_REFUSED = Gauge("recsvc_experiments_file_refused",
+                            "1 while the experiments file on disk is refused and older definitions serve",
+                            multiprocess_mode="livemax")
 EVENT_LOG_RECORDS = Counter("recsvc_event_log_records_total",
                             "Exposures, feedback and events kept, by kind and where (redis, or spool while it is down)",
                             ["kind", "destination"])
@@ -134,20 +152,20 @@ def event_log_replayed(records: int) -> None:
 def model_swapped(previous: str | None, version: str, created_at: float | None) -> None:
     """A new version serves in this process from now on."""
     if previous is not None and previous != version:
-        _retire_version(previous)
+        _retire(MODEL_INFO, previous)
     MODEL_LOADS.inc()
     model_serving(version, created_at)
 
 
-def _retire_version(version: str) -> None:
-    """Drop the series of a version this process no longer serves, so the gauge does not keep one per version
-    ever loaded. prometheus_client cannot remove a labelled series in multiprocess mode: the value stays in this
-    process's mmap file (and would come back with the label). There it is set to 0, and exposition() leaves out
-    the info series at 0."""
+def _retire(info: Gauge, label: str) -> None:
+    """Drop the series of a version (of the model, or of the experiment definitions) this process no longer
+    serves, so the info gauge does not keep one per version ever loaded. prometheus_client cannot remove a
+    labelled series in multiprocess mode: the value stays in this process's mmap file (and would come back with
+    the label). There it is set to 0, and exposition() leaves out the info series at 0."""
     if multiprocess_mode():
-        MODEL_INFO.labels(version).set(0)
+        info.labels(label).set(0)
     else:
-        MODEL_INFO.remove(version)
+        info.remove(label)
 
 
 def model_serving(version: str, created_at: float | None) -> None:
@@ -168,6 +186,26 @@ def model_tick(created_at: float | None) -> None:
         MODEL_AGE.set(max(0.0, time.time() - created_at))
 
 
+def experiments_loaded(previous: str | None, digest: str) -> None:
+    """New experiment definitions (by the digest of the file) are used in this process from now on."""
+    if previous is not None and previous != digest:
+        _retire(EXPERIMENTS_INFO, previous)
+    EXPERIMENTS_LOADS.inc()
+    experiments_serving(digest, refused=False)
+
+
+def experiments_serving(digest: str | None, refused: bool) -> None:
+    """Publish the definitions in use, and whether the file on disk is refused, in this process's metrics."""
+    if digest is not None:
+        EXPERIMENTS_INFO.labels(digest).set(1)
+    EXPERIMENTS_REFUSED.set(1 if refused else 0)
+
+
+def experiments_refused() -> None:
+    EXPERIMENTS_LOAD_FAILURES.inc()
+    EXPERIMENTS_REFUSED.set(1)
+
+
 def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
@@ -184,17 +222,20 @@ def exposition() -> tuple[bytes, str]:
 
 
 class _ServedVersionsOnly:
-    """Every worker's metrics, less the recsvc_model_info series at 0: versions a worker served before (see
-    _retire_version)."""
+    """Every worker's metrics, less the recsvc_model_info and recsvc_experiments_info series at 0: versions a
+    worker served before (see _retire)."""
 
     def __init__(self, collector):
         self.collector = collector
 
     def collect(self):
         for metric in self.collector.collect():
-            if metric.name == MODEL_INFO._name:
+            if metric.name in _INFO_NAMES:
                 metric.samples = [sample for sample in metric.samples if sample.value != 0]
             yield metric
+
+
+_INFO_NAMES = frozenset({MODEL_INFO._name, EXPERIMENTS_INFO._name})
 
 
 def worker_exited(pid: int) -> None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _PATH = re.compile(r"(?:[^/\s'\"]+)?(?:/[^/\s'\"]+)*/([^/\s'\"]+)")
 
 
-def _without_paths(reason: str) -> str:
+def without_paths(reason: str) -> str:
     """The reason without directory names: it is shown on /readyz, which needs no key."""
     return _PATH.sub(r"\1", reason)
 
@@ -74,6 +74,9 @@ class ModelStore:
         self._watcher_pid: int | None = None
         self._stop = threading.Event()
         self._said_empty = False  # "no model yet" is logged once per server (workers inherit it from the master)
+        # Run by the watcher after each check of the registry: other files followed at the same interval
+        # (the experiment definitions, recsvc/experiments.py), without a thread of their own.
+        self.also_check: list[Callable[[], object]] = []
 
     def current(self) -> ModelBundle | None:
         """The bundle to serve with (None until one loads). Starts the watcher in this process on first use,
@@ -154,7 +157,7 @@ class ModelStore:
     def _refuse(self, version: str | None, reason: str, *, served: bool = False) -> None:
         """Show the failure on /readyz, count and log it, once while it stays the same. `served`: it is about
         the served version itself (nothing was refused)."""
-        shown = _without_paths(reason)  # the log keeps the paths: only /readyz is public
+        shown = without_paths(reason)  # the log keeps the paths: only /readyz is public
         failure = self.last_failure
         if failure is not None and (failure.version, failure.reason) == (version, shown):
             return  # the same failure as at the last check (an unreadable pointer): counted and logged once
@@ -192,6 +195,11 @@ class ModelStore:
                 metrics.model_tick(self.created_at)
             except Exception:  # the watcher must survive anything a broken registry throws at it
                 log.exception("model refresh failed")
+            for check in self.also_check:
+                try:
+                    check()
+                except Exception:  # nor may another file's check stop it
+                    log.exception("check of %s failed", getattr(check, "__qualname__", check))
 
     def stop(self) -> None:
         self._stop.set()

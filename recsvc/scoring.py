@@ -327,7 +327,8 @@ class FactorScorer(Scorer):
     def contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> np.ndarray:
         rows = np.where(histories >= 0, histories, 0)
         factors = self.item_factors.T  # factor first, as in exact_scores
-        terms = np.asarray(factors[:, rows], dtype=np.float64) * np.asarray(factors[:, items], dtype=np.float64)[:, :, None]
+        terms = (np.asarray(factors[:, rows], dtype=np.float64)
+                 * np.asarray(factors[:, items], dtype=np.float64)[:, :, None])
         return fixed_sum(terms, axis=0) / (self._reason_norms[rows] * self._reason_norms[items][:, None])
 
     def approx_contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, float]:
@@ -524,7 +525,8 @@ class PopularityScorer(Scorer):
         return out
 
     def scores_batch(self, customers: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        return np.broadcast_to(np.asarray(self.popularity, dtype=np.float32), (len(customers), len(self.popularity))).copy()
+        popularity = np.asarray(self.popularity, dtype=np.float32)
+        return np.broadcast_to(popularity, (len(customers), len(popularity))).copy()
 
     def similar(self, item: int) -> np.ndarray:
         return np.array(self.popularity, dtype=np.float32)

@@ -380,7 +380,8 @@ class SharedIdSet:
         with self._locked(blocking=True):
             count, used = self.COUNTS.unpack_from(self.map, 0)
             bucket = self.BUCKETS_AT + self._bucket(raw)
-            if count and self.map[bucket] and self.map.find(b"\0" + raw + b"\0", self.ids_at, self.ids_at + 1 + used) >= 0:
+            if (count and self.map[bucket]
+                    and self.map.find(b"\0" + raw + b"\0", self.ids_at, self.ids_at + 1 + used) >= 0):
                 return True
             if used + len(raw) + 1 > self.capacity:
                 return False

@@ -23,7 +23,8 @@ import orjson
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-ACCEPT_DEFER_SECONDS = 0.020  # at most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake
+# At most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake.
+ACCEPT_DEFER_SECONDS = 0.020
 DEFER_STEP_SECONDS = 0.0005
 FREE = -1  # a slot no live worker holds
 SERVER_FAULT = "the server could not answer; the error was logged"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import time
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_event_timestamps_written_oddly_are_refused(client, auth, timestamp):
     assert fields == {"events": {"0": {"timestamp": ["use ISO-8601 or Unix seconds"]}}}
 
 
-def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_settings, auth):
+def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_settings, auth):  # noqa: F811
     app = start_app(experiment_settings)
     try:
         response = app.test_client().post("/v1/recommendations/batch", headers=auth, json={"requests": [
@@ -193,7 +194,8 @@ def test_a_chunked_body_that_is_not_plain_json_is_415(server, old, new):
     assert status == 415 and b'"unsupported_media_type"' in body
 
 
-@pytest.mark.parametrize("path", ["/v1/customers/%20C000003%20/recommendations", "/v1/customers/C000003/recommendations"])
+@pytest.mark.parametrize("path", ["/v1/customers/%20C000003%20/recommendations",
+                                  "/v1/customers/C000003/recommendations"])
 def test_ids_are_read_like_the_trainer_reads_them_without_surrounding_spaces(client, auth, path):
     body = client.get(path, headers=auth).get_json()
     assert body["customer_id"] == "C000003" and body["source"] == "personal"
@@ -234,3 +236,83 @@ def test_requests_gunicorn_refuses_get_the_json_error_shape(server, request_byte
     assert answered == status, body
     assert headers["content-type"] == "application/json" and len(headers["x-request-id"]) == 32
     assert body.startswith(b'{"error":{"code":') and b"<html>" not in body
+
+
+def test_a_body_that_stops_coming_is_408_within_the_read_timeout_and_frees_the_thread(server):
+    """A chunk size of FFFFFFFF or a Content-Length the client never fills: the read waits for bytes that never come.
+    Both requests are open at once, on the two threads of the one worker; a third request is still answered after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recsvc.api.parsing import BODY_READ_TIMEOUT_SECONDS
+
+    def stalled(request: bytes) -> tuple[float, bytes]:
+        host, port = server
+        with socket.create_connection((host, int(port)), timeout=BODY_READ_TIMEOUT_SECONDS + 10) as sock:
+            sock.sendall(request)  # and nothing more, the connection left open
+            started = time.monotonic()
+            data = b""
+            while chunk := sock.recv(65536):  # the server closes it after the answer
+                data += chunk
+            return time.monotonic() - started, data
+
+    huge_chunk = post_chunked(server, b"FFFFFFFF\r\n{\"limit\": 2")
+    short_length = (f"POST {RECS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"limit\": 2}").encode()
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(stalled, [huge_chunk, short_length]))
+    for waited, data in answers:
+        assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+        assert b'"code":"request_timeout"' in data and b"no byte of the body" in data
+        assert BODY_READ_TIMEOUT_SECONDS - 0.5 < waited < BODY_READ_TIMEOUT_SECONDS + 3
+    status, _headers, body = raw(server, post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n"))
+    assert status == 200 and body.count(b'"item_id"') == 2
+
+
+FEEDBACK = '"request_id": "abcdefgh", "customer_id": "c1", "item_id": "i1", "action": "shown"'
+EVENT = '"customer_id": "c1", "item_id": "i1", "timestamp": "2026-11-01T10:00:00Z"'
+
+
+@pytest.mark.parametrize("path, body, key", [
+    (RECS, '{"limit": 2, "limit": 3}', "limit"),
+    (RECS, '{"exclude": ["a"], "context_items": ["b"], "exclude": ["c"]}', "exclude"),
+    ("/v1/recommendations/batch", '{"requests": [{"customer_id": "a", "customer_id": "b"}]}', "customer_id"),
+    ("/v1/recommendations/batch", '{"requests": [{"customer_id": "a"}], "requests": [{"customer_id": "b"}]}',
+     "requests"),
+    ("/v1/events", '[{' + EVENT + ', "item_id": "i2"}]', "item_id"),
+    ("/v1/events", '{"events": [{' + EVENT + '}], "events": []}', "events"),
+    # a repeated key whose values hold ':' (a time), which could make up for the key's own ':' in a count
+    ("/v1/events", '[{"customer_id": "c1", "item_id": "i1", "timestamp": "10:00", "timestamp": "2026-11-01"}]',
+     "timestamp"),
+    ("/v1/feedback", '{' + FEEDBACK + ', "customer_id": "c2"}', "customer_id"),
+    # escapes take the slow check: \u0061 is "a"
+    ("/v1/feedback", '{' + FEEDBACK + ', "\\u0061gent_id": "x", "agent_id": "y"}', "agent_id"),
+])
+def test_a_key_given_twice_in_one_object_is_400_naming_it(client, auth, path, body, key):
+    response = client.post(path, headers={**auth, "Content-Type": "application/json"}, data=body)
+    error = error_of(response, 400)
+    assert error["code"] == "invalid_request"
+    assert error["message"] == f"the body gives the key {key!r} more than once in one object; give it once"
+    assert error["details"] == {"fields": {key: ["given more than once"]}}
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/v1/events", '[{' + EVENT + ', "event_type": "view:detail"}, {' + EVENT + '}]', 202),
+    ("/v1/events", '[{"customer_id": "c\\u003a1", "item_id": "i:1", "timestamp": "2026-11-01T10:00:00\\u002b00:00"}]',
+     202),
+    ("/v1/feedback", '{' + FEEDBACK + ', "agent_id": "desk:7"}', 202),
+    (RECS, '{"limit": 2, "exclude": ["SKU:1", "C:\\\\users"]}', 200),
+])
+def test_bodies_with_colons_and_escapes_in_their_strings_and_no_repeated_key_are_taken(client, auth, path, body,
+                                                                                       status):
+    response = client.post(path, headers={**auth, "Content-Type": "application/json"}, data=body)
+    assert response.status_code == status, response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("depth, details", [
+    (300, {"fields": {"limit": ["given more than once"]}}),  # orjson reads it but cannot write it back: the slow check
+    (1000, {"fields": {"exclude": {"0": ["Not a valid string."]}}}),  # too deep for Python's json too: the schema
+])
+def test_a_deeply_nested_body_is_a_400_not_a_500(client, auth, depth, details):
+    body = '{"limit": 2, "exclude": ' + "[" * depth + "]" * depth + ', "limit": 3}'
+    error = error_of(client.post(RECS, headers={**auth, "Content-Type": "application/json"}, data=body), 400)
+    assert error["details"] == details

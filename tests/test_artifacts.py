@@ -31,7 +31,8 @@ def make_bundle(version: str = "v1") -> ModelBundle:
         customers=IdIndex(artifacts.encode_ids(["c2", "c1", "ç3"])),
         items=IdIndex(artifacts.encode_ids(["i1", "i2", "i3", "i4"])),
         owned=owned,
-        catalog=Catalog(np.array(["A", "B", "", "D"]), np.array(["x", "y", "x", ""]), np.array([True, True, False, True])),
+        catalog=Catalog(np.array(["A", "B", "", "D"]), np.array(["x", "y", "x", ""]),
+                        np.array([True, True, False, True])),
         scorers={
             "als": FactorScorer(rng.random((3, 5), dtype=np.float32), rng.random((4, 5), dtype=np.float32),
                                 regularization=0.1),

@@ -129,6 +129,19 @@ def test_a_count_with_a_fraction_is_refused_not_rounded_down(name):
     assert check_server_settings({name: value.replace(".5", ".0")}) is not None  # 2.0 is two
 
 
+@pytest.mark.parametrize("command", [["events", "export", "--out", "{tmp}/events.csv"],
+                                     ["events", "trim", "--before", "2026-11-30"],
+                                     ["experiments", "report", "als-vs-pop"]])
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_commands_that_read_the_event_log_need_a_redis_url(tmp_path, command, log_format):
+    command = [word.format(tmp=tmp_path) for word in command]
+    result = CliRunner(env={"RECSVC_REDIS_URL": None}).invoke(main, [*command, "--log-format", log_format])
+    refused(result, "pass --redis-url or set RECSVC_REDIS_URL")
+    if log_format == "json":
+        assert json.loads(result.stderr)["exit_code"] == EXIT_UNUSABLE_INPUT
+    assert not (tmp_path / "events.csv").exists()
+
+
 def test_a_malformed_redis_url_is_exit_2_without_a_traceback_or_the_password():
     refused(run(["warm-cache", "--registry", "r", "--redis-url", "redis://:s3cret@[::1:1/0"]), "is not a Redis URL")
     assert "s3cret" not in run(["warm-cache", "--registry", "r", "--redis-url", "redis://:s3/cret@h:1/0"]).output

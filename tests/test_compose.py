@@ -119,7 +119,8 @@ def test_the_kubernetes_cronjob_example_uses_real_fields_commands_and_mounts():
 
 
 def test_the_cron_example_runs_a_real_command():
-    line = next(l for l in _doc_block(REPO / "docs" / "training.md", "cron").splitlines() if not l.startswith("#"))
+    line = next(row for row in _doc_block(REPO / "docs" / "training.md", "cron").splitlines()
+                if not row.startswith("#"))
     words = line.split()
     command = [w for w in words[6:words.index(">>/var/log/recsvc/nightly.jsonl")] if "=" not in w]  # after the user
     program, subcommand, *options = command

@@ -4,6 +4,7 @@ every answer to an allowed origin (errors and the fast path included), none for 
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import pytest
 import requests
@@ -185,14 +186,27 @@ def test_a_request_without_an_origin_is_answered_as_without_the_setting(cors_cli
         assert cors_headers(response) == {} and "Vary" not in response.headers
 
 
-def test_any_origin_with_a_star(settings):
+def test_any_origin_with_a_star_is_answered_with_a_star(settings):
+    """Fetch: without credentials "*" lets any origin read the answer; echoing each Origin would only make caches
+    keep one copy per origin. Keys travel in Authorization, so no answer is credentialed."""
     app = make_app(settings, cors_origins=frozenset({"*"}))
     client = app.test_client()
     for origin in ("https://anyone.example", "null"):
         response = client.options(RECOMMENDATIONS, headers=preflight("GET", origin))
-        assert response.status_code == 204 and response.headers["Access-Control-Allow-Origin"] == origin
-        assert_allowed(client.get(RECOMMENDATIONS, headers={**AUTH, "Origin": origin}), origin)
+        assert response.status_code == 204 and response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Credentials" not in response.headers
+        for headers, status in ((AUTH, 200), ({}, 401)):
+            response = client.get(RECOMMENDATIONS, headers={**headers, "Origin": origin})
+            assert response.status_code == status
+            assert_allowed(response, "*")
+    paths = Paths(app)  # the fast path answers the same
+    flask, fast = paths.both(RECOMMENDATIONS, {**AUTH, "Origin": "https://anyone.example",
+                                               "X-Request-ID": "req-cors-star-0001"})
+    assert fast[3] == 1 and fast[:3] == flask[:3]
+    assert ("Access-Control-Allow-Origin", "*") in fast[1] and ("Vary", "Origin") in fast[1]
     assert client.options(RECOMMENDATIONS, headers=preflight("GET", "")).status_code == 401  # no origin at all
+    response = client.get(RECOMMENDATIONS, headers=AUTH)  # no Origin: answered as without CORS
+    assert cors_headers(response) == {} and "Vary" not in response.headers
     app.extensions["recsvc"].store.stop()
 
 
@@ -236,6 +250,14 @@ def test_a_500_carries_the_headers(cors_app, cors_client, monkeypatch):
     response = cors_client.get("/v1/customers/C000005/recommendations", headers={**AUTH, "Origin": DESKTOP})
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "internal_error"
     assert_allowed(response)
+
+
+def test_a_503_without_a_model_carries_the_headers(settings, tmp_path):
+    app = make_app(settings, registry=tmp_path / "empty-registry", cors_origins=frozenset({DESKTOP}))
+    response = app.test_client().get(RECOMMENDATIONS, headers={**AUTH, "Origin": DESKTOP})
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "model_unavailable"
+    assert_allowed(response)
+    app.extensions["recsvc"].store.stop()
 
 
 # --- the fast path --------------------------------------------------------------------------------------
@@ -288,3 +310,16 @@ def test_gunicorn_serves_a_browser_on_an_allowed_origin(trained_registry, tmp_pa
         assert response.status_code == 401 and cors_headers(response) == {}
         response = session.get(url, headers={**AUTH, "Origin": "https://evil.example"}, timeout=5)
         assert response.status_code == 200 and cors_headers(response) == {}
+        # A broken chunked body is read, and refused, by the app: its 400 carries the headers too.
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall((f"POST {RECOMMENDATIONS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                          f"Origin: {DESKTOP}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          "zz\r\nabc\r\n0\r\n\r\n").encode())
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while data := sock.recv(65536):  # the server closes the connection: the body's framing was broken
+                answer += data
+            answer = answer.decode("latin-1")
+        assert answer.startswith("HTTP/1.1 400 ") and '"code":"invalid_request"' in answer, answer
+        assert f"Access-Control-Allow-Origin: {DESKTOP}\r\n" in answer, answer

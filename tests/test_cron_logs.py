@@ -13,7 +13,7 @@ from recsvc import artifacts
 from recsvc.cache import event_stream_key
 from recsvc.event_log import EVENT, FEEDBACK
 from tests.conftest import free_port
-from tests.test_events_trim import FROM_T, T, T_ISO, around_t, experiment_log, log, publish
+from tests.test_events_trim import FROM_T, T_ISO, T, around_t, experiment_log, log, publish
 from tests.test_nightly import ENV, RECSVC_TRAIN, lock_held, nightly_config
 from tests.test_registry import publish as publish_version
 from training.cli import main
@@ -291,6 +291,18 @@ def test_a_refused_input_gives_its_bad_row_counts_as_fields_of_the_json_error(tm
     assert f"{bad_rows} of {total} rows rejected" in error["message"]
 
 
+def test_bad_rows_below_the_threshold_are_a_warning_with_the_same_fields_as_the_refusal(tmp_path):
+    path = tmp_path / "some-bad.csv"
+    rows = "".join(f"c{customer},i{item},1\n" for customer in range(10) for item in range(12))
+    path.write_text("customer_id,item_id,weight\n" + rows + ",i1,1\n")  # 1 bad row of 121: below the allowed 5%
+    result = invoke("fit", "--interactions", str(path), "--registry", str(tmp_path / "r"), "--strategies", "popular",
+                    "--log-format", "json")
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in json_lines(result.stderr) if line["level"] == "warning"]
+    assert (warning["bad_rows"], warning["total_rows"], warning["by_reason"]) == (1, 121, {"missing customer_id": 1})
+    assert warning["message"].startswith("1 of 121 rows rejected")
+
+
 def test_a_mistake_in_the_command_line_is_a_json_line_in_json_mode_and_usage_text_otherwise(tmp_path):
     for args, message in ((["fit", "--registry", str(tmp_path), "--frobnicate"], "No such option '--frobnicate'"),
                           (["nightly"], "Missing option '--config'.")):
@@ -298,6 +310,28 @@ def test_a_mistake_in_the_command_line_is_a_json_line_in_json_mode_and_usage_tex
         text = invoke(*args)
         assert text.exit_code == 2 and "Usage: " in text.stderr and "Error: " in text.stderr
     assert one_error(invoke("registry", "list", "--log-format=json"), 2)["message"] == "Missing option '--registry'."
+
+
+# --- fit and nightly in text -----------------------------------------------------------------------------------
+
+
+def test_fit_and_nightly_print_their_result_on_stdout_with_quiet_too(demo_paths, tmp_path):
+    """As the other cron commands: --quiet leaves out the log lines (stderr), not the result (stdout)."""
+    fit = ["fit", "--interactions", str(demo_paths["interactions"]), "--registry", str(tmp_path / "fitted"),
+           "--strategies", "popular"]
+    loud, quiet = invoke(*fit), invoke(*fit, "--quiet")
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert loud.stdout.splitlines()[-1].startswith("published ") and "ingest: " in loud.stderr
+    [published] = quiet.stdout.splitlines()
+    assert published.startswith("published ") and quiet.stderr == ""
+    config = nightly_config(tmp_path / "nightly.toml", demo_paths["interactions"], tmp_path / "registry",
+                            strategies='[strategies]\nenabled = ["popular"]\n')
+    first, again = (invoke("nightly", "--config", str(config), "--quiet") for _ in range(2))
+    assert first.exit_code == again.exit_code == 0, first.output + again.output
+    [published] = first.stdout.splitlines()
+    assert published.startswith(f"published {artifacts.current_version(tmp_path / 'registry')} ")
+    [nothing_to_do] = again.stdout.splitlines()
+    assert nothing_to_do.endswith("nothing to do") and first.stderr == again.stderr == ""
 
 
 # --- the nightly recipe of docs/training.md ---------------------------------------------------------------------

@@ -29,7 +29,8 @@ def trim(redis_url: str, *options: str):
 
 
 def log(client, kind: str, entry_id: str, **record) -> None:
-    """A record as the event log keeps it, under an explicit stream entry id ("<ms>-<seq>"): the time the log took it."""
+    """A record as the event log keeps it, under an explicit stream entry id ("<ms>-<seq>"): the time the log
+    took it."""
     client.xadd(event_stream_key(kind), {"r": orjson.dumps({"kind": kind, **record})}, id=entry_id)
 
 
@@ -132,7 +133,8 @@ def test_export_until_then_trim_before_the_same_time_loses_no_event(
 def test_bad_options_exit_2_with_a_message_before_redis_is_asked(options, message):
     port = free_port()  # nothing listens: an option checked after connecting would exit 1 instead
     result = CliRunner().invoke(
-        main, ["events", "trim", "--redis-url", f"redis://127.0.0.1:{port}/0", *options], env={"RECSVC_REDIS_URL": None})
+        main, ["events", "trim", "--redis-url", f"redis://127.0.0.1:{port}/0", *options],
+        env={"RECSVC_REDIS_URL": None})
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.stderr
 

@@ -9,8 +9,16 @@ import pytest
 from scipy import stats
 from scipy.stats.contingency import relative_risk
 
-from recsvc.experiment_report import (VariantCounts, build_report, compare_proportions, compare_ratios, ratio,
-                                      srm_p_value, tally, wilson)
+from recsvc.experiment_report import (
+    VariantCounts,
+    build_report,
+    compare_proportions,
+    compare_ratios,
+    ratio,
+    srm_p_value,
+    tally,
+    wilson,
+)
 from recsvc.experiments import parse_experiments
 
 VARIANTS = [("control", "als", 50), ("treatment", "popular", 50)]

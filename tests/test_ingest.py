@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from recsvc.errors import InvalidInput
-from training.cli import main as train_cli
 from training import ingest
-from training.ingest import IngestOptions, load_catalog, load_interactions
+from training.cli import main as train_cli
+from training.ingest import FileFingerprints, IngestOptions, fingerprint_file, load_catalog, load_interactions
 
 CSV = """customer_id,item_id,event_type,timestamp,weight
 alice,router,purchase,2026-10-01T10:00:00Z,
@@ -384,3 +384,14 @@ def test_an_input_of_header_only_files_is_refused_as_one_such_file_is(tmp_path):
     assert result.exit_code == 2
     assert "2 interactions files (" in result.output
     assert "no data rows: every file holds only column names" in result.output
+
+
+def test_file_fingerprints_hash_a_file_again_only_when_it_changed(tmp_path):
+    base = _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
+    fingerprints = FileFingerprints()
+    first = fingerprints.file(base)
+    assert first == fingerprint_file(base)
+    assert load_interactions(base, fingerprints=fingerprints).fingerprint == first
+    base.write_text("customer_id,item_id\nc1,i1\nc2,i1\n")  # rewritten since it was hashed: hashed again
+    assert fingerprints.file(base) == fingerprint_file(base) != first
+    assert load_interactions(base, fingerprints=fingerprints).fingerprint == fingerprint_file(base)

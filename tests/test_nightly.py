@@ -142,7 +142,8 @@ def test_nightly_exits_4_while_another_process_holds_the_lock(demo_paths, tmp_pa
     with lock_held(registry):
         result = nightly(config)
     assert result.returncode == 4, result.stderr
-    assert "another run (fit, nightly or rollback) is in progress" in result.stderr and "this run did nothing" in result.stderr
+    assert "another run (fit, nightly or rollback) is in progress" in result.stderr
+    assert "this run did nothing" in result.stderr
     assert artifacts.list_versions(registry) == []
     assert nightly(config).returncode == 0  # the lock died with its holder
 
@@ -264,3 +265,34 @@ def test_nightly_reads_a_list_of_files_and_patterns_and_runs_again_only_for_new_
     assert second["rows"] == 15_000 and second["fingerprint"] != first["fingerprint"]
     assert len(artifacts.list_versions(tmp_path / "registry")) == 2
     assert "nothing to do" in nightly_run()
+
+
+def test_a_night_that_trains_hashes_each_input_file_once(demo_paths, tmp_path, monkeypatch):
+    """The up-to-date check fingerprints the input; the fit after it takes those fingerprints instead of reading
+    every file again, and records the same values (a registry trained before stays up to date)."""
+    import training.ingest
+
+    header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
+    days = [tmp_path / f"2026-11-{day}.csv" for day in (28, 29, 30)]
+    for index, path in enumerate(days[:2]):
+        path.write_text(header + "".join(rows[index * 5_000:(index + 1) * 5_000]))
+    config = tmp_path / "nightly.toml"
+    config.write_text(f'[nightly]\ninteractions = "2026-11-*.csv"\ncatalog = "{demo_paths["catalog"]}"\n'
+                      'registry = "registry"\n[strategies]\nenabled = ["popular"]\n[gate]\ntolerance = 0.5\n')
+    assert CliRunner().invoke(train_cli, ["nightly", "--config", str(config)]).exit_code == 0
+    days[2].write_text(header + "".join(rows[10_000:]))  # a new day: the next night trains
+
+    hashed = []
+    fingerprint_file = training.ingest.fingerprint_file
+    monkeypatch.setattr(training.ingest, "fingerprint_file", lambda path: hashed.append(path) or fingerprint_file(path))
+    result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "published" in result.output
+    assert sorted(map(str, hashed)) == sorted(map(str, [*days, demo_paths["catalog"]]))
+    registry = tmp_path / "registry"
+    manifest = artifacts.read_manifest(artifacts.versions_root(registry) / artifacts.current_version(registry))
+    assert [f["fingerprint"] for f in manifest["data"]["files"]] == [fingerprint_file(path) for path in days]
+    assert manifest["data"]["catalog_fingerprint"] == fingerprint_file(demo_paths["catalog"])
+    hashed.clear()
+    assert "nothing to do" in CliRunner().invoke(train_cli, ["nightly", "--config", str(config)]).output
+    assert len(hashed) == len(days) + 1

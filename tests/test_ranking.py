@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from recsvc import artifacts, ranking, scoring
 from recsvc.artifacts import Catalog, IdIndex, ModelBundle
-from recsvc.recommend import MAX_REASON_ITEMS, RecommendationQuery, Recommender, popular_reason_text, fallback_scorer
+from recsvc.recommend import MAX_REASON_ITEMS, RecommendationQuery, Recommender, fallback_scorer, popular_reason_text
 from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, PopularityScorer, top_k
 
 CATEGORIES = ["Phones", "Fibre", "TV", ""]
@@ -72,7 +72,8 @@ def test_top_k_equals_sorting_every_eligible_item(scores, k, data):
     n = len(scores)
     positions = st.integers(0, max(n - 1, 0))
     exclude = np.array(data.draw(st.lists(positions, max_size=10) if n else st.just([])), dtype=np.int64)
-    blocked = data.draw(st.none() | st.lists(st.booleans(), min_size=n, max_size=n).map(lambda b: np.array(b, dtype=bool)))
+    blocked = data.draw(st.none()
+                        | st.lists(st.booleans(), min_size=n, max_size=n).map(lambda b: np.array(b, dtype=bool)))
     among = data.draw(st.none() | st.sets(positions, max_size=n).map(lambda s: np.array(sorted(s), dtype=np.int64)))
     expected = reference_top_k(scores.copy(), k, exclude, blocked, among)
     for sampled in (small_sample, contextlib.nullcontext):
@@ -313,14 +314,16 @@ def test_a_large_float_factor_model_ranks_exactly(category):
     for customer in range(40):
         query = RecommendationQuery(f"c{customer}", limit=20, category=category, exclude=("i00012",))
         got, expected = computed(bundle, "main", query), reference_compute(bundle, "main", query)
-        assert [(i["item_id"], i["score"]) for i in got["items"]] == [(i["item_id"], i["score"]) for i in expected["items"]]
+        assert ([(i["item_id"], i["score"]) for i in got["items"]]
+                == [(i["item_id"], i["score"]) for i in expected["items"]])
         assert got["source"] == expected["source"] == "personal"
 
 
 def test_reused_score_buffers_give_the_same_scores_as_fresh_arrays():
     bundle = random_bundle("blend", 2, 50)
     rng = np.random.default_rng(0)
-    factors = FactorScorer(rng.standard_normal((6, 8), dtype=np.float32), rng.standard_normal((50, 8), dtype=np.float32))
+    factors = FactorScorer(rng.standard_normal((6, 8), dtype=np.float32),
+                           rng.standard_normal((50, 8), dtype=np.float32))
     for scorer in [*bundle.scorers.values(), factors]:
         for customer, history in ((1, bundle.owned_items(1)), (None, np.array([3, 4]))):
             out = np.full(50, np.nan, dtype=np.float32)

@@ -27,8 +27,8 @@ SMALL_PARAMS = {
     "ease": {"l2": 1.0},
     "ease_als": {"ease_l2": 1.0, "als_factors": 4, "als_regularization": 0.01, "als_iterations": 30, "weight_als": 0.5},
     "gf_cf": {"factors": 4},
-    "ease_als_gf": {"ease_l2": 1.0, "als_factors": 4, "als_regularization": 0.01, "als_iterations": 30, "weight_als": 0.5,
-                    "gf_factors": 4, "weight_gf": 0.2},
+    "ease_als_gf": {"ease_l2": 1.0, "als_factors": 4, "als_regularization": 0.01, "als_iterations": 30,
+                    "weight_als": 0.5, "gf_factors": 4, "weight_gf": 0.2},
 }
 
 
@@ -129,7 +129,8 @@ class TestContract:
         for customer in range(N_CUSTOMERS):
             owned = history(matrix, customer)
             np.testing.assert_array_equal(loaded.scorer.scores(customer, owned), scorer.scores(customer, owned))
-            np.testing.assert_array_equal(loaded.recommend(customer, owned, n=5)[0], strategy.recommend(customer, owned, n=5)[0])
+            np.testing.assert_array_equal(loaded.recommend(customer, owned, n=5)[0],
+                                          strategy.recommend(customer, owned, n=5)[0])
         np.testing.assert_array_equal(loaded.scorer.similar(3), scorer.similar(3))
 
     def test_scores_batch_agrees_with_scores(self, fitted, matrix):

@@ -13,18 +13,19 @@ from recsvc import artifacts
 from recsvc.app import create_app
 from recsvc.cache import KEY_PREFIX, generation_key, recent_items_key
 from recsvc.recommend import RecommendationQuery
+from tests.conftest import free_port
 from training.cli import main
 from training.config import TrainConfig
 from training.pipeline import fit_and_publish
 from training.warm import most_active, warm_cache
-from tests.conftest import free_port
 
 TOP = 60
 
 
 @pytest.fixture
 def redis_app(settings, redis_url, redis_client):
-    app = create_app(dataclasses.replace(settings, redis_url=redis_url, redis_timeout=2.0))  # busy machines: no lost events
+    # redis_timeout 2 s: busy machines lose no events
+    app = create_app(dataclasses.replace(settings, redis_url=redis_url, redis_timeout=2.0))
     yield app
     app.extensions["recsvc"].store.stop()
 

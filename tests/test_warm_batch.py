@@ -15,9 +15,9 @@ from recsvc.ranking import personal_top, reported
 from recsvc.recommend import RecommendationQuery, Recommender
 from recsvc.scoring import BlendScorer, FactorScorer, ItemSimilarityScorer, PopularityScorer, fixed_sum
 from tests.test_api_fallback import tiny_bundle
+from training import warm
 from training.config import TrainConfig
 from training.pipeline import fit_and_publish
-from training import warm
 from training.warm import CacheUnavailable, StateReader, most_active, warm_cache
 from training.warm_batch import BatchRecommender, strongest
 
@@ -31,8 +31,9 @@ def kinds_registry(tmp_path_factory, demo_paths):
     registry = tmp_path_factory.mktemp("kinds")
     # item_knn with 3 neighbours: most lists are topped up by popularity, some are not, a few are all popular.
     # trending is the chain's last step: "Popular this week", or all-time for items no one took that week.
-    config = TrainConfig(strategies=[*KINDS, "trending"], params={"als": {"factors": 16, "iterations": 8}, "item_knn": {"neighbours": 3},
-                                                         "ease_als": {"als_factors": 16, "als_iterations": 8}})
+    config = TrainConfig(strategies=[*KINDS, "trending"],
+                         params={"als": {"factors": 16, "iterations": 8}, "item_knn": {"neighbours": 3},
+                                 "ease_als": {"als_factors": 16, "als_iterations": 8}})
     fit_and_publish(demo_paths["interactions"], registry, config, catalog_path=demo_paths["catalog"],
                     log=lambda _line: None)
     return registry

@@ -70,7 +70,8 @@ def wait_until_workers_poll(log: Path, workers: int, timeout: float = 30.0) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         master = re.search(r"Listening at: \S+ \((\d+)\)", log.read_text())
-        children = Path(f"/proc/{master.group(1)}/task/{master.group(1)}/children").read_text().split() if master else []
+        children = (Path(f"/proc/{master.group(1)}/task/{master.group(1)}/children").read_text().split()
+                    if master else [])
         polling = [pid for pid in children if Path(f"/proc/{pid}/wchan").read_text() == "do_epoll_wait"]
         if len(polling) == workers:
             return

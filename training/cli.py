@@ -168,7 +168,7 @@ def report_fit(result, config, log, warm: dict | None = None) -> None:
     if log.log_format != "json":
         removed = f"; retention removed {', '.join(result.removed_versions)}" if result.removed_versions else ""
         click.echo(f"published {result.version} (default strategy: {result.default_strategy}; {result.gate.reason}) "
-                   f"in {result.timings['total']:.1f}s -> {result.path}{removed}", err=log.quiet)
+                   f"in {result.timings['total']:.1f}s -> {result.path}{removed}")  # the result: stdout, --quiet too
 
 
 def fit_summary(result) -> dict:
@@ -368,8 +368,9 @@ def tune(interactions_files: tuple[Path, ...], strategy: str, trials: int, metri
     config = TrainConfig.from_file(config_path if config_path is not None and config_path.exists() else None)
     if config_path is not None:
         check_writable_file(config_path)  # a read-only config fails now, not after the trials
-    config = replace(config, tuning=replace(config.tuning, folds=folds or config.tuning.folds,
-                                            validation_fraction=validation_fraction or config.tuning.validation_fraction))
+    config = replace(config, tuning=replace(
+        config.tuning, folds=folds or config.tuning.folds,
+        validation_fraction=validation_fraction or config.tuning.validation_fraction))
     result = run(interactions_files, strategy, config, trials, metric, search, seed,
                  log=lambda line: click.echo(line, err=True))
     click.echo(format_leaderboard(result))

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from recsvc.errors import InvalidInput
+from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.files import replacing
 
 # The data contract's columns, in its order, whatever an event left out: files of different days concatenate.
@@ -50,30 +51,89 @@ def output_format(path: Path) -> str:
     raise InvalidInput(f"--out {path}: end the name in .csv, .csv.gz or .parquet (the format follows the name)")
 
 
-def export_events(records: Iterable[dict], path: Path) -> ExportResult:
+def export_events(read: Callable[[], Iterable[dict]], path: Path) -> ExportResult:
     """Write event records (recsvc.event_log, kind "event") to `path` as customer_id, item_id, event_type,
     timestamp (the event's own, else when the API received it; UTC, milliseconds), weight (empty: none given).
 
     The file appears whole or not at all (written beside it, fsync'd, renamed over): an error while reading
-    the records leaves an existing file as it was. A record whose event_id came earlier is left out."""
+    the records leaves an existing file as it was. A record whose event_id came earlier is left out.
+
+    `read()` returns the records, oldest first; it is called a second time only when two records may share
+    an event_id. The log keeps a repeated event_id only after its dedupe window (RECSVC_EVENT_DEDUPE_TTL,
+    7 days) let the first copy's marker expire, so copies are days apart: no window of recent ids would
+    catch them. Instead of every id (a set of strings, ~110 bytes an event) the first pass keeps an
+    8-byte hash per event; equal hashes are settled exactly in a second pass, holding only their ids."""
     kind = output_format(path)
-    rows = repeated = 0
-    seen: set[str] = set()
+    with replacing(path) as staging:
+        rows, hashes = _write(read(), staging, kind, skip=None)
+        suspects = _repeated(hashes)
+        if not suspects:
+            return ExportResult(Path(path), rows, 0)
+        rows, _ = _write(_stopping_at(read(), hashes), staging, kind, skip=_FirstCopies(suspects))
+    return ExportResult(Path(path), rows, len(hashes) - rows)
+
+
+def _write(records: Iterable[dict], path: Path, kind: str, skip) -> tuple[int, np.ndarray]:
+    """Write the records (those `skip` does not take), BATCH_ROWS at a time; the number written and the hash
+    of every record's event_id."""
+    rows = 0
+    hashes: list[np.ndarray] = []
     batch: list[dict] = []
-    with replacing(path) as staging, _writer(staging, kind) as write:
+    with _writer(path, kind) as write:
         for record in records:
-            event_id = record.get("event_id")
-            if event_id in seen:
-                repeated += 1
-                continue
-            seen.add(event_id)
             batch.append(record)
             if len(batch) == BATCH_ROWS:
-                write(_table(batch))
-                rows, batch = rows + len(batch), []
-        write(_table(batch))  # also when empty: a CSV gets its header
-        rows += len(batch)
-    return ExportResult(Path(path), rows, repeated)
+                rows += _write_batch(batch, hashes, write, skip)
+                batch = []
+        rows += _write_batch(batch, hashes, write, skip)  # also when empty: a CSV gets its header
+    return rows, np.concatenate(hashes)
+
+
+def _write_batch(batch: list[dict], hashes: list[np.ndarray], write, skip) -> int:
+    hashes.append(np.fromiter((hash(record.get("event_id")) for record in batch), np.int64, len(batch)))
+    if skip is not None:
+        batch = [record for record in batch if not skip(record)]
+    write(_table(batch))
+    return len(batch)
+
+
+def _repeated(hashes: np.ndarray) -> set[int]:
+    """The hashes more than one record has: repeated event_ids, or (rarely) different ids that hash alike."""
+    ordered = np.sort(hashes)
+    return set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+
+
+class _FirstCopies:
+    """Called with each record in order: True for a later copy of an event_id whose hash is a suspect."""
+
+    def __init__(self, suspects: set[int]):
+        self.suspects = suspects
+        self.seen: set = set()
+
+    def __call__(self, record: dict) -> bool:
+        event_id = record.get("event_id")
+        if hash(event_id) not in self.suspects:
+            return False
+        if event_id in self.seen:
+            return True
+        self.seen.add(event_id)
+        return False
+
+
+def _stopping_at(records: Iterable[dict], hashes: np.ndarray) -> Iterator[dict]:
+    """The records of the first pass again: events the log took since are left for the next export, and a
+    stream trimmed meanwhile is an error, not a file that silently lacks events."""
+    position = 0
+    for record in records:
+        if position == len(hashes):
+            return
+        if hash(record.get("event_id")) != hashes[position]:
+            break
+        position += 1
+        yield record
+    if position < len(hashes):
+        raise RecsvcError("the event stream changed while it was exported (trimmed meanwhile?); run the export "
+                          "again")
 
 
 def _table(records: list[dict]) -> pa.Table:

@@ -11,9 +11,10 @@ from recsvc.errors import InvalidInput
 from recsvc.event_log import EXPOSURE, FEEDBACK, RedisStreams
 from recsvc.experiments import STOPPED
 
-# A trim time ahead of now removes what the log takes until then too, including what no export has read yet:
-# beyond clock differences between machines it is a typo (2062 for 2026), refused.
-FUTURE_TOLERANCE_SECONDS = 60
+# How far `events trim --before` may be after now. A trim time ahead of now removes what the log takes until then
+# too, including what no export has read yet: beyond clock differences between machines it is a typo (2062 for
+# 2026), refused.
+TRIM_BEFORE_MAX_AHEAD_SECONDS = 60
 
 
 def shown_time(seconds: float) -> str:
@@ -23,8 +24,8 @@ def shown_time(seconds: float) -> str:
 
 
 def check_before(before: float, now: float) -> None:
-    """InvalidInput when `before` (Unix seconds) is more than FUTURE_TOLERANCE_SECONDS after `now`."""
-    if before > now + FUTURE_TOLERANCE_SECONDS:
+    """InvalidInput when `before` (Unix seconds) is more than TRIM_BEFORE_MAX_AHEAD_SECONDS after `now`."""
+    if before > now + TRIM_BEFORE_MAX_AHEAD_SECONDS:
         raise InvalidInput(f"--before {shown_time(before)} is in the future (now: {shown_time(now)}): it would remove "
                            "everything the log holds, also what no export has read yet; give a time up to now")
 

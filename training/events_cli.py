@@ -13,9 +13,17 @@ import redis
 from recsvc.config import redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS, RedisStreams, parse_event_time
-from training.event_trim import (ExperimentLoss, StreamTrim, check_before, experiment_losses, refusal, shown_time,
-                                 trim_stream, what_goes)
-from training.experiments_cli import REDIS_URL, redis_client, user_errors
+from training.event_trim import (
+    ExperimentLoss,
+    StreamTrim,
+    check_before,
+    experiment_losses,
+    refusal,
+    shown_time,
+    trim_stream,
+    what_goes,
+)
+from training.experiments_cli import REDIS_URL, redis_client, require_redis_url, user_errors
 from training.runlog import LoggedCommand, RunLog, run_log_options
 
 EXIT_REFUSED = 3  # as fit's quality gate: the command was sound, doing it now would lose what must be kept
@@ -59,15 +67,15 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
     from recsvc.files import check_writable_file
     from training.event_export import export_events, output_format
 
-    if not redis_url:
-        raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
+    redis_url = require_redis_url(redis_url)
     if since is not None and until is not None and since >= until:
         raise InvalidInput("--since must be before --until")
     output_format(out)  # a name without a known suffix fails before Redis is asked
     check_writable_file(out)
     client = redis_client(redis_url)
     try:
-        result = export_events(RedisStreams(client, dedupe_ttl=0).read(EVENT, since, until), out)
+        streams = RedisStreams(client, dedupe_ttl=0)
+        result = export_events(lambda: streams.read(EVENT, since, until), out)
     except redis.RedisError as exc:
         raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {str(exc).rstrip('.')}; "
                           f"{out} not written") from None
@@ -102,8 +110,7 @@ def trim_command(redis_url: str | None, before: float, kinds: tuple[str, ...], d
     Trimming exposure or feedback takes what goes out of every experiment's report: refused (exit 3, nothing
     trimmed) while an experiment that is running, or not published to Redis, has exposures before --before.
     Exit codes: 0 trimmed (or counted), 2 bad option, 3 refused, 1 Redis unreachable."""
-    if not redis_url:
-        raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
+    redis_url = require_redis_url(redis_url)
     check_before(before, time.time())
     kinds = tuple(dict.fromkeys(kinds)) or (EVENT,)
     client = redis_client(redis_url)

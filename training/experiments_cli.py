@@ -62,8 +62,7 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
                    chart_path: Path | None, as_json: bool, log: RunLog) -> None:
     """The statistics of experiment NAME from the event log in Redis (exit 2: unknown experiment or bad option,
     1: Redis unreachable). --log-format json: the report as with --json, on one line."""
-    if not redis_url:
-        raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
+    redis_url = require_redis_url(redis_url)
     if chart_path is not None and chart_path.suffix.lower() not in CHART_SUFFIXES:
         raise InvalidInput(f"--chart must end in {' or '.join(CHART_SUFFIXES)}")
     from recsvc.experiment_report import report_for  # here: scipy.stats costs every recsvc-train start 0.4 s
@@ -82,6 +81,14 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
     if chart_path is not None:
         write_chart(report, chart_path)
         log.info(f"wrote {chart_path}", chart=str(chart_path))
+
+
+def require_redis_url(redis_url: str | None) -> str:
+    """The --redis-url (or $RECSVC_REDIS_URL) of a command that reads the event log; InvalidInput (exit 2)
+    when neither gives one."""
+    if not redis_url:
+        raise InvalidInput("pass --redis-url or set RECSVC_REDIS_URL")
+    return redis_url
 
 
 def redis_client(redis_url: str) -> redis.Redis:
@@ -242,7 +249,8 @@ def replay_command(name: str, experiments_path: Path | None, redis_url: str | No
         try:
             experiment = _definition(name, None, client)
         except redis.RedisError as exc:
-            raise RecsvcError(f"cannot read the published experiment definitions from {redacted_url(redis_url)}: {exc}") from None
+            raise RecsvcError(f"cannot read the published experiment definitions from {redacted_url(redis_url)}: "
+                              f"{exc}") from None
         finally:
             client.close()
     config = TrainConfig.from_file(config_path)

@@ -8,9 +8,9 @@ import glob
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from recsvc.artifacts import Catalog
 from recsvc.errors import InvalidInput
-from recsvc.event_log import FUTURE_TOLERANCE_SECONDS
+from recsvc.event_log import EVENT_TIME_MAX_AHEAD_SECONDS
 
 MAX_ID_LENGTH = 128
 REQUIRED_COLUMNS = ("customer_id", "item_id")
@@ -114,7 +114,7 @@ class Interactions:
     strength: np.ndarray  # float32 event weight x weight column
     timestamp: np.ndarray | None  # float64 Unix seconds per row, when the file had them
     report: BadRowReport
-    fingerprint: str  # see fingerprint_files
+    fingerprint: str  # see FileFingerprints.input
     files: list[dict] = field(default_factory=list)  # {"path", "fingerprint", "rows"} per file read, in order
 
     def __len__(self) -> int:
@@ -297,7 +297,8 @@ def _require_columns(table: pa.Table, path: Path) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise InvalidInput(
-            f"{path}: required column(s) {', '.join(missing)} missing; found {', '.join(table.column_names) or 'none'}. "
+            f"{path}: required column(s) {', '.join(missing)} missing; "
+            f"found {', '.join(table.column_names) or 'none'}. "
             "An interactions file needs a header with customer_id and item_id "
             "(optional: event_type, timestamp, weight)."
         )
@@ -408,7 +409,7 @@ def _check_timestamps(column: pa.ChunkedArray, rows: "_RowCheck", needed: bool) 
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         missing |= pc.equal(pc.utf8_trim_whitespace(column), "").fill_null(True).to_numpy(zero_copy_only=False)
     rows.reject("timestamp not ISO-8601 or Unix seconds", ~missing & ~np.isfinite(seconds))
-    rows.reject("timestamp in the future (Unix milliseconds?)", seconds > time.time() + FUTURE_TOLERANCE_SECONDS)
+    rows.reject("timestamp in the future (Unix milliseconds?)", seconds > time.time() + EVENT_TIME_MAX_AHEAD_SECONDS)
     rows.reject("timestamp before 1970", seconds < 0)
     if needed:
         rows.reject("missing timestamp (time decay or the time holdout needs one)", missing)
@@ -448,12 +449,32 @@ def fingerprint_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint_files(paths: Sequence[Path]) -> str:
-    """The fingerprint of an interactions input (hex): one file's is fingerprint_file's, as it was before an
-    input could be several files (a registry trained on one file stays up to date); several files' is the
-    SHA-256 of their fingerprints, one a line, in reading order, so that a file added, removed or changed
-    changes it."""
-    return _joined_fingerprint([fingerprint_file(path) for path in paths])
+class FileFingerprints:
+    """Files' fingerprints (fingerprint_file) computed once in a run: nightly's up-to-date check hashes the input,
+    and the ingest that follows takes those values instead of reading every file again. A file is hashed again
+    when its identity (inode, device, size, modification time) is not the one it had when hashed, so that a file
+    rewritten in between is not taken for the one hashed."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+
+    def file(self, path: Path) -> str:
+        """SHA-256 of the file's bytes (hex)."""
+        identity = _identity(path)
+        known = self._known.get(path)
+        if known is not None and known[0] == identity:
+            return known[1]
+        fingerprint = fingerprint_file(path)
+        if _identity(path) == identity:  # unchanged while hashed: the value holds for this identity
+            self._known[path] = (identity, fingerprint)
+        return fingerprint
+
+    def input(self, paths: Sequence[Path]) -> str:
+        """The fingerprint of an interactions input (hex): one file's is fingerprint_file's, as it was before an
+        input could be several files (a registry trained on one file stays up to date); several files' is the
+        SHA-256 of their fingerprints, one a line, in reading order, so that a file added, removed or changed
+        changes it."""
+        return _joined_fingerprint([self.file(path) for path in paths])
 
 
 def _joined_fingerprint(fingerprints: Sequence[str]) -> str:
@@ -474,7 +495,7 @@ class _CheckedRows:
 
 
 def load_interactions(source: Path | str | Iterable[Path | str], options: IngestOptions | None = None,
-                      need_timestamps: bool = False) -> Interactions:
+                      need_timestamps: bool = False, fingerprints: FileFingerprints | None = None) -> Interactions:
     """Read, validate and id-map an interactions input: one file, or several files and glob patterns
     (interactions_files), read in order as one.
 
@@ -482,9 +503,10 @@ def load_interactions(source: Path | str | Iterable[Path | str], options: Ingest
     missing, lacks a required column or changed while being read, a pattern matches nothing, the input has
     no usable row, or its bad share exceeds options.max_bad_share. A file with only a header adds no row.
     `need_timestamps`: rows without one are bad (time decay and the time holdout need them;
-    options.half_life_days implies it).
+    options.half_life_days implies it). `fingerprints`: the files' fingerprints known already (nightly's).
     """
     options = options or IngestOptions()
+    fingerprints = fingerprints or FileFingerprints()
     need_timestamps = need_timestamps or bool(options.half_life_days)
     paths = interactions_files(source)
     before = [_identity(path) for path in paths]
@@ -494,7 +516,7 @@ def load_interactions(source: Path | str | Iterable[Path | str], options: Ingest
     keep = ~rows.bad
     customers, customer = rows.ids["customer_id"].positions(keep)
     items, item = rows.ids["item_id"].positions(keep)
-    fingerprints = [fingerprint_file(path) for path in paths]
+    file_fingerprints = [fingerprints.file(path) for path in paths]
     for path, identity in zip(paths, before):
         if _identity(path) != identity:
             raise InvalidInput(f"{path}: the file changed while it was read (is the export still writing it?); "
@@ -503,9 +525,9 @@ def load_interactions(source: Path | str | Iterable[Path | str], options: Ingest
         customers=customers, items=items, customer=customer, item=item,
         strength=rows.strength[keep].astype(np.float32),
         timestamp=None if rows.timestamp is None else rows.timestamp[keep],
-        report=rows.report, fingerprint=_joined_fingerprint(fingerprints),
+        report=rows.report, fingerprint=_joined_fingerprint(file_fingerprints),
         files=[{"path": str(path), "fingerprint": fingerprint, "rows": file.report.total_rows}
-               for path, fingerprint, file in zip(paths, fingerprints, checked)],
+               for path, fingerprint, file in zip(paths, file_fingerprints, checked)],
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from recsvc import artifacts
 from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
 from training.config import TrainConfig
-from training.ingest import fingerprint_file, fingerprint_files, interactions_files
+from training.ingest import FileFingerprints, interactions_files
 from training.pipeline import FitResult, config_digest, fit_and_publish, sweep_leftovers_step
 from training.registry import nightly_lock
 from training.runlog import RunLog
@@ -42,9 +42,9 @@ def _required(config: TrainConfig, source: Path) -> tuple[list[Path], Path]:
     return paths.interactions, paths.registry
 
 
-def up_to_date(registry: Path, config: TrainConfig) -> str | None:
+def up_to_date(registry: Path, config: TrainConfig, fingerprints: FileFingerprints) -> str | None:
     """The current version when it was trained on exactly these files (the same files, in the same order, with
-    the same bytes) with exactly this configuration."""
+    the same bytes) with exactly this configuration. The files hashed are in `fingerprints` for the fit after."""
     current = artifacts.current_version(registry)
     if current is None:
         return None
@@ -59,8 +59,8 @@ def up_to_date(registry: Path, config: TrainConfig) -> str | None:
         return None  # let ingest report the missing file or the pattern that matches none
     if paths.catalog is not None and not paths.catalog.is_file():
         return None
-    digest = config_digest(config, fingerprint_files(interactions),
-                           fingerprint_file(paths.catalog) if paths.catalog else None)
+    digest = config_digest(config, fingerprints.input(interactions),
+                           fingerprints.file(paths.catalog) if paths.catalog else None)
     return current if manifest.get("config_digest") == digest else None
 
 
@@ -110,12 +110,14 @@ def run_nightly(config_path: Path, log: RunLog, force: bool = False) -> NightlyR
     with nightly_lock(registry):
         sweep_leftovers_step(registry, log)  # also when nothing is published tonight
         sweep_recent_items_step(config.nightly.redis_url, log)
-        current = None if force else up_to_date(registry, config)
+        fingerprints = FileFingerprints()  # each file hashed once: by the up-to-date check, not again by the fit
+        current = None if force else up_to_date(registry, config, fingerprints)
         if current is not None:
             # The outcome line says it (stdout; the summary in JSON): no log line repeating it on stderr.
-            return NightlyResult("up_to_date", f"{current} was trained on the same data and configuration: nothing to do")
+            return NightlyResult("up_to_date",
+                                 f"{current} was trained on the same data and configuration: nothing to do")
         result = fit_and_publish(interactions, registry, config, catalog_path=config.nightly.catalog, log=log,
-                                 force=force)
+                                 force=force, fingerprints=fingerprints)
         if not result.published:
             return NightlyResult("refused", f"quality gate refused the new model: {result.gate.reason}", result)
         with log.step("warm_cache"):

@@ -22,7 +22,7 @@ from recsvc.errors import ArtifactError, InvalidInput, RecsvcError
 from recsvc.scoring import Scorer
 from training.config import TrainConfig
 from training.evaluate import check_k, evaluate, split, split_by_time
-from training.ingest import Interactions, load_catalog, load_interactions
+from training.ingest import FileFingerprints, Interactions, load_catalog, load_interactions
 from training.prepare import PrepareReport, prepare
 from training.registry import apply_retention, make_current, remove_version, sweep_leftovers
 from training.runlog import RunLog
@@ -119,16 +119,19 @@ def build_strategies(names: list[str], config: TrainConfig) -> dict[str, Strateg
 
 
 def load_prepared(interactions_files: Path | Sequence[Path], config: TrainConfig, catalog_path: Path | None,
-                  log: RunLog) -> PreparedData:
+                  log: RunLog, fingerprints: FileFingerprints | None = None) -> PreparedData:
     """Read, validate, decay and filter the interactions (one file, or several files and glob patterns read as
-    one: training.ingest.interactions_files); InvalidInput for unusable input."""
+    one: training.ingest.interactions_files); InvalidInput for unusable input. `fingerprints`: files hashed
+    already in this run (nightly's up-to-date check)."""
     interactions = load_interactions(interactions_files, config.ingest,
-                                     need_timestamps=config.holdout.kind == "time")
+                                     need_timestamps=config.holdout.kind == "time", fingerprints=fingerprints)
     if interactions.report.bad_rows:
-        log.warning(interactions.report.summary(), bad_rows=interactions.report.as_dict())
+        # the counts as fields, flat as in the refusal's error line: bad_rows, total_rows, by_reason
+        log.warning(interactions.report.summary(), **interactions.report.as_dict())
     interactions, report = prepare(interactions, config.ingest)
     log.info(report.summary(), prepare=report.as_dict())
-    catalog = load_catalog(catalog_path, interactions.items, warn=log.warning) if catalog_path else Catalog.empty(len(interactions.items))
+    catalog = (load_catalog(catalog_path, interactions.items, warn=log.warning) if catalog_path
+               else Catalog.empty(len(interactions.items)))
     matrix = interactions.matrix()
     log.info(f"{len(interactions)} interactions, {matrix.shape[0]} customers, {matrix.shape[1]} items",
              interactions=len(interactions), customers=matrix.shape[0], items=matrix.shape[1])
@@ -210,19 +213,23 @@ def _refuse(decision: GateDecision, reason: str, force: bool) -> GateDecision:
 
 def fit_and_publish(interactions_files: Path | Sequence[Path], registry: Path, config: TrainConfig,
                     catalog_path: Path | None = None, log: RunLog | Callable[[str], None] | None = print,
-                    force: bool = False) -> FitResult:
+                    force: bool = False, fingerprints: FileFingerprints | None = None) -> FitResult:
     """Train every configured strategy, evaluate it on a holdout and, when the quality gate passes
-    (or `force`), publish a new current version and apply retention."""
+    (or `force`), publish a new current version and apply retention. `fingerprints`: the input files (and
+    catalog) hashed already in this run, so that nightly reads each file's bytes to hash it once."""
     started = time.perf_counter()
     log = RunLog.of(log)
+    fingerprints = fingerprints or FileFingerprints()
     names = resolve_strategies(config.strategies)
     strategies = build_strategies(names, config)
     with log.steps(total=3 + 2 * len(names)):
-        data, scorers, metrics, params = _train_and_evaluate(interactions_files, config, catalog_path, log, strategies)
+        data, scorers, metrics, params = _train_and_evaluate(interactions_files, config, catalog_path, log, strategies,
+                                                             fingerprints=fingerprints)
         default = choose_default(metrics, config.primary_metric, scorers)
         gate = gate_decision(registry, config, metrics[default].get(config.primary_metric, 0.0), force,
                              measured=bool(data.held_out))
-        manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate, catalog_path)
+        manifest = _manifest(data, names, params, metrics, default, config, log.seconds, gate,
+                             fingerprints.file(catalog_path) if catalog_path else None)
         if not gate.passed:
             log.seconds["total"] = time.perf_counter() - started
             return FitResult(manifest["version"], None, metrics, default, False, gate, dict(log.seconds))
@@ -258,10 +265,9 @@ def sweep_leftovers_step(registry: Path, log: RunLog) -> None:
 
 
 def _manifest(data: PreparedData, names: list[str], params: dict, metrics: dict, default: str,
-              config: TrainConfig, seconds: dict, gate: GateDecision, catalog_path: Path | None) -> dict:
+              config: TrainConfig, seconds: dict, gate: GateDecision, catalog_fingerprint: str | None) -> dict:
     interactions = data.interactions
     now = dt.datetime.now(dt.timezone.utc)
-    catalog_fingerprint = _fingerprint_or_none(catalog_path)
     return {
         "version": artifacts.new_version_id(interactions.fingerprint, now),
         "created_at": now.isoformat(timespec="seconds"),
@@ -289,12 +295,6 @@ def _manifest(data: PreparedData, names: list[str], params: dict, metrics: dict,
     }
 
 
-def _fingerprint_or_none(path: Path | None) -> str | None:
-    from training.ingest import fingerprint_file
-
-    return fingerprint_file(path) if path else None
-
-
 def compare_strategies(interactions_files: Path | Sequence[Path], config: TrainConfig,
                        catalog_path: Path | None = None,
                        log: RunLog | Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, float]], str]:
@@ -311,11 +311,12 @@ def compare_strategies(interactions_files: Path | Sequence[Path], config: TrainC
 
 def _train_and_evaluate(interactions_files: Path | Sequence[Path], config: TrainConfig, catalog_path: Path | None,
                         log: RunLog, strategies: dict[str, Strategy], k_setting: str = "[evaluation] k in the config",
+                        fingerprints: FileFingerprints | None = None,
                         ) -> tuple[PreparedData, dict[str, Scorer], dict, dict]:
     """The steps fit and evaluate share: ingest, holdout split, fit and score every strategy. `k_setting`: what
     sets k for the command that runs, named when k is above the number of items."""
     with log.step("ingest"):
-        data = load_prepared(interactions_files, config, catalog_path, log)
+        data = load_prepared(interactions_files, config, catalog_path, log, fingerprints)
     check_k(config.k, data.matrix.shape[1], k_setting)  # before an hour of fitting, not after the first strategy
     with log.step("split"):
         train, test = holdout_split(data, config)

@@ -51,7 +51,8 @@ def parse_metric(metric: str) -> tuple[str, int]:
     name, _, k = metric.partition("@")
     choices = [m for m in METRICS if m != "coverage"]
     if name not in choices or not k.isdigit() or int(k) < 1:
-        raise InvalidInput(f"metric {metric!r} is not one of {', '.join(f'{m}@K' for m in choices)} (K a positive number)")
+        raise InvalidInput(f"metric {metric!r} is not one of {', '.join(f'{m}@K' for m in choices)} "
+                           "(K a positive number)")
     return name, int(k)
 
 

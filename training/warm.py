@@ -17,8 +17,13 @@ import redis
 
 from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
-from recsvc.cache import (GENERATION_TTL, generation_key, new_generation, recent_items_key,
-                          recommendation_keys)
+from recsvc.cache import (
+    GENERATION_TTL,
+    generation_key,
+    new_generation,
+    recent_items_key,
+    recommendation_keys,
+)
 from recsvc.config import cache_max_entry_bytes, checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
@@ -268,14 +273,16 @@ class StateReader:
         try:
             self.connection.send_packed_command([commands])
         except (redis.RedisError, OSError) as exc:
-            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
+            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: "
+                                   f"{exc}") from None
 
     def receive(self) -> tuple[list[bytes | None], PrefetchedRecentItems]:
         """(generations, None for a customer without one, and recent items) of the customers last requested."""
         try:
             generations, found = self.connection.read_response(), self.connection.read_response()
         except (redis.RedisError, OSError) as exc:
-            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: {exc}") from None
+            raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: "
+                                   f"{exc}") from None
         ids = self.customer_ids
         recent = PrefetchedRecentItems({ids[int(index) - 1].decode("utf-8"): {m.decode("utf-8") for m in members}
                                         for index, members in zip(found[::2], found[1::2])})

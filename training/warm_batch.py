@@ -21,8 +21,18 @@ import scipy.sparse as sp
 
 from recsvc.artifacts import ModelBundle
 from recsvc.ranking import personal_top
-from recsvc.recommend import (MAX_REASON_ITEMS, Ranked, RecommendationQuery, Recommender, item_label, popular_reason_text,
-                              fallback_scorer, popular_step, reason_texts, response_body)
+from recsvc.recommend import (
+    MAX_REASON_ITEMS,
+    Ranked,
+    RecommendationQuery,
+    Recommender,
+    fallback_scorer,
+    item_label,
+    popular_reason_text,
+    popular_step,
+    reason_texts,
+    response_body,
+)
 from recsvc.scoring import Scorer
 
 REASON_CHUNK = 1024  # at least so many (customer, item) pairs have their reasons picked together ...
@@ -165,7 +175,8 @@ class BatchRecommender:
         valid = histories >= 0
         counts = valid.sum(axis=1)
         history = sp.csr_matrix((np.ones(int(counts.sum()), dtype=np.float32), histories[valid],
-                                 np.concatenate([[0], np.cumsum(counts)])), shape=(len(customers), len(self.bundle.items)))
+                                 np.concatenate([[0], np.cumsum(counts)])),
+                                shape=(len(customers), len(self.bundle.items)))
         scores = np.asarray(self.scorer.scores_batch(customers, history), dtype=np.float32)  # a new array
         scores[np.nonzero(valid)[0], histories[valid]] = -np.inf  # owned, as Recommender._eligible
         scores[:, self.inactive] = -np.inf

@@ -33,6 +33,10 @@ class CorsPolicy:
     def __init__(self, origins: frozenset[str]):
         self.origins = origins
         self.any_origin = ANY_ORIGIN in origins
+        # With "*" every origin gets the same answer: the Fetch standard's "*", right because no answer is
+        # credentialed (keys travel in Authorization, which a browser sends only when the page sets it).
+        self._any_origin_headers = [("Access-Control-Allow-Origin", ANY_ORIGIN),
+                                    ("Access-Control-Expose-Headers", EXPOSED_HEADERS), ("Vary", "Origin")]
 
     def allows(self, origin: str | None) -> bool:
         """Whether a browser on `origin` (the Origin header's value, None when none was sent) may read answers."""
@@ -41,7 +45,10 @@ class CorsPolicy:
     def answer_headers(self, origin: str) -> list[tuple[str, str]]:
         """Headers of any answer to a request that sent this Origin: the CORS ones for an allowed origin, and
         for any origin Vary, since the answer depends on it. A request without Origin (no browser on another
-        origin) gets none: it is answered as without CORS, and the fast path stays as it was for it."""
+        origin) gets none: it is answered as without CORS, and the fast path stays as it was for it.
+        Vary stays with "*" too: a request without Origin gets no CORS header."""
+        if self.any_origin and origin:
+            return self._any_origin_headers
         if self.allows(origin):
             return [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", EXPOSED_HEADERS),
                     ("Vary", "Origin")]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 import http
+import logging
 
 import marshmallow as ma
 from apispec import BasePlugin
@@ -13,8 +12,15 @@ from flask_smorest import Api
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
 
-from recsvc.errors import (ArtifactError, ConfigError, EventLogUnavailable, InvalidInput, ModelUnavailable, NotFound,
-                           RecsvcError)
+from recsvc.errors import (
+    ArtifactError,
+    ConfigError,
+    EventLogUnavailable,
+    InvalidInput,
+    ModelUnavailable,
+    NotFound,
+    RecsvcError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ STATUS_BY_ERROR: dict[type[RecsvcError], int] = {
 
 # Werkzeug names (e.g. "Not Found") become stable snake_case codes.
 CODE_BY_STATUS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 413: "payload_too_large", 414: "uri_too_long",
+                  405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
                   415: "unsupported_media_type", 417: "expectation_failed", 429: "rate_limited",
                   431: "headers_too_large", 500: "internal_error", 501: "not_implemented", 503: "unavailable"}
 # Headers of an HTTP error worth passing on (405's Allow, 401's WWW-Authenticate, 429's Retry-After); never its HTML
@@ -77,9 +83,9 @@ class ErrorStatusesPlugin(BasePlugin):
             if path.startswith("/v1/admin/"):
                 codes.add(403)
             if method == "post":
-                # bad JSON, body over RECSVC_MAX_BODY_BYTES, not JSON: recsvc/api/request_form.py checks the body
-                # of every POST, also of one that takes none (admin reload)
-                codes |= {400, 413, 415}
+                # bad JSON, a body that stops coming (408), body over RECSVC_MAX_BODY_BYTES, not JSON:
+                # recsvc/api/request_form.py checks the body of every POST, also of one that takes none (admin reload)
+                codes |= {400, 408, 413, 415}
             for code in codes:
                 if code not in responses and str(code) not in responses:
                     responses[str(code)] = http.HTTPStatus(code).name

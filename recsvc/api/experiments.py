@@ -61,12 +61,14 @@ class ExperimentReportSchema(ma.Schema):
 @blp.route("/experiments")
 @blp.response(200, ExperimentListSchema)
 def list_experiments():
-    """The experiment definitions this server runs with (RECSVC_EXPERIMENTS)."""
+    """The experiment definitions this worker runs with (RECSVC_EXPERIMENTS, as last read: a changed file is
+    re-read within the reload interval)."""
     service = current_app.extensions["recsvc"]
     bundle = service.store.current()
-    serving = service.experiments.experiments.active(dt.datetime.now(dt.timezone.utc))
+    definitions = service.experiments.experiments  # once: a reload may swap them meanwhile
+    serving = definitions.active(dt.datetime.now(dt.timezone.utc))
     rows = []
-    for experiment in service.experiments.experiments.experiments:
+    for experiment in definitions.experiments:
         missing = None if bundle is None else \
             sorted({v.strategy for v in experiment.variants} - set(bundle.scorers))
         rows.append({**describe(experiment), "serving": experiment is serving, "missing_strategies": missing})

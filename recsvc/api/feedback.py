@@ -13,7 +13,7 @@ from marshmallow import validate
 
 from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import BodySchema, Id, WholeMatch
-from recsvc.event_log import EVENT, FEEDBACK, FUTURE_TOLERANCE_SECONDS, parse_event_time
+from recsvc.event_log import EVENT, EVENT_TIME_MAX_AHEAD_SECONDS, FEEDBACK, parse_event_time
 from recsvc.experiment_report import ACTIONS
 
 blp = Blueprint("feedback", __name__, url_prefix="/v1", description="Feedback on suggestions and real-time events")
@@ -30,7 +30,7 @@ class Timestamp(ma.fields.Field):
             seconds = parse_event_time(value)
         except ValueError as exc:
             raise ma.ValidationError(str(exc)) from None
-        if seconds > time.time() + FUTURE_TOLERANCE_SECONDS:
+        if seconds > time.time() + EVENT_TIME_MAX_AHEAD_SECONDS:
             raise ma.ValidationError("more than a day in the future of this server's clock")
         return seconds
 

@@ -6,7 +6,7 @@ import time
 
 from flask import current_app
 
-from recsvc.api.models import iso_time, load_failure
+from recsvc.api.models import experiments_state, iso_time, load_failure
 from recsvc.api.parsing import Blueprint
 from recsvc.api.schemas import HealthSchema, ReadinessSchema
 
@@ -37,5 +37,7 @@ def readyz():
         "model_age_seconds": round(time.time() - created, 1) if created else None,
         "cache": service.cache.status(),  # Redis down is degraded, not unready: answers come from the model
         "last_load_failure": load_failure(service.store),
+        # A refused experiments file is not unreadiness: the definitions loaded before keep serving.
+        "experiments": experiments_state(service.experiments),
     }
     return body, 200 if bundle is not None else 503

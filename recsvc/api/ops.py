@@ -11,7 +11,8 @@ DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>recsvc API</title>
 <style>
 body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
-h2{border-bottom:1px solid #ccc;margin-top:2rem}.op{margin:1rem 0;padding:.5rem 1rem;background:#f6f8fa;border-radius:6px}
+h2{border-bottom:1px solid #ccc;margin-top:2rem}
+.op{margin:1rem 0;padding:.5rem 1rem;background:#f6f8fa;border-radius:6px}
 .m{display:inline-block;min-width:4rem;font-weight:bold}.GET{color:#0a6}.POST{color:#06c}
 code,pre{background:#eef;padding:0 .2rem}pre{padding:.5rem;overflow:auto}td,th{text-align:left;padding:.1rem .6rem}
 </style></head><body>
@@ -28,7 +29,8 @@ function fields(spec, schema) {
   schema = ref(spec, schema) || {};
   const rows = Object.entries(schema.properties || {}).map(([n, p]) => {
     const r = ref(spec, p.items || p) || {};
-    const type = p.$ref ? p.$ref.split("/").pop() : (p.type || "") + (p.items ? " of " + (r.type || (p.items.$ref || "").split("/").pop()) : "");
+    const type = p.$ref ? p.$ref.split("/").pop()
+      : (p.type || "") + (p.items ? " of " + (r.type || (p.items.$ref || "").split("/").pop()) : "");
     return `<tr><td><code>${esc(n)}</code></td><td>${esc(type)}</td><td>${esc(p.description)}</td></tr>`;
   });
   return rows.length ? `<table>${rows.join("")}</table>` : "";
@@ -39,7 +41,8 @@ function operation(spec, path, method, op) {
   const body = op.requestBody ? fields(spec, op.requestBody.content["application/json"].schema) : "";
   const ok = (op.responses || {})["200"];
   const out = ok && ok.content ? fields(spec, ok.content["application/json"].schema) : "";
-  return `<div class="op"><span class="m ${method.toUpperCase()}">${method.toUpperCase()}</span><code>${esc(path)}</code>
+  const name = method.toUpperCase();
+  return `<div class="op"><span class="m ${name}">${name}</span><code>${esc(path)}</code>
     <p>${esc(op.summary)} ${esc(op.description)}</p>
     ${params ? "<h4>Parameters</h4><table>" + params + "</table>" : ""}
     ${body ? "<h4>Body</h4>" + body : ""}${out ? "<h4>Response</h4>" + out : ""}

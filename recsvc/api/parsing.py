@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import flask_smorest
 import marshmallow as ma
 import orjson
@@ -9,9 +11,13 @@ from flask import request
 from webargs.core import missing
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 LIST_FIELDS = frozenset({"exclude"})  # query fields that are comma lists
+# Seconds a body read may wait for the client's next bytes under gunicorn. Its sockets block without a timeout, so
+# a body that stops short of its Content-Length or of a chunk's size (say FFFFFFFF) held a worker thread until the
+# client hung up; an honest client sends RECSVC_MAX_BODY_BYTES in far less.
+BODY_READ_TIMEOUT_SECONDS = 5.0  # as gunicorn waits for a request to start and for an unread body to drain
 
 
 class ThinQueryParser(FlaskParser):
@@ -30,17 +36,16 @@ class ThinQueryParser(FlaskParser):
         thousands of digits, NaN and Infinity: each is a 400 that says what is wrong."""
         if not is_json_request(req):
             return missing
-        body = req.get_data(cache=True)
-        limit = req.max_content_length
-        if req.content_length is None and limit is not None and len(body) >= limit and req.environ["wsgi.input"].read(1):
-            # A chunked body: werkzeug stops reading at the limit without a word; Content-Length bodies get 413 there.
-            raise RequestEntityTooLarge()
+        body = _read_body(req)
         if not body:
             return missing
         try:
-            return orjson.loads(body)
+            document = orjson.loads(body)
         except orjson.JSONDecodeError as error:  # here: webargs would take one without a document for no body
             self._handle_invalid_json_error(error, req, body=body)
+        if _may_repeat_a_key(body, document):
+            _refuse_repeated_keys(body)  # perhaps a key given twice, which orjson takes silently (the last wins)
+        return document
 
     def _handle_invalid_json_error(self, error, req, *args, body: bytes = b"", **kwargs):
         try:
@@ -61,6 +66,65 @@ class ThinQueryParser(FlaskParser):
         except ma.ValidationError as error:
             abort(error_status_code or self.DEFAULT_VALIDATION_STATUS, exc=error,
                   messages={"query": error.messages}, schema=argmap, headers=error_headers)
+
+
+def _may_repeat_a_key(body: bytes, document) -> bool:
+    """False when no object of the body gives a key twice, True when one may (then _refuse_repeated_keys decides).
+
+    A body's ':' bytes are one per key it writes plus those inside its strings, each of which reads
+    as one ':' unless escaped (\\u003a). orjson writes the parsed document back with each kept key
+    once and no ':' escaped: a body without "\\u" that has as many ':' as that repeats no key.
+    Writing it back costs about what parsing did (1 us for a recommendations body)."""
+    if b"\\u" in body:
+        return True
+    try:
+        return body.count(b":") != orjson.dumps(document).count(b":")
+    except orjson.JSONEncodeError:  # nested over 254 deep, which orjson reads but does not write
+        return True
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    """400 naming the first key some object of the body gives twice; None when none does.
+    {"customer_id": "a", "customer_id": "b"} is a client's bug: taking the last would be a guess."""
+
+    def check(pairs: list) -> dict:
+        seen = set()
+        for key, _value in pairs:
+            if key in seen:
+                abort(422, message=f"the body gives the key {key!r} more than once in one object; give it once",
+                      messages={"json": {key: ["given more than once"]}})
+            seen.add(key)
+        return {}
+
+    try:
+        json.loads(body, object_pairs_hook=check)  # orjson has no hook; this runs only for bodies that may repeat one
+    except RecursionError:
+        pass  # nested some hundreds deep: no schema of the API takes it, and says so
+
+
+def _read_body(req) -> bytes:
+    """The whole body, at most the body limit (413 beyond it, also chunked); 408 when the client stops sending
+    for BODY_READ_TIMEOUT_SECONDS. gunicorn then closes the connection: a body read that failed leaves it unusable."""
+    sock = req.environ.get("gunicorn.socket")  # absent under the test client
+    if sock is not None:
+        sock.settimeout(BODY_READ_TIMEOUT_SECONDS)
+    try:
+        body = req.get_data(cache=True)
+        limit = req.max_content_length
+        if (req.content_length is None and limit is not None and len(body) >= limit
+                and req.environ["wsgi.input"].read(1)):
+            # A chunked body: werkzeug stops reading at the limit without a word; Content-Length bodies get 413 there.
+            raise RequestEntityTooLarge()
+        return body
+    except Exception as error:
+        # werkzeug turns the socket's TimeoutError into ClientDisconnected, raised while handling it.
+        if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+            raise RequestTimeout(f"the client sent no byte of the body for {BODY_READ_TIMEOUT_SECONDS:g} seconds; "
+                                 f"send the whole body as announced (Content-Length or chunk size)") from None
+        raise
+    finally:
+        if sock is not None:
+            sock.settimeout(None)  # as gunicorn's blocking sockets were
 
 
 def _single_values(args: MultiDict) -> dict:

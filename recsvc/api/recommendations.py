@@ -6,8 +6,15 @@ from flask import Response, current_app, g, request
 from flask.views import MethodView
 
 from recsvc.api.parsing import Blueprint
-from recsvc.api.schemas import (BatchRequestSchema, BatchResponseSchema, RecommendationArgsSchema,
-                                RecommendationBodySchema, RecommendationsSchema, path_id, path_id_parameter)
+from recsvc.api.schemas import (
+    BatchRequestSchema,
+    BatchResponseSchema,
+    RecommendationArgsSchema,
+    RecommendationBodySchema,
+    RecommendationsSchema,
+    path_id,
+    path_id_parameter,
+)
 from recsvc.recommend import RecommendationQuery
 
 blp = Blueprint("recommendations", __name__, url_prefix="/v1", description="Suggestions for a customer")

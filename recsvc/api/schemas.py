@@ -190,6 +190,9 @@ class ReadinessSchema(ma.Schema):
     cache = ma.fields.Dict(required=True)
     last_load_failure = ma.fields.Dict(allow_none=True, metadata={
         "description": "The last version refused (failed to load or validate) while the served one kept serving"})
+    experiments = ma.fields.Dict(allow_none=True, metadata={
+        "description": "The experiment definitions this worker uses (digest, loaded_at) and the refused "
+                       "experiments file (last_failure) while they keep serving; null without RECSVC_EXPERIMENTS"})
 
 
 class BatchResponseSchema(ma.Schema):
@@ -221,3 +224,6 @@ class ReloadSchema(ma.Schema):
     model_version = ma.fields.String(allow_none=True, required=True)
     previous_version = ma.fields.String(allow_none=True, required=True)
     last_load_failure = ma.fields.Dict(allow_none=True, required=True)
+    experiments = ma.fields.Dict(allow_none=True, required=True, metadata={
+        "description": "The experiments file, re-read now: changed (new definitions swapped in), digest, loaded_at, "
+                       "last_failure; null without RECSVC_EXPERIMENTS"})
