@@ -1,4 +1,8 @@
-"""make bench-cache: hit ratio under Zipf load, warm-up rate, latency with Redis up and killed, against references."""
+"""make bench-cache: hit ratio under Zipf load, warm-up rate, latency with Redis up and killed, against references.
+
+--warm-only times the warm-up alone, --repeat times each, against redis-py's pipelined SET of the same size
+measured in between (for A/B runs: --registry keeps the trained model for the next run, and PYTHONPATH set to
+another checkout times that checkout's warm-up with this harness)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # set before numpy loads
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -113,6 +118,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10_000, help="customers the warm-up precomputes")
     parser.add_argument("--zipf", type=float, default=1.0, help="exponent of the customer load")
     parser.add_argument("--warm-workers", type=int, default=2, help="processes of the second warm-up run")
+    parser.add_argument("--warm-only", action="store_true", help="time the warm-up alone, --repeat times")
+    parser.add_argument("--repeat", type=int, default=7, help="warm-ups per number of processes (--warm-only)")
+    parser.add_argument("--registry", type=Path, help="(--warm-only) the model's registry: trained there when it "
+                                                      "has no current version, reused otherwise")
     args = parser.parse_args()
     # One access line per request would dominate the timings; set here, not at import, for importers' sake.
     os.environ.setdefault("RECSVC_LOG_LEVEL", "warning")
@@ -122,7 +131,7 @@ def main() -> None:
         workdir = Path(tmp)
         server = RedisServer(workdir)
         try:
-            run(args, workdir, server)
+            (run_warm_only if args.warm_only else run)(args, workdir, server)
         finally:
             server.kill()
 
@@ -165,6 +174,52 @@ def run(args, workdir: Path, server: RedisServer) -> None:
     redis_up, in_process, computed = (merge(parts) for parts in phases.values())
     report(warms, raw, entry_bytes, cold, (redis_up, in_process, computed), (merge(down), merge(computed_meanwhile)),
            app.extensions["recsvc"].cache.status())
+
+
+def run_warm_only(args, workdir: Path, server: RedisServer) -> None:
+    """The warm-up alone, from an empty Redis each time, with 1 and --warm-workers processes taking turns;
+    redis-py's pipelined SET of the same entries after each pair. Prints min and median of each, and the CPU
+    seconds the warm-up's processes and Redis used (less sensitive than wall time to other work on the machine)."""
+    registry = args.registry or workdir / "registry"
+    if artifacts.load_current(registry) is None:
+        started = time.perf_counter()
+        build_registry(registry.parent / f"{registry.name}-data", args.customers, args.items, args.interactions)
+        (registry.parent / f"{registry.name}-data" / "registry").rename(registry)
+        print(f"model trained in {time.perf_counter() - started:.1f}s into {registry}")
+    client = redis.Redis.from_url(server.url)
+    counts = sorted({1, args.warm_workers})
+    runs: dict[int, list] = {workers: [] for workers in counts}
+    cpu: dict[int, list] = {workers: [] for workers in counts}
+    raws: list[float] = []
+    for _ in range(args.repeat):
+        for workers in counts:
+            client.flushdb()
+            before = cpu_seconds(client)
+            runs[workers].append(warm_cache(registry, server.url, top=args.top, log=lambda _l: None, workers=workers))
+            cpu[workers].append(tuple(b - a for a, b in zip(before, cpu_seconds(client))))
+        keys = [key for _, key in zip(range(1000), client.scan_iter(f"{KEY_PREFIX}:rec:*", count=1000))]
+        entry_bytes = int(np.mean([len(value) for value in client.mget(keys)]))
+        client.flushdb()
+        raws.append(raw_write_rate(server.url, entry_bytes, runs[counts[-1]][-1].entries))
+    print(f"warm-up alone, {args.repeat} runs each: {runs[1][0].entries} entries ({entry_bytes} bytes each); "
+          f"redis-py pipelined SET of the same size min {min(raws):,.0f}/s, median {np.median(raws):,.0f}/s")
+    for workers, warms in runs.items():
+        rates = [w.entries / w.seconds for w in warms]
+        computing = [w.compute_seconds for w in warms]
+        own, redis_cpu = zip(*cpu[workers])
+        print(f"  {workers} process{'es' if workers > 1 else '  '}: end to end max {max(rates):,.0f}/s, median "
+              f"{np.median(rates):,.0f}/s (min {min(w.seconds for w in warms):.3f}s, median "
+              f"{np.median([w.seconds for w in warms]):.3f}s); computing min {min(computing):.3f}s, median "
+              f"{np.median(computing):.3f}s; CPU of the warm-up min {min(own):.3f}s, median {np.median(own):.3f}s, "
+              f"of Redis median {np.median(redis_cpu):.3f}s")
+
+
+def cpu_seconds(client: redis.Redis) -> tuple[float, float]:
+    """(CPU seconds of this process and its ended children, of the Redis server) so far."""
+    own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
+    info = client.info("cpu")
+    return own, info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def merge(parts: list[Phase]) -> Phase:

@@ -143,6 +143,23 @@ def test_one_customers_candidates_at_full_size(values):
                                           reference_candidates(scores, limit, margin))
 
 
+@pytest.mark.parametrize("items", [2_000, 5_000, 40_000])  # a group size of each range (ranking._block)
+@pytest.mark.parametrize("values", ["normal", "few distinct", "mostly excluded"])
+def test_a_batchs_candidates_equal_a_partition_of_every_score(items, values):
+    """The cache warm-up's path (many customers, groups of items): each row's candidates are the same set."""
+    rng = np.random.default_rng(7)
+    shape = (40, items)
+    scores = {"normal": rng.standard_normal(shape), "few distinct": rng.integers(0, 40, shape),
+              "mostly excluded": rng.standard_normal(shape)}[values].astype(np.float32)
+    if values == "mostly excluded":
+        scores[rng.random(shape) < 0.995] = -np.inf
+    for limit in (1, 10, 100):
+        for margin in (0.0, 1e-5, 0.3):
+            found = ranking._candidates(scores, limit, np.full(len(scores), margin))
+            for row, expected in zip(found, (reference_candidates(s, limit, margin) for s in scores)):
+                np.testing.assert_array_equal(np.sort(row[row >= 0]), expected)
+
+
 # --- whole answers: Recommender.compute against a reference chain ----------------------------------------
 
 

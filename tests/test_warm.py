@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from urllib.parse import quote
 
 import pytest
 from click.testing import CliRunner
 
 from recsvc import artifacts
 from recsvc.app import create_app
-from recsvc.cache import KEY_PREFIX, recent_items_key
+from recsvc.cache import KEY_PREFIX, generation_key, recent_items_key
 from recsvc.recommend import RecommendationQuery
 from tests.conftest import free_port
 from training.cli import main
+from training.config import TrainConfig
+from training.pipeline import fit_and_publish
 from training.warm import most_active, warm_cache
 
 TOP = 60
@@ -59,6 +62,32 @@ def test_warm_entries_are_byte_identical_to_what_the_server_caches(trained_regis
     # The event was really taken into account: the customer's best item now counts as owned.
     assert best["item_id"].encode() not in warmed[next(k for k in warmed if f":{second}:".encode() in k)]
     assert expired["item_id"].encode() in warmed[next(k for k in warmed if f":{first}:".encode() in k)]
+
+
+def test_customer_ids_beyond_ascii_are_warmed_under_the_servers_keys(demo_paths, tmp_path, settings, redis_url,
+                                                                  redis_client, auth):
+    """The warm-up writes keys and lengths in bytes around the ids' UTF-8: ids of two- and three-byte characters
+    (and a token made for each) must give the entries the server makes and finds."""
+    interactions = tmp_path / "interactions.csv"
+    interactions.write_text(demo_paths["interactions"].read_text(encoding="utf-8").replace('"C', '"kundé-顧客-C'),
+                            encoding="utf-8")
+    registry = tmp_path / "registry"
+    fit_and_publish(interactions, registry, TrainConfig(strategies=["als"], params={"als": {"factors": 8}}),
+                    catalog_path=demo_paths["catalog"], log=lambda _line: None)
+    customers = warmed_customers(registry, TOP)
+    assert all(len(customer.encode()) > len(customer) for customer in customers)
+    assert warm_cache(registry, redis_url, top=TOP, log=lambda _line: None).entries == TOP
+    warmed = {key: redis_client.get(key) for key in redis_client.keys(f"{KEY_PREFIX}:rec:*")}
+    assert len(warmed) == TOP and all(redis_client.get(generation_key(customer)) for customer in customers)
+    redis_client.delete(*warmed)
+    app = create_app(dataclasses.replace(settings, registry=registry, redis_url=redis_url, redis_timeout=2.0))
+    try:
+        client = app.test_client()
+        for customer in customers:
+            assert client.get(f"/v1/customers/{quote(customer)}/recommendations", headers=auth).status_code == 200
+        assert {key: redis_client.get(key) for key in redis_client.keys(f"{KEY_PREFIX}:rec:*")} == warmed
+    finally:
+        app.extensions["recsvc"].store.stop()
 
 
 def test_the_server_answers_warmed_customers_without_computing(trained_registry, redis_url, redis_client,

@@ -127,8 +127,9 @@ def test_a_token_made_while_the_warm_up_computes_wins_and_hides_the_warmed_list(
 
     def receive_then_an_event_arrives(self):
         generations, recent = receive(self)
-        raced[self.customer_ids[0]] = b"made-by-an-event"
-        redis_client.set(generation_key(self.customer_ids[0]), raced[self.customer_ids[0]], px=60_000)
+        customer = self.customer_ids[0].decode()  # the batch's ids, as its keys hold them
+        raced[customer] = b"made-by-an-event"
+        redis_client.set(generation_key(customer), raced[customer], px=60_000)
         return generations, recent
 
     monkeypatch.setattr(StateReader, "receive", receive_then_an_event_arrives)
@@ -197,21 +198,50 @@ def test_batched_and_single_customer_rankings_agree_and_are_the_exact_top(seed):
         assert np.array_equal(positions[customer][:len(best)], best)
 
 
-def test_strongest_takes_what_a_stable_argsort_takes():
+def stable_argsort_picks(row: np.ndarray) -> list[int]:
+    """What Recommender._reasons takes: a stable argsort, the positive ones of the first two."""
+    return [int(i) for i in np.argsort(-row, kind="stable")[:2] if row[i] > 0]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # exact contributions, approximate ones
+def test_strongest_takes_what_a_stable_argsort_takes(dtype):
     rng = np.random.default_rng(5)
-    weights = rng.integers(-3, 4, size=(2000, 7)).astype(np.float64) / 2  # many ties, zeros, negatives
+    weights = (rng.integers(-3, 4, size=(2000, 7)) / 2).astype(dtype)  # many ties, zeros, negatives
     picks, unsure = strongest(weights.copy(), 0.0)
     assert not unsure.any()
     for row, pick in zip(weights, picks):
-        order = np.argsort(-row, kind="stable")[:2]
-        expected = [int(i) for i in order if row[i] > 0]
-        assert [int(p) for p in pick if p >= 0] == expected
+        assert [int(p) for p in pick if p >= 0] == stable_argsort_picks(row)
 
 
-def test_strongest_is_unsure_exactly_when_an_error_could_change_the_pick():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("width", [1, 2, 3, 40])
+def test_strongest_of_histories_padded_with_minus_infinity(dtype, width):
+    """Rows of one to `width` weights, the rest -inf; a rank without a weight is no pick and settles the row."""
+    rng = np.random.default_rng(width)
+    weights = (rng.integers(-3, 4, size=(3000, width)) / 2).astype(dtype)
+    weights[np.arange(width)[None, :] >= rng.integers(1, width + 1, size=(3000, 1))] = -np.inf
+    picks, unsure = strongest(weights.copy(), 0.1)
+    for row, pick, doubt in zip(weights, picks, unsure):
+        assert [int(p) for p in pick if p >= 0] == stable_argsort_picks(row)
+        assert doubt == could_change(row, 0.1)
+
+
+def could_change(row: np.ndarray, error: float) -> bool:
+    """Whether an error of `error` per weight could change the two picks of this row."""
+    ranked = [*sorted(row[np.isfinite(row)], reverse=True), -np.inf, -np.inf, -np.inf]
+    for value, following in zip(ranked[:2], ranked[1:3]):
+        if value + error <= 0:
+            return False  # no pick here for sure, nor after
+        if not (value - error > 0 and value - following > 2 * error):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_strongest_is_unsure_exactly_when_an_error_could_change_the_pick(dtype):
     rng = np.random.default_rng(6)
     exact = rng.standard_normal((5000, 6)) / 1000
-    approx = exact + rng.uniform(-1e-4, 1e-4, exact.shape)
+    approx = (exact + rng.uniform(-0.99e-4, 0.99e-4, exact.shape)).astype(dtype)  # float32 rounds by < 1e-10
     sure_picks, unsure = strongest(approx.copy(), 1e-4)
     exact_picks, _ = strongest(exact.copy(), 0.0)
     assert np.array_equal(sure_picks[~unsure], exact_picks[~unsure])

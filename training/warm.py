@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import socket
 import threading
 import time
 from contextlib import closing
@@ -18,7 +19,6 @@ from recsvc import artifacts
 from recsvc.artifacts import ModelBundle
 from recsvc.cache import (
     GENERATION_TTL,
-    encode_entry,
     generation_key,
     new_generation,
     recent_items_key,
@@ -27,7 +27,7 @@ from recsvc.cache import (
 from recsvc.config import cache_max_entry_bytes, checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import RecentItems
-from training.warm_batch import DEFAULT_QUERY, BatchRecommender, EncodedLists
+from training.warm_batch import CUSTOMER_MARK, DEFAULT_QUERY, BatchRecommender, EncodedLists
 
 DEFAULT_TOP = 10_000
 # A nightly warm-up must last until the next model: keys carry the version and events invalidate a
@@ -36,6 +36,8 @@ DEFAULT_TTL = 24 * 3600.0
 MAX_TTL = GENERATION_TTL / 2  # a customer's invalidation must outlive the entries it hides
 OK_BYTES = len(b"+OK\r\n")
 NIL_REPLIES = (b"_", b"$-1")  # RESP3, RESP2
+SHORTEST_NIL = len(b"_\r\n")
+MAX_LOW_WATER = 32768  # bytes; far below any socket's receive buffer
 BATCH = 1000  # customers per batch: one matrix product, one state read, one write
 TIMEOUT = 5.0  # seconds; the warm-up is offline, unlike the server's tens of milliseconds
 
@@ -143,7 +145,7 @@ class Plan:
     strategy: str
     customers: np.ndarray  # model positions, most active first
     customer_ids: list[str]
-    keys: list[str]
+    id_bytes: list[bytes]  # the customer ids in UTF-8, as the keys hold them
     batches: list[slice]
     ttl: float
     redis_url: str
@@ -152,12 +154,16 @@ class Plan:
     @classmethod
     def of(cls, bundle: ModelBundle, top: int, ttl: float, redis_url: str) -> "Plan":
         customers = most_active(bundle, top)
-        customer_ids = [c.decode("utf-8") for c in bundle.customers.ids[customers].tolist()]
-        strategy = bundle.default_strategy
-        keys = recommendation_keys(bundle.version, strategy, customer_ids, DEFAULT_QUERY.cache_params())
+        id_bytes = bundle.customers.ids[customers].tolist()
+        customer_ids = [c.decode("utf-8") for c in id_bytes]
         batches = [slice(start, start + BATCH) for start in range(0, len(customers), BATCH)]
-        return cls(bundle, strategy, customers, customer_ids, keys, batches, ttl, redis_url,
+        return cls(bundle, bundle.default_strategy, customers, customer_ids, id_bytes, batches, ttl, redis_url,
                    cache_max_entry_bytes())
+
+    def around_ids(self) -> tuple[bytes, bytes]:
+        """(before, after) the customer id in the recommendation keys of the default list."""
+        return key_around(lambda customer_id: recommendation_keys(
+            self.bundle.version, self.strategy, [customer_id], DEFAULT_QUERY.cache_params())[0])
 
 
 def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) -> tuple[int, float, float]:
@@ -166,17 +172,17 @@ def _warm_share(plan: Plan, batches: list[slice], log: Callable[[str], None]) ->
     lists = BatchRecommender(plan.bundle, plan.strategy)
     client = connect(plan.redis_url)  # connections of this process's own
     entries, computing = 0, 0.0
-    with closing(client), StateReader(client) as reader, CommandWriter(client, plan.ttl) as writer:
+    with closing(client), StateReader(client) as reader, CommandWriter(client, plan) as writer:
         if batches:
-            reader.request(plan.customer_ids[batches[0]])
+            reader.request(plan.id_bytes[batches[0]])
         for number, batch in enumerate(batches):
             started = time.perf_counter()
             generations, recent = reader.receive()
             if number + 1 < len(batches):
-                reader.request(plan.customer_ids[batches[number + 1]])
+                reader.request(plan.id_bytes[batches[number + 1]])
             encoded = lists.encode(plan.customers[batch], plan.customer_ids[batch], recent)
             rows = np.flatnonzero(encoded.sizes <= plan.max_bytes)
-            writer.submit(*writer.commands(encoded, rows, plan.keys[batch], plan.customer_ids[batch], generations))
+            writer.submit(*writer.commands(encoded, rows, plan.id_bytes[batch], generations))
             computing += time.perf_counter() - started
             entries += len(rows)
             log(f"warm-up: {min(batch.stop, len(plan.customers))}/{len(plan.customers)} customers computed")
@@ -218,6 +224,22 @@ def command(*parts: bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts)
 
 
+def key_around(key_of: Callable[[str], str]) -> tuple[bytes, bytes]:
+    """(before, after) the customer id in the keys that key_of (one of recsvc.cache's key functions) makes:
+    a batch's keys are then written with one format each."""
+    before, mark, after = key_of(CUSTOMER_MARK).partition(CUSTOMER_MARK)
+    if not mark:
+        raise AssertionError(f"no customer id in the key {key_of(CUSTOMER_MARK)!r}")
+    return before.encode(), after.encode()
+
+
+def key_arguments(around: tuple[bytes, bytes], customer_ids: list[bytes]) -> bytes:
+    """The customers' keys as arguments of a command in the Redis protocol."""
+    before, after = around
+    fixed = len(before) + len(after)
+    return b"".join([b"$%d\r\n%b%b%b\r\n" % (fixed + len(c), before, c, after) for c in customer_ids])
+
+
 class StateReader:
     """Reads the customers' generations and recent items on a connection of its own, one batch ahead:
     the request goes out before the batch before it is computed, the replies are read after."""
@@ -228,7 +250,8 @@ class StateReader:
         except redis.RedisError as exc:
             raise CacheUnavailable(f"loading a script into Redis failed: {exc}") from None
         self.connection = client.connection_pool.make_connection()
-        self.customer_ids: list[str] = []
+        self.generation_keys, self.recent_items_keys = key_around(generation_key), key_around(recent_items_key)
+        self.customer_ids: list[bytes] = []
 
     def __enter__(self) -> "StateReader":
         return self
@@ -236,14 +259,17 @@ class StateReader:
     def __exit__(self, *_exc) -> None:
         self.connection.disconnect()
 
-    def request(self, customer_ids: list[str]) -> None:
+    def request(self, customer_ids: list[bytes]) -> None:
         """Ask for the generations first: POST /v1/events adds recent items before it changes the generation,
         so an entry is never computed from recent items older than the generation it is tagged with (it
         would be served, stale)."""
         self.customer_ids = customer_ids
-        commands = command(b"MGET", *(generation_key(c).encode() for c in customer_ids)) + \
-            command(b"EVALSHA", self.script.encode(), b"%d" % len(customer_ids),
-                    *(recent_items_key(c).encode() for c in customer_ids), repr(time.time()).encode())
+        n, now = len(customer_ids), repr(time.time()).encode()
+        commands = b"".join([b"*%d\r\n$4\r\nMGET\r\n" % (1 + n), key_arguments(self.generation_keys, customer_ids),
+                             b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$%d\r\n%d\r\n" % (
+                                 4 + n, len(self.script), self.script.encode(), len(b"%d" % n), n),
+                             key_arguments(self.recent_items_keys, customer_ids),
+                             b"$%d\r\n%b\r\n" % (len(now), now)])
         try:
             self.connection.send_packed_command([commands])
         except (redis.RedisError, OSError) as exc:
@@ -258,7 +284,7 @@ class StateReader:
             raise CacheUnavailable(f"reading customers' generations and recent items from Redis failed: "
                                    f"{exc}") from None
         ids = self.customer_ids
-        recent = PrefetchedRecentItems({ids[int(index) - 1]: {m.decode("utf-8") for m in members}
+        recent = PrefetchedRecentItems({ids[int(index) - 1].decode("utf-8"): {m.decode("utf-8") for m in members}
                                         for index, members in zip(found[::2], found[1::2])})
         return generations, recent
 
@@ -267,10 +293,19 @@ class CommandWriter:
     """Sends pre-encoded SET commands on a connection of its own, from a thread, so Redis stores one batch
     while the next is computed; replies are checked in bulk, not parsed one by one."""
 
-    def __init__(self, client: redis.Redis, ttl: float):
-        px = b"%d" % int(ttl * 1000)
+    def __init__(self, client: redis.Redis, plan: "Plan"):
+        px = b"%d" % int(plan.ttl * 1000)
         self.token_px = b"%d" % int(GENERATION_TTL * 1000)  # tokens outlive the entries: ttl <= MAX_TTL
         self.trailer = b"\r\n$2\r\nPX\r\n$%d\r\n%b\r\n" % (len(px), px)  # ends each SET after its value
+        # SET key (before, id, after), then the value's length and its start: the token tagged as
+        # cache.encode_entry does (a length byte, then the token); the list's bytes and the trailer follow
+        # (EncodedLists.join).
+        self.keys = plan.around_ids()
+        self.set_command = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%c%b"
+        # SET generation-key token PX ... NX (as RedisCache.claim), then the SET above.
+        self.generation_keys = key_around(generation_key)
+        self.token_command = b"*6\r\n$3\r\nSET\r\n$%d\r\n%b%b%b\r\n$%d\r\n%b\r\n" + \
+            b"$2\r\nPX\r\n$%d\r\n%b\r\n$2\r\nNX\r\n" + self.set_command
         self.connection = client.connection_pool.make_connection()
         self.pending: queue.Queue = queue.Queue(maxsize=2)
         self.failure: CacheUnavailable | None = None
@@ -288,26 +323,35 @@ class CommandWriter:
         if self.failure is not None and exc[0] is None:
             raise self.failure
 
-    def commands(self, encoded: EncodedLists, rows: np.ndarray, keys: list[str], customer_ids: list[str],
+    def commands(self, encoded: EncodedLists, rows: np.ndarray, customer_ids: list[bytes],
                  generations: list[bytes | None]) -> tuple[bytes, np.ndarray]:
         """SET each row's list under its key, tagged with its customer's generation token (cache.encode_entry),
         with the TTL. A customer without a token first gets one (SET NX, as RedisCache.claim does): every
         entry's token then exists in Redis, and losing it to eviction turns the entry into a miss. Returns the
-        commands and, per reply, whether it answers a token's SET NX. The Redis protocol is written here
-        (redis-py encodes a command in Python at a third of the speed)."""
+        commands and, per reply, whether it answers a token's SET NX. The Redis protocol is written here, one
+        format per entry (redis-py encodes a command in Python at a third of the speed)."""
         prefix = new_generation()[:12]  # + the row: a token of its own for each customer of the batch
-        before, is_token = [], []
+        (key_before, key_after), (generation_before, generation_after) = self.keys, self.generation_keys
+        key_length, generation_length = len(key_before) + len(key_after), len(generation_before) + len(generation_after)
+        px = self.token_px
+        before = []
         for row, size in zip(rows.tolist(), encoded.sizes[rows].tolist()):
-            key, token = keys[row].encode(), generations[row] or prefix + b"%d" % row
-            tag = encode_entry(token, b"")
-            head = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b" % (len(key), key, len(tag) + size, tag)
-            if generations[row] is None:
-                head = command(b"SET", generation_key(customer_ids[row]).encode(), token, b"PX", self.token_px,
-                               b"NX") + head
-                is_token.append(True)
-            before.append(head)
-            is_token.append(False)
-        return encoded.join(rows, before, self.trailer), np.array(is_token, dtype=bool)
+            customer_id, token = customer_ids[row], generations[row]
+            if token is None:
+                token = prefix + b"%d" % row
+                before.append(self.token_command % (
+                    generation_length + len(customer_id), generation_before, customer_id, generation_after,
+                    len(token), token, len(px), px,
+                    key_length + len(customer_id), key_before, customer_id, key_after,
+                    1 + len(token) + size, len(token), token))
+            else:
+                before.append(self.set_command % (key_length + len(customer_id), key_before, customer_id, key_after,
+                                                  1 + len(token) + size, len(token), token))
+        missing = np.fromiter((g is None for g in generations), bool, len(generations))[rows]
+        ends = np.cumsum(1 + missing)  # a row's replies: its token's SET NX (when missing), then its SET
+        is_token = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=bool)
+        is_token[ends[missing] - 2] = True
+        return encoded.join(rows, before, self.trailer), is_token
 
     def submit(self, payload: bytes, is_token: np.ndarray) -> None:
         """Queue commands, one reply each (is_token: which replies answer a token's SET NX); raises the
@@ -337,11 +381,21 @@ class CommandWriter:
         expected = len(is_token)
         received = bytearray()
         sock = self.connection._sock  # redis-py's socket of this connection: AUTH, SELECT and TLS already done
-        while received.count(b"\r\n") < expected:
+        # The replies still to come are at least this long (+OK, or `_` for a token's nil). Waking only once
+        # as many bytes are there (SO_RCVLOWAT) keeps this thread from taking the GIL from the computation
+        # for each of the dozens of chunks Redis answers in; it never waits for bytes that do not come.
+        shortest = OK_BYTES * np.arange(expected, -1, -1) - (OK_BYTES - SHORTEST_NIL) * \
+            np.concatenate([np.cumsum(is_token[::-1])[::-1], [0]])
+        answered = 0
+        while answered < expected:
+            partial = len(received) - received.rfind(b"\r\n") - 2 if answered else len(received)
+            _wake_after(sock, int(shortest[answered]) - partial)
             chunk = sock.recv(max(65536, OK_BYTES * expected - len(received)))
             if not chunk:
                 raise redis.ConnectionError("Redis closed the connection")
             received += chunk
+            answered = received.count(b"\r\n")
+        _wake_after(sock, 1)
         if received == b"+OK\r\n" * expected:
             return
         lines = bytes(received).split(b"\r\n")[:expected]
@@ -351,13 +405,18 @@ class CommandWriter:
         raise redis.ResponseError(error.decode("utf-8", "replace").lstrip("-"))
 
 
+def _wake_after(sock, size: int) -> None:
+    """Let the socket's readers wake only once `size` bytes have arrived (or it closes): Linux's SO_RCVLOWAT."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(size, MAX_LOW_WATER)))
+
+
 # KEYS: the customers' recent-items sets; ARGV[1]: now (Unix seconds). Returns index (1-based), members, ... for
 # those with items that still count (scored after now) only: most customers have none, and one script call
 # replaces a round trip (or a parsed reply) per customer.
 _RECENT_ITEMS = """
-local found = {}
+local found, after = {}, '(' .. ARGV[1]
 for i, key in ipairs(KEYS) do
-  local members = redis.call('ZRANGEBYSCORE', key, '(' .. ARGV[1], '+inf')
+  local members = redis.call('ZRANGEBYSCORE', key, after, '+inf')
   if #members > 0 then
     found[#found + 1] = i
     found[#found + 1] = members
