@@ -174,8 +174,11 @@ class ModelStore:
                       extra={"refused_version": version})
 
     def start_watching(self) -> None:
-        """In a process forked after the app was loaded (a gunicorn worker): watch the registry from now on,
-        and publish the served version in this process's metrics (a fork starts them from zero)."""
+        """In a process forked after the app was loaded (a gunicorn worker): a lock of its own (the master's
+        watcher may have held the inherited one at the fork, loading a version, and no thread here would ever
+        release it), then watch the registry from now on, and publish the served version in this process's
+        metrics (a fork starts them from zero)."""
+        self._lock = threading.Lock()
         if self.bundle is not None:
             metrics.model_serving(self.bundle.version, self.created_at)
         self.current()

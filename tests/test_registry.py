@@ -295,3 +295,33 @@ def test_registry_files_follow_the_umask_so_a_server_under_another_user_can_read
     assert mode(version) == 0o750 and mode(version / "strategies") == 0o750
     assert {mode(path) for path in version.rglob("*") if path.is_file()} == {0o640}
     assert mode(registry / "CURRENT") == 0o640 and mode(registry / "HISTORY") == 0o640
+
+
+def test_a_worker_forked_while_the_masters_watcher_loads_a_version_still_starts(registry):
+    """gunicorn forks a replacement worker whenever one dies; the master's own watcher may be loading a new
+    version at that moment, holding the store's lock, and the child inherits it locked with no thread to
+    release it: its start_watching (post_worker_init) blocked forever, so the worker never booted."""
+    store = ModelStore(registry, reload_interval=3600)
+    assert store.refresh()
+    with store._lock:  # the master's watcher, mid-load
+        pid = os.fork()
+        if pid == 0:  # the worker: must start watching and still refresh
+            code = 1
+            try:
+                signal.alarm(10)  # on the old code this hangs; the alarm ends it with a failure
+                store.start_watching()
+                store.refresh(retry_refused=True)
+                code = 0
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked worker hung on the lock its parent held at the fork")
+    assert os.waitstatus_to_exitcode(status) == 0
