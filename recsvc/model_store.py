@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,35 @@ _PATH = re.compile(r"(?:[^/\s'\"]+)?(?:/[^/\s'\"]+)*/([^/\s'\"]+)")
 def without_paths(reason: str) -> str:
     """The reason without directory names: it is shown on /readyz, which needs no key."""
     return _PATH.sub(r"\1", reason)
+
+
+# gunicorn's master keeps a watcher too (from the preload) and forks a worker whenever one dies. A fork in the
+# middle of a watcher's round (a version loading, a metric written) gave the child every lock the round held,
+# prometheus_client's global one among them, with no thread left to release them: the worker hung at its first
+# metric. So a fork waits for the rounds in progress to end, and the child starts with fresh locks.
+_stores: weakref.WeakSet[ModelStore] = weakref.WeakSet()
+_held: list[ModelStore] = []
+
+
+def _hold_watchers() -> None:
+    _held[:] = list(_stores)
+    for store in _held:
+        store._checking.acquire()
+
+
+def _release_watchers() -> None:
+    for store in _held:
+        store._checking.release()
+    _held.clear()
+
+
+def _fresh_locks() -> None:
+    for store in _held:
+        store._checking, store._lock = threading.Lock(), threading.Lock()
+    _held.clear()
+
+
+os.register_at_fork(before=_hold_watchers, after_in_parent=_release_watchers, after_in_child=_fresh_locks)
 
 
 @dataclass(frozen=True)
@@ -71,12 +101,14 @@ class ModelStore:
         self.last_failure: LoadFailure | None = None
         self.loaded_at: float | None = None
         self._lock = threading.Lock()
+        self._checking = threading.Lock()  # held by the watcher for a round of checks (see _hold_watchers)
         self._watcher_pid: int | None = None
         self._stop = threading.Event()
         self._said_empty = False  # "no model yet" is logged once per server (workers inherit it from the master)
         # Run by the watcher after each check of the registry: other files followed at the same interval
         # (the experiment definitions, recsvc/experiments.py), without a thread of their own.
         self.also_check: list[Callable[[], object]] = []
+        _stores.add(self)
 
     def current(self) -> ModelBundle | None:
         """The bundle to serve with (None until one loads). Starts the watcher in this process on first use,
@@ -174,11 +206,8 @@ class ModelStore:
                       extra={"refused_version": version})
 
     def start_watching(self) -> None:
-        """In a process forked after the app was loaded (a gunicorn worker): a lock of its own (the master's
-        watcher may have held the inherited one at the fork, loading a version, and no thread here would ever
-        release it), then watch the registry from now on, and publish the served version in this process's
-        metrics (a fork starts them from zero)."""
-        self._lock = threading.Lock()
+        """In a process forked after the app was loaded (a gunicorn worker): watch the registry from now on,
+        and publish the served version in this process's metrics (a fork starts them from zero)."""
         if self.bundle is not None:
             metrics.model_serving(self.bundle.version, self.created_at)
         self.current()
@@ -193,16 +222,20 @@ class ModelStore:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reload_interval):
+            with self._checking:
+                self._check_once()
+
+    def _check_once(self) -> None:
+        try:
+            self.refresh()
+            metrics.model_tick(self.created_at)
+        except Exception:  # the watcher must survive anything a broken registry throws at it
+            log.exception("model refresh failed")
+        for check in self.also_check:
             try:
-                self.refresh()
-                metrics.model_tick(self.created_at)
-            except Exception:  # the watcher must survive anything a broken registry throws at it
-                log.exception("model refresh failed")
-            for check in self.also_check:
-                try:
-                    check()
-                except Exception:  # nor may another file's check stop it
-                    log.exception("check of %s failed", getattr(check, "__qualname__", check))
+                check()
+            except Exception:  # nor may another file's check stop it
+                log.exception("check of %s failed", getattr(check, "__qualname__", check))
 
     def stop(self) -> None:
         self._stop.set()

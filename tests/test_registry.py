@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -325,3 +326,26 @@ def test_a_worker_forked_while_the_masters_watcher_loads_a_version_still_starts(
         os.waitpid(pid, 0)
         pytest.fail("the forked worker hung on the lock its parent held at the fork")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_fork_waits_for_the_watchers_round_so_the_child_inherits_no_lock_it_held(registry):
+    """Whatever the watcher's round holds (here a lock standing for prometheus_client's, taken while a metric is
+    written) must not be inherited locked by a worker forked meanwhile."""
+    store = ModelStore(registry, reload_interval=0.01)
+    assert store.refresh()
+    inside, metric_lock = threading.Event(), threading.Lock()
+
+    def writes_a_metric_slowly():
+        with metric_lock:
+            inside.set()
+            time.sleep(0.5)
+
+    store.also_check.append(writes_a_metric_slowly)
+    store.current()  # starts the watcher
+    assert inside.wait(5)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if metric_lock.acquire(timeout=3) else 1)
+    store.stop()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child inherited the lock the watcher's round held"
