@@ -216,7 +216,7 @@ def _origin(name: str, text: str) -> str:
 class Settings:
     # Model registry: the directory the trainer publishes into.
     registry: Path = Path("var/registry")
-    reload_interval: float = 5.0  # seconds between checks of the registry's CURRENT pointer
+    reload_interval: float = 5.0  # seconds between checks of the registry's CURRENT pointer and the experiments file
 
     # Cache: Redis when a URL is set, otherwise the embedded cache (shared memory, one table for all workers).
     redis_url: str | None = None

@@ -203,7 +203,8 @@ def read_definitions(path: Path, label: str) -> tuple[ExperimentSet, str]:
     try:
         content = path.read_bytes()
         text = content.decode("utf-8")
-        raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        raw = (tomllib.loads(text) if path.suffix.lower() == ".toml"
+               else json.loads(text, object_pairs_hook=_once_each))
     except FileNotFoundError:
         raise ConfigError(f"{label}: no such file") from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError and TOMLDecodeError are ValueErrors
@@ -211,6 +212,17 @@ def read_definitions(path: Path, label: str) -> tuple[ExperimentSet, str]:
     except RecursionError:  # json nests by recursion: thousands of opening brackets
         raise ConfigError(f"{label}: cannot parse: nested too deeply") from None
     return parse_experiments(raw, label), hashlib.sha256(content).hexdigest()[:12]
+
+
+def _once_each(pairs: list) -> dict:
+    """A JSON object whose keys are all different. {"status": "running", ..., "status": "stopped"} is refused, as
+    TOML refuses it and the API refuses a repeated key in a body: taking the last would be a guess."""
+    seen = set()
+    for key, _value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given more than once in one object")
+        seen.add(key)
+    return dict(pairs)
 
 
 def check_strategies(experiments: ExperimentSet, served: Collection[str] | None, label: str) -> None:

@@ -138,6 +138,20 @@ def test_unparsable_or_missing_files_are_clear_config_errors(tmp_path):
         load_experiments(tmp_path / "absent.toml")
 
 
+@pytest.mark.parametrize("name, text, named", [
+    # an operator who stops an experiment by adding a line, leaving the old one above it
+    ("experiments.json", json.dumps({"experiments": [SERVED]})[:-3] + ', "status": "stopped"}]}',
+     "the key 'status' is given more than once"),
+    # TOML refuses it itself (tomllib names the line, not the key)
+    ("experiments.toml", '[[experiments]]\nname = "a"\nstatus = "running"\nstatus = "stopped"\n', "line 4"),
+])
+def test_a_key_given_twice_in_one_object_is_refused_not_the_last_taken(tmp_path, name, text, named):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    message = _error_of(path)
+    assert "cannot parse" in message and named in message, message
+
+
 def test_a_directory_a_fifo_or_a_device_is_refused_at_once(tmp_path):
     fifo = tmp_path / "experiments.json"
     os.mkfifo(fifo)
