@@ -56,6 +56,7 @@ SEQ = struct.Struct("<Q")
 META = struct.Struct("<I4xQHH4x")  # at offset 8: hcrc, epoch, entries, used
 HEADER_CHECK = struct.Struct("<I4xQ")  # at offset 8: hcrc, epoch
 HEAD = struct.Struct("<16sdIB3xI4x")  # digest, expires (monotonic seconds), length, flags, crc32
+EXPIRES = struct.Struct("<d")  # HEAD's expiry alone, after the digest
 STAMP = struct.Struct("<I")
 CHECKED_FROM = 16  # the header's crc32 covers [16, stamps): epoch, counts, digests, spans
 EMPTY = bytes(DIGEST_BYTES)
@@ -261,14 +262,25 @@ class SlotTable:
         """Where an entry of `span` slots goes, and the entries it evicts: free or expired slots first,
         else the run whose most recently read victim was read longest ago (LRU), fewest victims on a tie."""
         owner = [-1] * self.ways
-        live = {}  # head way -> (last read, expires) of each entry that has not expired
-        for way in range(self.ways):
-            width = header[self.spans_at + way]
+        for way, width in enumerate(header[self.spans_at:self.spans_at + self.ways]):
             if width:
                 owner[way:way + width] = [way] * width
-                expires = HEAD.unpack_from(self.map, base + self.header + way * self.slot)[1]
-                if expires >= now:  # last read, then expiry: of two read in the same millisecond, the older
-                    live[way] = (STAMP.unpack_from(self.map, base + self.stamps_at + 4 * way)[0], expires)
+        # A run of free slots costs nothing (no victim beats it), so the first one is the answer, found without
+        # reading any entry: every write while the table fills up, and most writes after.
+        run = 0
+        for way, holder in enumerate(owner):
+            run = run + 1 if holder < 0 else 0
+            if run == span:
+                return way + 1 - span, []
+        live = {}  # head way -> (last read, expires) of each entry that has not expired
+        for way in sorted(set(owner) - {-1}):
+            expires = EXPIRES.unpack_from(self.map, base + self.header + way * self.slot + DIGEST_BYTES)[0]
+            if expires >= now:  # last read, then expiry: of two read in the same millisecond, the older
+                live[way] = (STAMP.unpack_from(self.map, base + self.stamps_at + 4 * way)[0], expires)
+        if span == 1:  # one victim wherever it goes: the first way of the lowest cost, as the loop below finds it
+            start = min(range(self.ways), key=lambda way: (live[owner[way]], 1) if owner[way] in live
+                        else ((-1, 0.0), 0))
+            return start, [owner[start]]
         best = None
         for start in range(self.ways - span + 1):
             victims = sorted({owner[w] for w in range(start, start + span) if owner[w] >= 0})
