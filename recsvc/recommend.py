@@ -357,8 +357,7 @@ def _evidence_items(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: 
     for source, basis in (("personal", owned), ("context", context)):
         positions = [p for p, s in zip(ranked.items, ranked.sources) if s == source]
         if positions and len(basis):
-            weights = scorer.contributions_batch(np.array(positions),
-                                                 np.broadcast_to(basis, (len(positions), len(basis))))
+            weights = scorer.contributions_to(np.array(positions), basis)
             weights = np.where(np.array(positions)[:, None] == basis[None, :], -np.inf, weights)
             order = np.argsort(-weights, axis=1, kind="stable")[:, :MAX_REASON_ITEMS]
             positive = np.take_along_axis(weights, order, axis=1) > 0
