@@ -17,6 +17,7 @@ master before any fork; the master gives each worker a slot when it creates it
 from __future__ import annotations
 
 import mmap
+import socket
 import time
 
 import orjson
@@ -85,11 +86,36 @@ class BalancedThreadWorker(ThreadWorker):
         fewest = BOARD.fewest_besides(self.board_slot)
         return fewest is not None and fewest < self._nr_conns
 
+    def handle_request(self, req, conn):
+        """gunicorn's, with the socket corked (Linux TCP_CORK) while the answer is written: gunicorn sends the
+        headers and the body in two calls, and each would go out as a packet of its own, which the kernel
+        then carries and the client reads separately; corked, they leave together when the request ends."""
+        corked = _cork(conn.sock, True)
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            if corked:
+                _cork(conn.sock, False)  # sends what waits, at once
+
     def accept(self, listener):
         deadline = time.monotonic() + ACCEPT_DEFER_SECONDS
         while self.ahead() and time.monotonic() < deadline:
             time.sleep(DEFER_STEP_SECONDS)  # a less loaded worker, woken by the same connection, may take it
         super().accept(listener)  # EAGAIN (another took it) is handled there
+
+
+def _cork(sock, on: bool) -> bool:
+    """Set TCP_CORK; False where it cannot be (not Linux, not TCP, the connection already closed)."""
+    if TCP_CORK is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, on)
+    except OSError:
+        return False
+    return True
+
+
+TCP_CORK = getattr(socket, "TCP_CORK", None)
 
 
 def release_slot(worker) -> None:
