@@ -56,7 +56,6 @@ SEQ = struct.Struct("<Q")
 META = struct.Struct("<I4xQHH4x")  # at offset 8: hcrc, epoch, entries, used
 HEADER_CHECK = struct.Struct("<I4xQ")  # at offset 8: hcrc, epoch
 HEAD = struct.Struct("<16sdIB3xI4x")  # digest, expires (monotonic seconds), length, flags, crc32
-EXPIRES = struct.Struct("<d")  # HEAD's expiry alone, after the digest
 STAMP = struct.Struct("<I")
 CHECKED_FROM = 16  # the header's crc32 covers [16, stamps): epoch, counts, digests, spans
 EMPTY = bytes(DIGEST_BYTES)
@@ -129,6 +128,10 @@ class SlotTable:
         self.stamps_at = self.spans_at + self.ways
         self.evictions_change_epoch = evictions_change_epoch
         self._thread_locks = [threading.Lock() for _ in range(min(self.sets, THREAD_LOCKS))]
+        # The expiry in each slot's entry head (HEAD: after the digest), and the stamps, for _place.
+        self._expiries = struct.Struct("<" + f"{DIGEST_BYTES}xd{self.slot - DIGEST_BYTES - 8}x" * (self.ways - 1)
+                                       + f"{DIGEST_BYTES}xd")
+        self._stamps = struct.Struct(f"<{self.ways}I")
         # Stored checksums are crc32 ^ the crc32 of an all-zero header, so the zero-filled new mapping is a valid
         # table of empty sets in epoch 0, and no page of it is touched before an entry goes there.
         self._zero_crc = zlib.crc32(bytes(self.stamps_at - CHECKED_FROM))
@@ -272,11 +275,12 @@ class SlotTable:
             run = run + 1 if holder < 0 else 0
             if run == span:
                 return way + 1 - span, []
-        live = {}  # head way -> (last read, expires) of each entry that has not expired
-        for way in sorted(set(owner) - {-1}):
-            expires = EXPIRES.unpack_from(self.map, base + self.header + way * self.slot + DIGEST_BYTES)[0]
-            if expires >= now:  # last read, then expiry: of two read in the same millisecond, the older
-                live[way] = (STAMP.unpack_from(self.map, base + self.stamps_at + 4 * way)[0], expires)
+        # Every slot's expiry field and last-read stamp in two reads (those of slots no entry starts at are unused).
+        expiries = self._expiries.unpack_from(self.map, base + self.header)
+        stamps = self._stamps.unpack_from(self.map, base + self.stamps_at)
+        # head way -> (last read, expires) of each entry that has not expired; last read, then expiry: of two read
+        # in the same millisecond, the older
+        live = {way: (stamps[way], expiries[way]) for way in sorted(set(owner) - {-1}) if expiries[way] >= now}
         if span == 1:  # one victim wherever it goes: the first way of the lowest cost, as the loop below finds it
             start = min(range(self.ways), key=lambda way: (live[owner[way]], 1) if owner[way] in live
                         else ((-1, 0.0), 0))
