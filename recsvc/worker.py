@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import socket
 import time
 
 import orjson
@@ -87,17 +86,6 @@ class BalancedThreadWorker(ThreadWorker):
         fewest = BOARD.fewest_besides(self.board_slot)
         return fewest is not None and fewest < self._nr_conns
 
-    def handle_request(self, req, conn):
-        """gunicorn's, with the socket corked (Linux TCP_CORK) while the answer is written: gunicorn sends the
-        headers and the body in two calls, and each would go out as a packet of its own, which the kernel
-        then carries and the client reads separately; corked, they leave together when the request ends."""
-        corked = _cork(conn.sock, True)
-        try:
-            return super().handle_request(req, conn)
-        finally:
-            if corked:
-                _cork(conn.sock, False)  # sends what waits, at once
-
     def accept(self, listener):
         deadline = time.monotonic() + ACCEPT_DEFER_SECONDS
         while self.ahead() and time.monotonic() < deadline:
@@ -113,20 +101,6 @@ class GunicornLogger(glogging.Logger):
     def access(self, resp, req, environ, request_time):
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
-
-
-def _cork(sock, on: bool) -> bool:
-    """Set TCP_CORK; False where it cannot be (not Linux, not TCP, the connection already closed)."""
-    if TCP_CORK is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, on)
-    except OSError:
-        return False
-    return True
-
-
-TCP_CORK = getattr(socket, "TCP_CORK", None)
 
 
 def release_slot(worker) -> None:

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from recsvc.worker import FREE, ConnectionBoard, GunicornLogger, _cork
+from recsvc.worker import FREE, ConnectionBoard, GunicornLogger
 from tests.conftest import API_KEY
 from tests.server_process import running_server
 
@@ -122,36 +122,6 @@ def wait_until_no_connections(port: int, timeout: float = 10.0) -> None:
     while server_connections(port) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not server_connections(port), "the workers kept the closed connections"
-
-
-def test_a_corked_answer_leaves_in_one_piece_when_uncorked():
-    """gunicorn writes headers and body in two calls; corked (as BalancedThreadWorker.handle_request does), the
-    first does not go out alone, even with TCP_NODELAY (which gunicorn sets): both leave together at the end."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-        with client, server:
-            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.setblocking(False)
-            assert _cork(server, True)
-            server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
-            time.sleep(0.05)
-            with pytest.raises(BlockingIOError):
-                client.recv(4096)  # the headers wait for the body
-            server.sendall(b"{}")
-            assert _cork(server, False)
-            client.setblocking(True)
-            client.settimeout(1.0)
-            assert client.recv(4096) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
-
-
-def test_the_cork_of_a_closed_connection_is_no_error():
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-        client.close()
-        server.close()  # gunicorn closes a connection it gave up on before handle_request returns
-        assert not _cork(server, False)
 
 
 def test_gunicorns_access_line_is_built_only_when_it_is_written():
