@@ -61,6 +61,7 @@ accesslog = None
 errorlog = "-"
 loglevel = _settings["loglevel"]
 logconfig_dict = gunicorn_logconfig(loglevel)
+logger_class = "recsvc.worker.GunicornLogger"  # skips the work of the access line that config drops
 raw_env = ["OPENBLAS_NUM_THREADS=1"]
 # gunicorn >= 24 opens a control socket at one fixed path per user; several servers on one host would clash.
 control_socket_disable = True

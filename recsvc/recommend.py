@@ -262,7 +262,8 @@ class Recommender:
             ranked.extend(*popular_step(fallback, owned, query.limit, eligible, buffer), "popular", query.limit)
         source = ranked.sources[0] if ranked.sources else "popular"
         evidence = _evidence_items(scorer, ranked, owned, context)
-        items = [self._item(bundle, fallback, pos, score, source, evidence.get(pos))
+        texts = catalog_texts(bundle, [*ranked.items, *(item for named in evidence.values() for item in named)])
+        items = [item_dict(texts[pos], score, self._reasons(texts, fallback, pos, source, evidence.get(pos)))
                  for pos, score, source in zip(ranked.items, ranked.scores, ranked.sources)]
         return response_body(query.customer_id, bundle.version, strategy, source, items)
 
@@ -275,28 +276,18 @@ class Recommender:
             excluded = np.concatenate([np.asarray(excluded, dtype=np.int64), owned, context])
         return Eligible.of(bundle, query.category, excluded)
 
-    def _item(self, bundle: ModelBundle, fallback, position: int, score: float, source: str,
-              evidence: list[int] | None) -> dict:
-        return self.item_fields(bundle, position, score, self._reasons(bundle, fallback, position, source, evidence))
-
     @staticmethod
     def item_fields(bundle: ModelBundle, position: int, score: float, reasons: list[str]) -> dict:
-        item = {"item_id": bundle.items.external(position), "score": round(float(score), 6), "reasons": reasons}
-        title = str(bundle.catalog.title[position])
-        if title:
-            item["title"] = title
-        category = str(bundle.catalog.category[position])
-        if category:
-            item["category"] = category
-        return item
+        return item_dict(catalog_texts(bundle, [position])[position], score, reasons)
 
     @staticmethod
-    def _reasons(bundle: ModelBundle, fallback, position: int, source: str, evidence: list[int] | None) -> list[str]:
+    def _reasons(texts: dict[int, tuple[str, str, str]], fallback, position: int, source: str,
+                 evidence: list[int] | None) -> list[str]:
         """Sentences an agent can say aloud for the item at `position`; `evidence`: the items that speak most
-        for it (_evidence_items)."""
+        for it (_evidence_items), whose catalog_texts are in `texts`."""
         if source == "popular":
             return [popular_reason_text(fallback, position)]
-        return reason_texts(source, [item_label(bundle, position) for position in evidence or ()])
+        return reason_texts(source, [label(texts[position]) for position in evidence or ()])
 
 
 def check_serves(bundle: ModelBundle) -> None:
@@ -333,9 +324,36 @@ def reason_texts(source: str, names: list[str]) -> list[str]:
     return [f"Goes with {name}, which the customer is looking at" for name in names]
 
 
+def catalog_texts(bundle: ModelBundle, positions: list[int]) -> dict[int, tuple[str, str, str]]:
+    """(item id, title, category) of each position, "" for no title or category: one read of each array for
+    all of a list's items and reasons, not three numpy scalars per item and two per reason."""
+    index = np.array(positions, dtype=np.int64)
+    ids = bundle.items.ids[index].tolist()
+    titles, categories = bundle.catalog.title[index].tolist(), bundle.catalog.category[index].tolist()
+    return {position: (item_id.decode("utf-8"), str(title), str(category))
+            for position, item_id, title, category in zip(positions, ids, titles, categories)}
+
+
+def item_dict(texts: tuple[str, str, str], score: float, reasons: list[str]) -> dict:
+    """One item of a response, from its catalog_texts: the score rounded to 6 decimals, title and category only
+    when it has them."""
+    item_id, title, category = texts
+    item = {"item_id": item_id, "score": round(float(score), 6), "reasons": reasons}
+    if title:
+        item["title"] = title
+    if category:
+        item["category"] = category
+    return item
+
+
+def label(texts: tuple[str, str, str]) -> str:
+    """How a reason names an item, from its catalog_texts: "Title (id)", or the id alone."""
+    item_id, title, _category = texts
+    return f"{title} ({item_id})" if title else item_id
+
+
 def item_label(bundle: ModelBundle, position: int) -> str:
-    title = str(bundle.catalog.title[position])
-    return f"{title} ({bundle.items.external(position)})" if title else bundle.items.external(position)
+    return label(catalog_texts(bundle, [position])[position])
 
 
 def _personal(scorer: Scorer, customer: int, owned: np.ndarray, limit: int, eligible: Eligible,
@@ -357,8 +375,7 @@ def _evidence_items(scorer: Scorer, ranked: Ranked, owned: np.ndarray, context: 
     for source, basis in (("personal", owned), ("context", context)):
         positions = [p for p, s in zip(ranked.items, ranked.sources) if s == source]
         if positions and len(basis):
-            weights = scorer.contributions_batch(np.array(positions),
-                                                 np.broadcast_to(basis, (len(positions), len(basis))))
+            weights = scorer.contributions_to(np.array(positions), basis)
             weights = np.where(np.array(positions)[:, None] == basis[None, :], -np.inf, weights)
             order = np.argsort(-weights, axis=1, kind="stable")[:, :MAX_REASON_ITEMS]
             positive = np.take_along_axis(weights, order, axis=1) > 0

@@ -196,6 +196,11 @@ class Scorer(ABC):
         """Float64 (pairs x history) contributions of histories[p] to items[p], exact like exact_scores;
         the padding's columns hold anything."""
 
+    def contributions_to(self, items: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """contributions_batch of each of `items` against one history (items x history), the same bits: the
+        server's reasons for one customer."""
+        return self.contributions_batch(items, np.broadcast_to(history, (len(items), len(history))))
+
     def approx_contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, float]:
         """(contributions, error bound): cheaper ones where they can be, within `error` of the exact ones;
         -inf in the padding's columns. For the cache warm-up, which decides with the exact ones where the
@@ -330,6 +335,14 @@ class FactorScorer(Scorer):
         terms = (np.asarray(factors[:, rows], dtype=np.float64)
                  * np.asarray(factors[:, items], dtype=np.float64)[:, :, None])
         return fixed_sum(terms, axis=0) / (self._reason_norms[rows] * self._reason_norms[items][:, None])
+
+    def contributions_to(self, items: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """contributions_batch's arithmetic on each history item's factors read once, not once per item: the
+        same products and sums, a tenth of the scattered reads of the item factors (10 items, 20 owned)."""
+        factors = self.item_factors.T
+        terms = (np.asarray(factors[:, history], dtype=np.float64)[:, None, :]
+                 * np.asarray(factors[:, items], dtype=np.float64)[:, :, None])
+        return fixed_sum(terms, axis=0) / (self._reason_norms[history] * self._reason_norms[items][:, None])
 
     def approx_contributions_batch(self, items: np.ndarray, histories: np.ndarray) -> tuple[np.ndarray, float]:
         """Cosines of float32 unit vectors, from one matrix product (exact sums cost ten times more)."""

@@ -128,6 +128,10 @@ class SlotTable:
         self.stamps_at = self.spans_at + self.ways
         self.evictions_change_epoch = evictions_change_epoch
         self._thread_locks = [threading.Lock() for _ in range(min(self.sets, THREAD_LOCKS))]
+        # The expiry in each slot's entry head (HEAD: after the digest), and the stamps, for _place.
+        self._expiries = struct.Struct("<" + f"{DIGEST_BYTES}xd{self.slot - DIGEST_BYTES - 8}x" * (self.ways - 1)
+                                       + f"{DIGEST_BYTES}xd")
+        self._stamps = struct.Struct(f"<{self.ways}I")
         # Stored checksums are crc32 ^ the crc32 of an all-zero header, so the zero-filled new mapping is a valid
         # table of empty sets in epoch 0, and no page of it is touched before an entry goes there.
         self._zero_crc = zlib.crc32(bytes(self.stamps_at - CHECKED_FROM))
@@ -261,14 +265,26 @@ class SlotTable:
         """Where an entry of `span` slots goes, and the entries it evicts: free or expired slots first,
         else the run whose most recently read victim was read longest ago (LRU), fewest victims on a tie."""
         owner = [-1] * self.ways
-        live = {}  # head way -> (last read, expires) of each entry that has not expired
-        for way in range(self.ways):
-            width = header[self.spans_at + way]
+        for way, width in enumerate(header[self.spans_at:self.spans_at + self.ways]):
             if width:
                 owner[way:way + width] = [way] * width
-                expires = HEAD.unpack_from(self.map, base + self.header + way * self.slot)[1]
-                if expires >= now:  # last read, then expiry: of two read in the same millisecond, the older
-                    live[way] = (STAMP.unpack_from(self.map, base + self.stamps_at + 4 * way)[0], expires)
+        # A run of free slots costs nothing (no victim beats it), so the first one is the answer, found without
+        # reading any entry: every write while the table fills up, and most writes after.
+        run = 0
+        for way, holder in enumerate(owner):
+            run = run + 1 if holder < 0 else 0
+            if run == span:
+                return way + 1 - span, []
+        # Every slot's expiry field and last-read stamp in two reads (those of slots no entry starts at are unused).
+        expiries = self._expiries.unpack_from(self.map, base + self.header)
+        stamps = self._stamps.unpack_from(self.map, base + self.stamps_at)
+        # head way -> (last read, expires) of each entry that has not expired; last read, then expiry: of two read
+        # in the same millisecond, the older
+        live = {way: (stamps[way], expiries[way]) for way in sorted(set(owner) - {-1}) if expiries[way] >= now}
+        if span == 1:  # one victim wherever it goes: the first way of the lowest cost, as the loop below finds it
+            start = min(range(self.ways), key=lambda way: (live[owner[way]], 1) if owner[way] in live
+                        else ((-1, 0.0), 0))
+            return start, [owner[start]]
         best = None
         for start in range(self.ways - span + 1):
             victims = sorted({owner[w] for w in range(start, start + span) if owner[w] >= 0})

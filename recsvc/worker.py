@@ -16,11 +16,12 @@ master before any fork; the master gives each worker a slot when it creates it
 
 from __future__ import annotations
 
+import logging
 import mmap
 import time
 
 import orjson
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.workers.gthread import ThreadWorker
 
 # At most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake.
@@ -90,6 +91,16 @@ class BalancedThreadWorker(ThreadWorker):
         while self.ahead() and time.monotonic() < deadline:
             time.sleep(DEFER_STEP_SECONDS)  # a less loaded worker, woken by the same connection, may take it
         super().accept(listener)  # EAGAIN (another took it) is handled there
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's logger, building an access line's fields only when its access logger would write the line.
+    gunicorn builds them whenever a logging config is given, and recsvc's (recsvc.logs.gunicorn_logconfig) gives
+    one that drops the line (recsvc.access writes its own): 3% of a worker's time spent on nothing."""
+
+    def access(self, resp, req, environ, request_time):
+        if self.access_log.isEnabledFor(logging.INFO):
+            super().access(resp, req, environ, request_time)
 
 
 def release_slot(worker) -> None:

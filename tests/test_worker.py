@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from recsvc.worker import FREE, ConnectionBoard
+from recsvc.worker import FREE, ConnectionBoard, GunicornLogger
 from tests.conftest import API_KEY
 from tests.server_process import running_server
 
@@ -122,3 +122,27 @@ def wait_until_no_connections(port: int, timeout: float = 10.0) -> None:
     while server_connections(port) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not server_connections(port), "the workers kept the closed connections"
+
+
+def test_gunicorns_access_line_is_built_only_when_it_is_written():
+    """recsvc's logging config drops gunicorn's access line (recsvc.access writes one with the request id);
+    gunicorn would still build its fields for every request."""
+    from gunicorn.config import Config
+
+    from recsvc.logs import gunicorn_logconfig
+
+    built = []
+
+    class Spy(GunicornLogger):
+        def atoms(self, resp, req, environ, request_time):
+            built.append(1)
+            return {}
+
+    config = Config()
+    config.set("logconfig_dict", gunicorn_logconfig("info"))
+    Spy(config).access(None, None, {}, None)
+    assert built == []
+    config.set("accesslog", "/dev/null")  # an operator who asks for gunicorn's line still gets it
+    config.set("logconfig_dict", {})
+    Spy(config).access(None, None, {}, None)
+    assert built == [1]
