@@ -348,10 +348,9 @@ class ExperimentRouter:
                   self.source.digest, _iso(self.source.loaded_at), extra={"experiments_digest": self.source.digest})
 
     def start_watching(self) -> None:
-        """In a process forked after the app was loaded (a gunicorn worker): a lock of its own (the master's
-        watcher may have held the inherited one at the fork), this process's metrics, and a check of the file
-        now, so a worker started after a change never serves older definitions."""
-        self._lock = threading.Lock()
+        """In a process forked after the app was loaded (a gunicorn worker): this process's metrics, and a check
+        of the file now, so a worker started after a change never serves older definitions. (The master refreshes
+        only in its model watcher's rounds, which a fork waits for: recsvc.model_store._hold_watchers.)"""
         if self.source is not None:
             metrics.experiments_serving(self.source.digest, refused=self.source.last_failure is not None)
             self.refresh()
