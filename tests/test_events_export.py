@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 import uuid
 
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from recsvc.cache import event_seen_key
+from recsvc.cache import event_seen_key, event_stream_key
 from recsvc.event_log import EVENT, RedisStreams
 from tests.conftest import free_port
 from tests.test_feedback import redis_app  # noqa: F401 (fixture)
@@ -222,3 +223,24 @@ def test_a_stream_trimmed_between_the_two_passes_is_an_error_and_no_file(tmp_pat
     # events the log took after the first pass wait for the next export
     passes = iter([generated_events(10, {9: 1}), generated_events(12, {9: 1})])
     assert export_events(lambda: next(passes), out).rows == 9 and len(rows_of(out)) == 9
+
+
+def test_records_without_an_event_id_are_each_exported_as_themselves(redis_client, redis_url, tmp_path):
+    """The API gives every event an event_id; a record written to the stream by other means may lack one. Nothing
+    says such a record is a copy, and two equal interactions can both be real (one item bought twice), so each
+    counts: before, all records without an event_id counted as one event."""
+    received = time.time()
+    without_id = [{"kind": EVENT, "customer_id": "c-1", "item_id": f"SKU-{n}", "event_type": "view",
+                   "timestamp": None, "time": received + n} for n in range(3)]
+    twice = {"kind": EVENT, "customer_id": "c-2", "item_id": "SKU-9", "event_type": "purchase", "timestamp": 1.5e9,
+             "time": received}
+    with_id = {"kind": EVENT, "event_id": "evt-7", "customer_id": "c-3", "item_id": "SKU-1", "timestamp": None,
+               "time": received}
+    for record in [*without_id, twice, twice, with_id, with_id]:
+        redis_client.xadd(event_stream_key(EVENT), {"r": json.dumps(record)})
+    out = tmp_path / "events.csv"
+    result = export(redis_url, out)
+    assert result.exit_code == 0, result.output
+    assert "wrote 6 events" in result.output and "1 repeated event_ids left out" in result.output
+    assert [row[:2] for row in rows_of(out)] == [("c-1", "SKU-0"), ("c-1", "SKU-1"), ("c-1", "SKU-2"),
+                                                 ("c-2", "SKU-9"), ("c-2", "SKU-9"), ("c-3", "SKU-1")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -56,7 +57,9 @@ def export_events(read: Callable[[], Iterable[dict]], path: Path) -> ExportResul
     timestamp (the event's own, else when the API received it; UTC, milliseconds), weight (empty: none given).
 
     The file appears whole or not at all (written beside it, fsync'd, renamed over): an error while reading
-    the records leaves an existing file as it was. A record whose event_id came earlier is left out.
+    the records leaves an existing file as it was. A record whose event_id came earlier is left out; a record
+    without an event_id (not written by the API, which gives every event one) is never left out: nothing says
+    it is a copy, and two equal interactions can both be real (a customer buying one item twice).
 
     `read()` returns the records, oldest first; it is called a second time only when two records may share
     an event_id. The log keeps a repeated event_id only after its dedupe window (RECSVC_EVENT_DEDUPE_TTL,
@@ -75,7 +78,7 @@ def export_events(read: Callable[[], Iterable[dict]], path: Path) -> ExportResul
 
 def _write(records: Iterable[dict], path: Path, kind: str, skip) -> tuple[int, np.ndarray]:
     """Write the records (those `skip` does not take), BATCH_ROWS at a time; the number written and the hash
-    of every record's event_id."""
+    of every record's identity (_identity)."""
     rows = 0
     hashes: list[np.ndarray] = []
     batch: list[dict] = []
@@ -90,11 +93,18 @@ def _write(records: Iterable[dict], path: Path, kind: str, skip) -> tuple[int, n
 
 
 def _write_batch(batch: list[dict], hashes: list[np.ndarray], write, skip) -> int:
-    hashes.append(np.fromiter((hash(record.get("event_id")) for record in batch), np.int64, len(batch)))
+    hashes.append(np.fromiter((_identity(record) for record in batch), np.int64, len(batch)))
     if skip is not None:
         batch = [record for record in batch if not skip(record)]
     write(_table(batch))
     return len(batch)
+
+
+def _identity(record: dict) -> int:
+    """The hash of the record's event_id; of its whole content when it has none, so that records without one do
+    not all look alike (they are never left out: _FirstCopies), and a second pass still checks it reads them."""
+    event_id = record.get("event_id")
+    return hash(event_id if event_id is not None else json.dumps(record, sort_keys=True, default=str))
 
 
 def _repeated(hashes: np.ndarray) -> set[int]:
@@ -112,7 +122,7 @@ class _FirstCopies:
 
     def __call__(self, record: dict) -> bool:
         event_id = record.get("event_id")
-        if hash(event_id) not in self.suspects:
+        if event_id is None or _identity(record) not in self.suspects:
             return False
         if event_id in self.seen:
             return True
@@ -127,7 +137,7 @@ def _stopping_at(records: Iterable[dict], hashes: np.ndarray) -> Iterator[dict]:
     for record in records:
         if position == len(hashes):
             return
-        if hash(record.get("event_id")) != hashes[position]:
+        if _identity(record) != hashes[position]:
             break
         position += 1
         yield record
