@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BUCKETS = 10_000
 RUNNING, STOPPED = "running", "stopped"
+REMOVED = "removed"  # published to Redis only: a definition the servers' file no longer holds (publication())
 
 
 def bucket(salt: str, customer_id: str) -> int:
@@ -156,6 +157,19 @@ class ExperimentsFileSchema(_Strict):
             raise ma.ValidationError("experiment names must be unique", "experiments")
 
 
+class PublishedExperimentSchema(ExperimentSchema):
+    """A definition as the servers publish it to Redis (publication()): also a removed one, and when the file
+    that said so was read."""
+
+    status = ma.fields.String(required=True, validate=validate.OneOf([RUNNING, STOPPED, REMOVED]))
+    read_at = ma.fields.Float(load_default=None)  # Unix seconds
+    removed_at = ma.fields.String(load_default=None)
+
+    @ma.post_load
+    def make(self, data: dict, **_kw) -> Experiment:
+        return super().make({key: value for key, value in data.items() if key not in ("read_at", "removed_at")})
+
+
 class ExperimentSet:
     """The experiments of this server, in file order. At most one applies to a request: the first running one,
     so a customer never gets two strategies at once."""
@@ -184,6 +198,57 @@ def parse_experiments(raw: object, source: str = "experiments") -> ExperimentSet
         raise ConfigError(f"{source}: invalid experiment definitions: {json.dumps(exc.messages, sort_keys=True)}",
                           details={"fields": exc.messages}) from None
     return ExperimentSet(tuple(loaded["experiments"]))
+
+
+def parse_published(published: dict) -> ExperimentSet:
+    """The definitions the servers published to Redis (the hash at experiments_key(), as HGETALL returns it),
+    removed ones included with status REMOVED; ConfigError naming redis for an entry that is not one."""
+    try:
+        loaded = PublishedExperimentSchema(many=True).load([json.loads(value) for value in published.values()])
+    except ValueError as exc:
+        raise ConfigError(f"redis: cannot parse the published experiment definitions: {exc}") from None
+    except ma.ValidationError as exc:
+        raise ConfigError(f"redis: invalid experiment definitions: {json.dumps(exc.messages, sort_keys=True)}",
+                          details={"fields": exc.messages}) from None
+    return ExperimentSet(tuple(sorted(loaded, key=lambda experiment: experiment.name)))
+
+
+def publication(defined: Collection[Experiment], published: dict[str, dict], read_at: float,
+                complete: bool) -> dict[str, str]:
+    """The entries of the published hash (experiments_key()) to write for the definitions a server read from its
+    file at `read_at` (Unix seconds), given the entries `published` now (decoded): name -> JSON.
+
+    Each entry carries the `read_at` of the file read it comes from, and an entry is replaced only from a file read
+    at that time or later: several workers and replicas publish in any order, on start-up, after each change of
+    their file and whenever Redis returns, so the latest file read wins, not the latest write. With `complete`
+    (the server has a definitions file), a published experiment its file no longer defines becomes REMOVED (its
+    definition kept for the report, with `removed_at`), which `events trim` does not protect. A replica still on
+    the old file cannot undo that by publishing again what it read earlier; one that reads its old file again
+    (restarted, or another change) serves the experiment, and publishes it as such until it reads the new file."""
+    entries = {}
+    for experiment in defined:
+        if _read_at(published.get(experiment.name)) <= read_at:
+            entries[experiment.name] = json.dumps({**describe(experiment), "read_at": read_at})
+    names = {experiment.name for experiment in defined}
+    for name, entry in published.items() if complete else ():
+        if name not in names and entry.get("status") != REMOVED and _read_at(entry) <= read_at:
+            entries[name] = json.dumps({**entry, "status": REMOVED, "removed_at": _iso(read_at), "read_at": read_at})
+    return entries
+
+
+def _read_at(entry: dict | None) -> float:
+    """When the file behind a published entry was read; 0 for none, and for one published before entries said."""
+    value = (entry or {}).get("read_at")
+    return value if isinstance(value, (int, float)) else 0.0
+
+
+def _decoded(entry: bytes) -> dict:
+    """A published entry; an unreadable one as if empty, so that it never blocks publishing."""
+    try:
+        value = json.loads(entry)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def load_experiments(path: Path | None, label: str | None = None) -> ExperimentSet:
@@ -383,10 +448,24 @@ class ExperimentRouter:
 
     def publish(self, client) -> None:
         """Write the definitions to Redis (a redis.Redis), so `recsvc-train experiments report` finds weights and
-        control without the file."""
-        if self.experiments.experiments:
-            definitions = {e.name: json.dumps(describe(e)) for e in self.experiments.experiments}
-            client.hset(experiments_key(), mapping=definitions)
+        control without the file, and mark those published before that the file no longer defines as removed;
+        see publication() for the rule between several servers. Without a file (no RECSVC_EXPERIMENTS), this
+        server marks nothing removed: it has no say."""
+        source = self.source
+        read_at = source.loaded_at if source is not None and source.loaded_at is not None else time.time()
+        defined = self.experiments.experiments
+        if not defined and source is None:
+            return
+        key = experiments_key()
+
+        def write(pipe) -> None:  # under WATCH: redone when another server wrote meanwhile
+            published = {name.decode(): _decoded(entry) for name, entry in pipe.hgetall(key).items()}
+            entries = publication(defined, published, read_at, complete=source is not None)
+            pipe.multi()
+            if entries:
+                pipe.hset(key, mapping=entries)
+
+        client.transaction(write, key)
 
     def publish_quietly(self, client) -> None:
         try:

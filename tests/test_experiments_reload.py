@@ -3,6 +3,7 @@ a bad one never does; in the app, and through a real gunicorn with 2 workers and
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 
 from recsvc.cache import experiments_key
 from recsvc.event_log import EXPOSURE
@@ -22,6 +24,7 @@ from tests.server_process import running_server
 from tests.test_api_fallback import publish, tiny_bundle, tiny_settings
 from tests.test_experiments import exposures, start_app, stop_app
 from tests.test_worker import server_connections, wait_until_workers_poll
+from training.cli import main
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -46,6 +49,27 @@ def rewrite(path: Path, content: str | bytes) -> None:
 def published_status(redis_client, name: str = "als-vs-pop") -> str | None:
     definition = redis_client.hget(experiments_key(), name)
     return json.loads(definition)["status"] if definition else None
+
+
+def published(redis_client, name: str = "als-vs-pop") -> dict | None:
+    definition = redis_client.hget(experiments_key(), name)
+    return json.loads(definition) if definition else None
+
+
+def trim_exposures(redis_url: str):
+    """`recsvc-train events trim` of everything the log took until now, exposures and feedback included."""
+    return CliRunner().invoke(main, ["events", "trim", "--redis-url", redis_url, "--before", f"{time.time():.3f}",
+                                     "--stream", "exposure", "--stream", "feedback"])
+
+
+def report(redis_url: str, name: str = "als-vs-pop") -> dict:
+    """The CLI's report, from the definitions the servers published to Redis."""
+    result = CliRunner().invoke(main, ["experiments", "report", name, "--redis-url", redis_url, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+NO_EXPERIMENTS = "experiments = []\n"
 
 
 def sample(text: str, name: str, **labels) -> list[float]:
@@ -212,6 +236,86 @@ def test_the_watcher_rereads_the_file_at_the_reload_interval(tmp_path, experimen
         stop_app(app)
 
 
+def test_an_experiment_removed_from_the_file_is_published_as_removed_and_no_longer_blocks_trim(
+        app, experiments_file, redis_client, redis_url):
+    client, router = app.test_client(), app.extensions["recsvc"].experiments
+    serve_all(client)
+    assert len(exposures(app)) == len(CUSTOMERS)
+    before = report(redis_url)
+    refused = trim_exposures(redis_url)
+    assert refused.exit_code == 3 and "experiment als-vs-pop (running)" in refused.stderr
+
+    rewrite(experiments_file, NO_EXPERIMENTS)  # removed without being stopped first
+    assert router.refresh() is True
+    assert all(body["experiment"] is None for body in serve_all(client))
+    entry = published(redis_client)
+    assert entry["status"] == "removed"
+    assert abs(dt.datetime.fromisoformat(entry["removed_at"]).timestamp() - time.time()) < 60  # when it was read
+    assert [v["name"] for v in entry["variants"]] == ["control", "treatment"]  # the definition stays
+    # the CLI report still reads its past data, from the published definition
+    assert report(redis_url) == {**before, "status": "removed"}
+    result = trim_exposures(redis_url)
+    assert result.exit_code == 0, result.output
+    assert f"warning: experiment als-vs-pop (removed) has {len(CUSTOMERS)} exposures" in result.stderr
+    assert redis_client.xlen(f"recsvc:v1:log:{EXPOSURE}") == 0
+
+    rewrite(experiments_file, definitions())  # added again: it runs, and is published as running
+    assert router.refresh() is True
+    assert published_status(redis_client) == "running" and "removed_at" not in published(redis_client)
+
+
+def test_a_server_starting_without_an_experiment_published_before_publishes_it_as_removed(
+        tmp_path, redis_url, redis_client, experiments_file):
+    publish(tmp_path / "registry", tiny_bundle())
+    settings = tiny_settings(tmp_path / "registry", redis_url=redis_url, spool_dir=tmp_path / "spool",
+                             experiments_path=experiments_file)
+    stop_app(start_app(settings))
+    assert published_status(redis_client) == "running"
+    rewrite(experiments_file, definitions().replace("als-vs-pop", "als-vs-knn"))  # changed while no server ran
+    second = start_app(settings)
+    try:
+        assert published_status(redis_client) == "removed"
+        assert published_status(redis_client, "als-vs-knn") == "running"
+    finally:
+        stop_app(second)
+
+
+def test_a_replica_on_the_old_file_brings_a_removed_experiment_back_only_by_reading_that_file_again(
+        tmp_path, redis_url, redis_client):
+    """Two replicas sharing Redis, each with its own copy of the file: the latest file read wins, whatever order
+    they write in."""
+    publish(tmp_path / "registry", tiny_bundle())
+    files = {name: tmp_path / f"{name}.toml" for name in ("old", "new")}
+    for path in files.values():
+        path.write_text(definitions(), encoding="utf-8")
+
+    def replica(name: str):
+        return start_app(tiny_settings(tmp_path / "registry", redis_url=redis_url, spool_dir=tmp_path / name,
+                                       experiments_path=files[name]))
+
+    old, new = replica("old"), replica("new")
+    try:
+        rewrite(files["new"], NO_EXPERIMENTS)
+        assert new.extensions["recsvc"].experiments.refresh() is True
+        assert published_status(redis_client) == "removed"
+        # the old replica publishes again what it read before (as when Redis comes back): no flip back
+        router = old.extensions["recsvc"].experiments
+        router.publish_quietly(old.extensions["recsvc"].event_log.reader.client)
+        assert published_status(redis_client) == "removed"
+        assert all(body["experiment"] for body in serve_all(old.test_client()))  # while it still serves it
+        stop_app(old)
+        old = replica("old")  # restarted on the old file: it serves the experiment, and says so
+        assert published_status(redis_client) == "running"
+        rewrite(files["old"], NO_EXPERIMENTS)  # and then gets the new file
+        assert old.extensions["recsvc"].experiments.refresh() is True
+        assert published_status(redis_client) == "removed"
+        new.extensions["recsvc"].experiments.publish_quietly(new.extensions["recsvc"].event_log.reader.client)
+        assert published_status(redis_client) == "removed"
+    finally:
+        stop_app(old)
+        stop_app(new)
+
+
 # --- through a real gunicorn ----------------------------------------------------------------------------------
 
 
@@ -336,3 +440,21 @@ def test_an_invalid_rewrite_keeps_every_worker_on_the_old_definitions_and_counts
         "last_failure"] is None
     assert published_status(redis_client) == "stopped"
     assert all(answer["experiment"] is None for answer in agents.ask_all())
+
+
+@pytest.mark.slow
+def test_every_gunicorn_process_publishes_a_removed_experiment_as_removed_and_trim_then_goes_ahead(
+        server, experiments_file, redis_client, redis_url, tmp_path):
+    answers = Agents(server).ask_all()
+    wait_for(lambda: exposure_count(redis_client) == len(answers))
+    assert published_status(redis_client) == "running"
+    running = worker_digests(server)
+    rewrite(experiments_file, NO_EXPERIMENTS)
+    wait_for(lambda: published_status(redis_client) == "removed")
+    wait_for(lambda: every_worker_left(server, running))
+    time.sleep(0.5)  # the master's round too (0.2 s interval): no process flips it back
+    assert published_status(redis_client) == "removed"
+    assert "not published to redis" not in (tmp_path / "server.log").read_text()
+    result = trim_exposures(redis_url)
+    assert result.exit_code == 0, result.output
+    assert f"warning: experiment als-vs-pop (removed) has {len(answers)} exposures" in result.stderr

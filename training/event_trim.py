@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from recsvc.cache import event_stream_key, experiments_key
 from recsvc.errors import InvalidInput
 from recsvc.event_log import EXPOSURE, FEEDBACK, RedisStreams
-from recsvc.experiments import STOPPED
+from recsvc.experiments import REMOVED, STOPPED
 
 # How far `events trim --before` may be after now. A trim time ahead of now removes what the log takes until then
 # too, including what no export has read yet: beyond clock differences between machines it is a typo (2062 for
@@ -36,15 +36,16 @@ class ExperimentLoss:
     feedback joined to them) only while they stay."""
 
     name: str
-    status: str | None  # as the servers published it to Redis; None: not published
+    status: str | None  # as the servers published it to Redis (running, stopped, removed); None: not published
     exposures: int
     first: float  # when the log took the first of them (Unix seconds)
     before: float  # the trim time
 
     @property
     def protected(self) -> bool:
-        """Running, or unknown: its report may still be wanted. Only a stopped experiment's data goes unasked."""
-        return self.status != STOPPED
+        """Running, or unknown: its report may still be wanted. Only the data of an experiment stopped or removed
+        from the servers' definitions goes unasked."""
+        return self.status not in (STOPPED, REMOVED)
 
     def describe(self) -> str:
         status = self.status or "not published to Redis"
@@ -85,8 +86,8 @@ def refusal(protected: list[ExperimentLoss], kinds: tuple[str, ...]) -> str:
     earliest = min(loss.first for loss in protected)
     return ("; ".join(loss.describe() for loss in protected)
             + f": trimming now would take {what_goes(kinds)} out of its report. Take the report first and stop the "
-            f"experiment (status \"stopped\"), or trim --before {shown_time(earliest)} or earlier, or pass "
-            "--allow-report-loss. Nothing trimmed")
+            "experiment (status \"stopped\", or remove it from the definitions) and let the servers reload, or trim "
+            f"--before {shown_time(earliest)} or earlier, or pass --allow-report-loss. Nothing trimmed")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from recsvc.cache import experiments_key
 from recsvc.config import checked_redis_url, redacted_url
 from recsvc.errors import InvalidInput, RecsvcError
 from recsvc.event_log import EXPOSURE, FEEDBACK, READ_TIMEOUT, RedisStreams
-from recsvc.experiments import Experiment, load_experiments, parse_experiments
+from recsvc.experiments import Experiment, load_experiments, parse_published
 from training.cli_options import INTERACTIONS_OPTION
 from training.runlog import LoggedCommand, RunLog, run_log_options
 
@@ -104,8 +104,7 @@ def _definition(name: str, path: Path | None, client: redis.Redis) -> Experiment
     if path is not None:
         definitions = load_experiments(path, label=f"experiments file {path}")
     else:
-        published = client.hgetall(experiments_key())
-        definitions = parse_experiments({"experiments": [json.loads(v) for v in published.values()]}, "redis")
+        definitions = parse_published(client.hgetall(experiments_key()))  # removed ones too: their past data
     experiment = definitions.get(name)
     if experiment is None:
         known = ", ".join(e.name for e in definitions.experiments) or "none"
