@@ -231,7 +231,7 @@ def publication(defined: Collection[Experiment], published: dict[str, dict], rea
             entries[experiment.name] = json.dumps({**describe(experiment), "read_at": read_at})
     names = {experiment.name for experiment in defined}
     for name, entry in published.items() if complete else ():
-        if name not in names and entry.get("status") != REMOVED and _read_at(entry) <= read_at:
+        if entry and name not in names and entry.get("status") != REMOVED and _read_at(entry) <= read_at:
             entries[name] = json.dumps({**entry, "status": REMOVED, "removed_at": _iso(read_at), "read_at": read_at})
     return entries
 
@@ -243,7 +243,7 @@ def _read_at(entry: dict | None) -> float:
 
 
 def _decoded(entry: bytes) -> dict:
-    """A published entry; an unreadable one as if empty, so that it never blocks publishing."""
+    """A published entry; an unreadable one as empty: overwritten when defined again, never marked removed."""
     try:
         value = json.loads(entry)
     except ValueError:
