@@ -341,20 +341,67 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     assert len(interactions) == 1 and [f["path"] for f in interactions.files] == [str(base)]
 
 
-def test_one_file_keeps_the_fingerprint_of_its_bytes_and_several_fingerprint_every_file(tmp_path):
-    """A registry trained on one file stays up to date; another file, or another file's bytes, is new data."""
+def test_one_file_keeps_the_fingerprint_of_its_bytes_and_several_fingerprint_every_file_with_rows(tmp_path):
+    """A registry trained on one file stays up to date; another file with rows, or another file's bytes, is new
+    data; a header-only file (a day without events) is none."""
     base = _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
     assert load_interactions(base).fingerprint == hashlib.sha256(base.read_bytes()).hexdigest()
     assert load_interactions([tmp_path / "base.*"]).fingerprint == load_interactions(base).fingerprint
     _day(tmp_path, "2026-10-01.csv")
     with_empty_day = load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint
-    assert with_empty_day != load_interactions(base).fingerprint
+    assert with_empty_day == load_interactions(base).fingerprint == FileFingerprints().input(
+        [base, tmp_path / "events" / "2026-10-01.csv"])
     _day(tmp_path, "2026-10-02.csv", '"c2","i1","view",,\n')
     with_day = load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint
-    assert with_day not in (with_empty_day, load_interactions(base).fingerprint)
+    assert with_day != with_empty_day
     assert load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint == with_day
     _day(tmp_path, "2026-10-02.csv", '"c2","i2","view",,\n')
     assert load_interactions([base, tmp_path / "events" / "*.csv"]).fingerprint != with_day
+    # Reading order stays in it: under time decay the same rows in another order sum to other float32 strengths
+    # (and ALS carries the difference on to other suggestions).
+    assert load_interactions([tmp_path / "events" / "2026-10-02.csv", base]).fingerprint != with_day
+
+
+@pytest.mark.parametrize("name, content, rowless", [
+    ("day.csv", b"customer_id,item_id\n", True),
+    ("day.csv", b"customer_id,item_id", True),
+    ("day.csv", b"\xef\xbb\xbf\"Customer_ID\",item_id,timestamp\r\n\r\n", True),
+    ("day.csv", b"customer_id,item_id\r", True),
+    ("day.csv.gz", gzip.compress(DAY_HEADER.encode()), True),
+    ("day.csv", b"customer_id,item_id\nc2,i1\n", False),
+    ("day.csv", b"customer_id,item_id\n \n", False),  # a malformed row: counted in the bad share
+    ("day.csv", b"customer_id,item_id\rc2,i1", False),
+    ("day.csv.gz", gzip.compress(b"customer_id,item_id\nc2,i1\n"), False),
+    ("day.csv.gz", b"customer_id,item_id\n", False),  # not gzip: ingest refuses it
+    ("day.csv", b"customer,item_id\n", False),  # ingest refuses it: it must not be "up to date"
+    ("day.csv", b"customer_id,item_id,Item_ID\n", False),
+    ("day.csv", b"", False),
+])
+def test_only_a_file_that_surely_adds_no_row_leaves_the_fingerprint_as_it_was(tmp_path, name, content, rowless):
+    """Whatever adds a row, or cannot be read, changes the fingerprint; where the export's header-only file
+    leaves it, ingest reads no row from the file."""
+    base = _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
+    day = _write(tmp_path, content, name)
+    assert (FileFingerprints().input([base, day]) == fingerprint_file(base)) is rowless
+    if rowless:
+        interactions = load_interactions([base, day])
+        assert interactions.fingerprint == fingerprint_file(base)
+        assert len(interactions) == 1 and interactions.files[1]["rows"] == 0
+
+
+def test_a_parquet_file_without_rows_leaves_the_fingerprint_as_it_was(tmp_path):
+    base = _write(tmp_path, "customer_id,item_id\nc1,i1\n", "base.csv")
+    empty = tmp_path / "day.parquet"
+    pq.write_table(pa.table({"customer_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string())}), empty)
+    assert load_interactions([base, empty]).fingerprint == FileFingerprints().input([base, empty]) \
+        == fingerprint_file(base)
+    pq.write_table(pa.table({"customer_id": pa.array([], pa.float64()), "item_id": pa.array([], pa.string())}), empty)
+    assert FileFingerprints().input([base, empty]) != fingerprint_file(base)
+    with pytest.raises(InvalidInput, match="column customer_id holds double"):
+        load_interactions([base, empty])
+    pq.write_table(pa.table({"customer_id": ["c2"], "item_id": ["i1"]}), empty)
+    assert load_interactions([base, empty]).fingerprint == FileFingerprints().input([base, empty]) \
+        != fingerprint_file(base)
 
 
 @pytest.mark.parametrize("command", ["fit", "evaluate"])

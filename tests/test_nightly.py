@@ -273,18 +273,20 @@ def test_a_night_that_trains_hashes_each_input_file_once(demo_paths, tmp_path, m
     import training.ingest
 
     header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
-    days = [tmp_path / f"2026-11-{day}.csv" for day in (28, 29, 30)]
-    for index, path in enumerate(days[:2]):
+    days = [tmp_path / f"2026-11-{day}.csv" for day in (27, 28, 29, 30)]
+    days[0].write_text(header)  # a day without events: hashed once too
+    for index, path in enumerate(days[1:3]):
         path.write_text(header + "".join(rows[index * 5_000:(index + 1) * 5_000]))
     config = tmp_path / "nightly.toml"
     config.write_text(f'[nightly]\ninteractions = "2026-11-*.csv"\ncatalog = "{demo_paths["catalog"]}"\n'
                       'registry = "registry"\n[strategies]\nenabled = ["popular"]\n[gate]\ntolerance = 0.5\n')
     assert CliRunner().invoke(train_cli, ["nightly", "--config", str(config)]).exit_code == 0
-    days[2].write_text(header + "".join(rows[10_000:]))  # a new day: the next night trains
+    days[3].write_text(header + "".join(rows[10_000:]))  # a new day: the next night trains
 
     hashed = []
     fingerprint_file = training.ingest.fingerprint_file
-    monkeypatch.setattr(training.ingest, "fingerprint_file", lambda path: hashed.append(path) or fingerprint_file(path))
+    file_fingerprint = training.ingest.file_fingerprint
+    monkeypatch.setattr(training.ingest, "file_fingerprint", lambda path: hashed.append(path) or file_fingerprint(path))
     result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "published" in result.output
@@ -296,3 +298,84 @@ def test_a_night_that_trains_hashes_each_input_file_once(demo_paths, tmp_path, m
     hashed.clear()
     assert "nothing to do" in CliRunner().invoke(train_cli, ["nightly", "--config", str(config)]).output
     assert len(hashed) == len(days) + 1
+
+
+def _list_config(tmp_path: Path, data: str = "") -> Path:
+    """[nightly] interactions = ["base.csv", "events/*"] over the demo's rows, a fast strategy and a lenient gate:
+    these tests are about when nightly trains."""
+    config = tmp_path / "nightly.toml"
+    config.write_text('[nightly]\ninteractions = ["base.csv", "events/*"]\nregistry = "registry"\n'
+                      f'[strategies]\nenabled = ["popular"]\n[gate]\ntolerance = 0.5\n{data}')
+    return config
+
+
+def _nightly_outcome(config: Path) -> str:
+    result = CliRunner().invoke(train_cli, ["nightly", "--config", str(config), "--log-format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.splitlines()[-1])["outcome"]
+
+
+def test_a_day_without_events_is_no_new_data_but_every_real_change_is(demo_paths, tmp_path):
+    """The export's file of a day without events (its header alone, in each format it writes) adds no row, so
+    nightly has nothing to do; a row changed, a file's rows removed or other event weights still train."""
+    from training.event_export import export_events
+
+    header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
+    (tmp_path / "base.csv").write_text(header + "".join(rows[:12_000]))
+    (tmp_path / "events").mkdir()
+    day = tmp_path / "events" / "2026-11-29.csv"
+    day.write_text(header + "".join(rows[12_000:13_500]))
+    config = _list_config(tmp_path)
+    assert _nightly_outcome(config) == "published"
+    for name in ("2026-11-30.csv", "2026-12-01.csv.gz", "2026-12-02.parquet"):
+        empty = export_events(lambda: [], tmp_path / "events" / name)
+        assert empty.rows == 0
+        assert _nightly_outcome(config) == "up_to_date", name
+    (tmp_path / "events" / "2026-12-01.csv.gz").unlink()  # a header-only file gone: nothing gone
+    assert _nightly_outcome(config) == "up_to_date"
+
+    day.write_text(header + rows[0] + "".join(rows[12_001:13_500]))  # one row changed
+    assert _nightly_outcome(config) == "published"
+    assert _nightly_outcome(config) == "up_to_date"
+    export_events(lambda: [], day)  # the day's rows removed: its file is header-only now
+    assert _nightly_outcome(config) == "published"
+    registry = tmp_path / "registry"
+    data = artifacts.read_manifest(artifacts.versions_root(registry) / artifacts.current_version(registry))["data"]
+    assert data["rows"] == 12_000
+    assert [(Path(f["path"]).name, f["rows"]) for f in data["files"]] == [
+        ("base.csv", 12_000), ("2026-11-29.csv", 0), ("2026-11-30.csv", 0), ("2026-12-02.parquet", 0)]
+    assert _nightly_outcome(config) == "up_to_date"
+    assert _nightly_outcome(_list_config(tmp_path, "[data]\nevent_weights = { purchase = 20 }\n")) == "published"
+
+
+def test_the_first_nightly_after_the_upgrade_trains_at_most_once(demo_paths, tmp_path):
+    """A manifest whose digest counted a header-only file (as before), or holds no digest at all, is not up to
+    date: nightly trains once, without an error, and is up to date the night after."""
+    import hashlib
+
+    from training.config import TrainConfig
+    from training.ingest import fingerprint_file
+    from training.pipeline import config_digest
+
+    header, *rows = demo_paths["interactions"].read_text().splitlines(keepends=True)
+    (tmp_path / "base.csv").write_text(header + "".join(rows[:12_000]))
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "2026-11-29.csv").write_text(header)  # a day without events
+    config = _list_config(tmp_path)
+    registry = tmp_path / "registry"
+    assert _nightly_outcome(config) == "published"
+
+    def set_digest(digest: str | None) -> None:
+        manifest_path = artifacts.versions_root(registry) / artifacts.current_version(registry) / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["config_digest"] = digest
+        manifest_path.write_text(json.dumps(manifest))
+
+    # The fingerprint as it was: the SHA-256 of both files' SHA-256s, one a line, the header-only file's too.
+    joined = "".join(f"{fingerprint_file(tmp_path / name)}\n" for name in ("base.csv", "events/2026-11-29.csv"))
+    set_digest(config_digest(TrainConfig.from_file(config), hashlib.sha256(joined.encode()).hexdigest(), None))
+    assert _nightly_outcome(config) == "published"
+    assert _nightly_outcome(config) == "up_to_date"
+    set_digest(None)
+    assert _nightly_outcome(config) == "published"
+    assert _nightly_outcome(config) == "up_to_date"

@@ -114,7 +114,7 @@ class Interactions:
     strength: np.ndarray  # float32 event weight x weight column
     timestamp: np.ndarray | None  # float64 Unix seconds per row, when the file had them
     report: BadRowReport
-    fingerprint: str  # see FileFingerprints.input
+    fingerprint: str  # see FileFingerprints.input and data_fingerprint
     files: list[dict] = field(default_factory=list)  # {"path", "fingerprint", "rows"} per file read, in order
 
     def __len__(self) -> int:
@@ -440,44 +440,106 @@ def _event_strengths(column: pa.ChunkedArray, options: IngestOptions) -> np.ndar
     return per_type[encoded.codes]  # code -1 picks the appended unknown weight
 
 
+ROWLESS_MAX_BYTES = 1 << 16  # a header (or an empty Parquet file) is smaller: bigger files are taken to hold rows
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """A file's SHA-256 (hex), and whether it surely adds no row to an input: see rowless_file."""
+
+    sha256: str
+    rowless: bool
+
+
 def fingerprint_file(path: Path) -> str:
     """SHA-256 of the file's bytes (hex)."""
+    return file_fingerprint(path).sha256
+
+
+def file_fingerprint(path: Path) -> FileFingerprint:
+    """The file's SHA-256 and whether it is rowless (rowless_file), from one read of its bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        first = fh.read(1 << 20)
+        digest.update(first)
+        whole = True  # `first` is the whole file
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+            whole = False
+    small = whole and len(first) <= ROWLESS_MAX_BYTES
+    return FileFingerprint(digest.hexdigest(), small and rowless_file(Path(path), first))
+
+
+def rowless_file(path: Path, content: bytes) -> bool:
+    """Whether an interactions file of these bytes adds no row to an input and ingest takes it: a CSV (CSV.gz)
+    of one header line naming customer_id and item_id, then nothing but line breaks, or a Parquet file of no row
+    whose columns ingest takes (an exported day without events). Anything else, and whatever cannot be told
+    for sure, counts as rows: at worst `nightly` trains once more, never skips new rows."""
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES or content[:4] == b"PAR1":
+            if pq.read_metadata(pa.BufferReader(content)).num_rows:
+                return False
+            table = pq.read_table(pa.BufferReader(content))
+            table = table.rename_columns(_column_names(table.column_names, path))
+            _require_columns(table, path)
+            _check_column_types(table, path)
+            return True
+        codec = _compression(path)
+        if codec is not None:
+            content = pa.CompressedInputStream(pa.BufferReader(content), codec).read(ROWLESS_MAX_BYTES + 1)
+            if len(content) > ROWLESS_MAX_BYTES:
+                return False
+        header = content.rstrip(b"\r\n")
+        if b"\n" in header or b"\r" in header:  # a second line (Arrow ends a line at \r too): rows, or unsure
+            return False
+        names = _column_names(next(csv.reader([header.decode("utf-8-sig")]), []), path)
+        return all(name in names for name in REQUIRED_COLUMNS)
+    except (pa.ArrowException, InvalidInput, OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+
+
+def _compression(path: Path) -> str | None:
+    """The codec Arrow reads the file with, by its name's extension (.gz: gzip), as ingest opens it."""
+    try:
+        return pa.Codec.detect(str(path)).name
+    except (TypeError, ValueError):  # pyarrow raises TypeError for a name without a codec's extension
+        return None
 
 
 class FileFingerprints:
-    """Files' fingerprints (fingerprint_file) computed once in a run: nightly's up-to-date check hashes the input,
+    """Files' fingerprints (file_fingerprint) computed once in a run: nightly's up-to-date check hashes the input,
     and the ingest that follows takes those values instead of reading every file again. A file is hashed again
     when its identity (inode, device, size, modification time) is not the one it had when hashed, so that a file
     rewritten in between is not taken for the one hashed."""
 
     def __init__(self) -> None:
-        self._known: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+        self._known: dict[Path, tuple[tuple[int, int, int, int], FileFingerprint]] = {}
 
-    def file(self, path: Path) -> str:
-        """SHA-256 of the file's bytes (hex)."""
+    def entry(self, path: Path) -> FileFingerprint:
         identity = _identity(path)
         known = self._known.get(path)
         if known is not None and known[0] == identity:
             return known[1]
-        fingerprint = fingerprint_file(path)
+        fingerprint = file_fingerprint(path)
         if _identity(path) == identity:  # unchanged while hashed: the value holds for this identity
             self._known[path] = (identity, fingerprint)
         return fingerprint
 
+    def file(self, path: Path) -> str:
+        """SHA-256 of the file's bytes (hex)."""
+        return self.entry(path).sha256
+
     def input(self, paths: Sequence[Path]) -> str:
-        """The fingerprint of an interactions input (hex): one file's is fingerprint_file's, as it was before an
-        input could be several files (a registry trained on one file stays up to date); several files' is the
-        SHA-256 of their fingerprints, one a line, in reading order, so that a file added, removed or changed
-        changes it."""
-        return _joined_fingerprint([self.file(path) for path in paths])
+        """The fingerprint of an interactions input (hex): that of its files that are not rowless, in reading
+        order (data_fingerprint). A header-only file (a day without events) leaves it as it was."""
+        return data_fingerprint([entry.sha256 for entry in map(self.entry, paths) if not entry.rowless])
 
 
-def _joined_fingerprint(fingerprints: Sequence[str]) -> str:
+def data_fingerprint(fingerprints: Sequence[str]) -> str:
+    """One file's fingerprint is fingerprint_file's, as it was before an input could be several files (a
+    registry trained on one file stays up to date); several files' is the SHA-256 of their fingerprints, one a
+    line, in reading order: reading order can change the model (summed duplicates round differently in float32,
+    and ALS carries the difference on), so another order is other data."""
     if len(fingerprints) == 1:
         return fingerprints[0]
     return hashlib.sha256("".join(f"{fingerprint}\n" for fingerprint in fingerprints).encode()).hexdigest()
@@ -516,7 +578,7 @@ def load_interactions(source: Path | str | Iterable[Path | str], options: Ingest
     keep = ~rows.bad
     customers, customer = rows.ids["customer_id"].positions(keep)
     items, item = rows.ids["item_id"].positions(keep)
-    file_fingerprints = [fingerprints.file(path) for path in paths]
+    file_fingerprints = [fingerprints.entry(path) for path in paths]
     for path, identity in zip(paths, before):
         if _identity(path) != identity:
             raise InvalidInput(f"{path}: the file changed while it was read (is the export still writing it?); "
@@ -525,8 +587,11 @@ def load_interactions(source: Path | str | Iterable[Path | str], options: Ingest
         customers=customers, items=items, customer=customer, item=item,
         strength=rows.strength[keep].astype(np.float32),
         timestamp=None if rows.timestamp is None else rows.timestamp[keep],
-        report=rows.report, fingerprint=_joined_fingerprint(file_fingerprints),
-        files=[{"path": str(path), "fingerprint": fingerprint, "rows": file.report.total_rows}
+        # A file left out of the fingerprint is one FileFingerprints.input leaves out too, and that adds no row.
+        report=rows.report, fingerprint=data_fingerprint([
+            fingerprint.sha256 for fingerprint, file in zip(file_fingerprints, checked)
+            if not (fingerprint.rowless and file.report.total_rows == 0)]),
+        files=[{"path": str(path), "fingerprint": fingerprint.sha256, "rows": file.report.total_rows}
                for path, fingerprint, file in zip(paths, file_fingerprints, checked)],
     )
 
@@ -536,12 +601,7 @@ def _check_file(path: Path, options: IngestOptions, need_timestamps: bool) -> _C
     raw = read_interactions_table(path)
     table = raw.table
     _require_columns(table, path)
-    for name in (*REQUIRED_COLUMNS, *CATEGORY_COLUMNS):
-        kind = table.schema.field(name).type if name in table.column_names else pa.string()
-        if pa.types.is_dictionary(kind):
-            kind = kind.value_type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
-            raise InvalidInput(f"{path}: column {name} holds {kind}; ids and event types must be text or whole numbers")
+    _check_column_types(table, path)
     rows = _RowCheck(table, raw.malformed, raw.skipped_rows)
     if raw.not_utf8 is not None:
         rows.reject("text that is not UTF-8", raw.not_utf8)
@@ -557,6 +617,15 @@ def _check_file(path: Path, options: IngestOptions, need_timestamps: bool) -> _C
     if "timestamp" in table.column_names:
         timestamp = _check_timestamps(table.column("timestamp"), rows, need_timestamps)
     return _CheckedRows(ids, strength, timestamp, rows.bad, rows.report)
+
+
+def _check_column_types(table: pa.Table, path: Path) -> None:
+    for name in (*REQUIRED_COLUMNS, *CATEGORY_COLUMNS):
+        kind = table.schema.field(name).type if name in table.column_names else pa.string()
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
+            raise InvalidInput(f"{path}: column {name} holds {kind}; ids and event types must be text or whole numbers")
 
 
 def _joined(paths: list[Path], files: list[_CheckedRows], need_timestamps: bool) -> _CheckedRows:

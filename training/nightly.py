@@ -43,8 +43,10 @@ def _required(config: TrainConfig, source: Path) -> tuple[list[Path], Path]:
 
 
 def up_to_date(registry: Path, config: TrainConfig, fingerprints: FileFingerprints) -> str | None:
-    """The current version when it was trained on exactly these files (the same files, in the same order, with
-    the same bytes) with exactly this configuration. The files hashed are in `fingerprints` for the fit after."""
+    """The current version when it was trained on exactly this data (the same files, in the same order, with
+    the same bytes; a header-only file adds nothing, see FileFingerprints.input) with exactly this
+    configuration. The files hashed are in `fingerprints` for the fit after. A manifest without a digest, or
+    with one of an older format, is not up to date: one more training, never an error."""
     current = artifacts.current_version(registry)
     if current is None:
         return None
