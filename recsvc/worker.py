@@ -22,6 +22,7 @@ import time
 
 import orjson
 from gunicorn import glogging, util
+from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 # At most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake.
@@ -124,3 +125,18 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 
 
 util.write_error = write_json_error
+
+
+def _closes_after_a_failed_body(should_close):
+    """Response.should_close, also True when reading the request's body raised (gunicorn marks its body failed):
+    a stalled body the app answers 408, broken chunks. gunicorn closes such a connection after the answer (where
+    the next request starts is unknown) but decides the answer's Connection header before, from the request
+    alone, and drops the app's own: the answer said keep-alive and the client found the connection closed."""
+
+    def closes(self) -> bool:
+        return should_close(self) or getattr(getattr(self.req, "body", None), "failed", False) is True
+
+    return closes
+
+
+wsgi.Response.should_close = _closes_after_a_failed_body(wsgi.Response.should_close)

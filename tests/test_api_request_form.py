@@ -185,6 +185,7 @@ def test_broken_chunked_bodies_are_400_not_500(server, chunks):
 def test_a_chunked_body_cut_short_is_400(server):
     status, headers, body = raw(server, post_chunked(server, b"20\r\n{\"limit\": 2"))
     assert status == 400 and headers["content-type"] == "application/json" and b'"invalid_request"' in body
+    assert headers["connection"] == "close"  # gunicorn closes it: where a next request would start is unknown
 
 
 @pytest.mark.parametrize("old, new", [(b"application/json", b"text/plain"), (b"chunked", b"gzip, chunked")])
@@ -263,9 +264,56 @@ def test_a_body_that_stops_coming_is_408_within_the_read_timeout_and_frees_the_t
     for waited, data in answers:
         assert data.startswith(b"HTTP/1.1 408 "), data[:200]
         assert b'"code":"request_timeout"' in data and b"no byte of the body" in data
+        assert b"\r\nConnection: close\r\n" in data.partition(b"\r\n\r\n")[0]  # as gunicorn then closes it
         assert BODY_READ_TIMEOUT_SECONDS - 0.5 < waited < BODY_READ_TIMEOUT_SECONDS + 3
     status, _headers, body = raw(server, post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n"))
     assert status == 200 and body.count(b'"item_id"') == 2
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_408_at_the_deadline_while_the_worker_serves_others(server):
+    """A byte every 1.5 seconds never lets the read wait BODY_READ_TIMEOUT_SECONDS at once (slowloris on the body):
+    the whole read is bounded by BODY_READ_DEADLINE_SECONDS. The one worker's other thread answers meanwhile."""
+    import select
+
+    from recsvc.api.parsing import BODY_READ_DEADLINE_SECONDS, BODY_READ_TIMEOUT_SECONDS
+
+    host, port = server
+    served = []  # seconds each request made while the body trickles took
+    with socket.create_connection((host, int(port)), timeout=BODY_READ_DEADLINE_SECONDS + 10) as sock:
+        sock.sendall((f"POST {RECS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode())
+        started = time.monotonic()
+        trickle = iter(b'{"limit": 2' + b" " * 89)
+        while not select.select([sock], [], [], 1.5)[0]:  # no answer yet: one more byte, and a request beside it
+            assert time.monotonic() - started < BODY_READ_DEADLINE_SECONDS + 2, "no answer: the trickle holds a thread"
+            sock.sendall(bytes([next(trickle)]))
+            asked = time.monotonic()
+            status, _headers, body = raw(server, post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n"))
+            assert status == 200 and body.count(b'"item_id"') == 2
+            served.append(time.monotonic() - asked)
+        data = b""
+        while chunk := sock.recv(65536):  # the server closes it after the answer
+            data += chunk
+        waited = time.monotonic() - started
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
+    assert b'"code":"request_timeout"' in body and b"did not send the whole body within" in body
+    assert BODY_READ_DEADLINE_SECONDS - 0.5 < waited < BODY_READ_DEADLINE_SECONDS + 2
+    assert waited > 1.5 * BODY_READ_TIMEOUT_SECONDS  # the client did keep the read going past the per-wait timeout
+    assert len(served) >= 5 and max(served) < 1.0, served
+
+
+def test_a_normal_post_keeps_its_connection_alive(server):
+    """The close after a failed body read (recsvc.worker) leaves well-formed requests' connections open."""
+    host, port = server
+    request = post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=10) as sock, sock.makefile("rb") as answers:
+        for _ in range(2):
+            sock.sendall(request)
+            head = b"".join(iter(answers.readline, b"\r\n"))
+            assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: keep-alive\r\n" in head, head
+            length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+            assert answers.read(length).count(b'"item_id"') == 2
 
 
 FEEDBACK = '"request_id": "abcdefgh", "customer_id": "c1", "item_id": "i1", "action": "shown"'

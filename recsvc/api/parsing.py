@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import flask_smorest
 import marshmallow as ma
@@ -18,6 +19,10 @@ LIST_FIELDS = frozenset({"exclude"})  # query fields that are comma lists
 # a body that stops short of its Content-Length or of a chunk's size (say FFFFFFFF) held a worker thread until the
 # client hung up; an honest client sends RECSVC_MAX_BODY_BYTES in far less.
 BODY_READ_TIMEOUT_SECONDS = 5.0  # as gunicorn waits for a request to start and for an unread body to drain
+# Seconds the whole body read may take under gunicorn: a client trickling a byte every few seconds never waits
+# BODY_READ_TIMEOUT_SECONDS at once, and held the thread as long as it liked. 64 KiB (RECSVC_MAX_BODY_BYTES' default)
+# in this time is 6.5 KB/s; a recommendations or feedback body is under 1 KiB.
+BODY_READ_DEADLINE_SECONDS = 10.0
 
 
 class ThinQueryParser(FlaskParser):
@@ -102,12 +107,43 @@ def _refuse_repeated_keys(body: bytes) -> None:
         pass  # nested some hundreds deep: no schema of the API takes it, and says so
 
 
+class _DeadlineSocket:
+    """The connection's socket as gunicorn's body reader sees it while the app reads a body: no recv waits past
+    the deadline. Only a client still sending at BODY_READ_TIMEOUT_SECONDS before it gets here, so a normal body
+    (most often already read with the headers) costs one clock read per recv at most."""
+
+    __slots__ = ("sock", "deadline", "expired")
+
+    def __init__(self, sock, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+        self.expired = False  # the last wait was cut by the deadline rather than BODY_READ_TIMEOUT_SECONDS
+
+    def recv(self, size: int) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left < BODY_READ_TIMEOUT_SECONDS:
+            self.expired = True
+            if left <= 0:
+                raise TimeoutError("the body read's deadline has passed")
+            self.sock.settimeout(left)
+        return self.sock.recv(size)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
 def _read_body(req) -> bytes:
     """The whole body, at most the body limit (413 beyond it, also chunked); 408 when the client stops sending
-    for BODY_READ_TIMEOUT_SECONDS. gunicorn then closes the connection: a body read that failed leaves it unusable."""
+    for BODY_READ_TIMEOUT_SECONDS or has not sent it all in BODY_READ_DEADLINE_SECONDS. gunicorn then closes the
+    connection (and says so, recsvc.worker): a body read that failed leaves it unusable."""
     sock = req.environ.get("gunicorn.socket")  # absent under the test client
+    # gunicorn's body (wsgi.input) reads through a reader holding the unreader that holds the socket.
+    unreader = getattr(getattr(req.environ.get("wsgi.input"), "reader", None), "unreader", None)
+    watched = None
     if sock is not None:
         sock.settimeout(BODY_READ_TIMEOUT_SECONDS)
+        if getattr(unreader, "sock", None) is sock:
+            watched = unreader.sock = _DeadlineSocket(sock, time.monotonic() + BODY_READ_DEADLINE_SECONDS)
     try:
         body = req.get_data(cache=True)
         limit = req.max_content_length
@@ -119,10 +155,15 @@ def _read_body(req) -> bytes:
     except Exception as error:
         # werkzeug turns the socket's TimeoutError into ClientDisconnected, raised while handling it.
         if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+            if watched is not None and watched.expired:
+                raise RequestTimeout(f"the client did not send the whole body within {BODY_READ_DEADLINE_SECONDS:g} "
+                                     f"seconds; send it at once, as announced (Content-Length or chunk size)") from None
             raise RequestTimeout(f"the client sent no byte of the body for {BODY_READ_TIMEOUT_SECONDS:g} seconds; "
                                  f"send the whole body as announced (Content-Length or chunk size)") from None
         raise
     finally:
+        if watched is not None:
+            unreader.sock = sock
         if sock is not None:
             sock.settimeout(None)  # as gunicorn's blocking sockets were
 
