@@ -109,6 +109,14 @@ class RedisStreams:
         Redis has no command that counts a range."""
         return sum(len(chunk) for chunk in self._chunks(kind, None, until))
 
+    def time_to(self, at: float) -> float:
+        """How long (seconds, to the millisecond; 0 once there) until Redis's clock (TIME) reaches `at` (Unix seconds)
+        as entry ids count it. XADD * never gives an id below Redis's clock (every write path adds with *), so once
+        this is 0 the streams hold every entry they will ever hold before `at`; only setting Redis's clock back could
+        add one later."""
+        seconds, microseconds = self.client.time()
+        return max(_milliseconds(at) - (seconds * 1000 + microseconds // 1000), 0) / 1000
+
     def length(self, kind: str) -> int:
         return self.client.xlen(event_stream_key(kind))
 

@@ -38,6 +38,12 @@ def rows_of(path) -> list[tuple]:
                     table.column("weight").to_pylist()))
 
 
+def redis_now(client) -> float:
+    """Redis's clock (TIME), which stamps stream entry ids, in Unix seconds."""
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1e6
+
+
 def post(app, auth, events: list[dict]) -> None:
     assert app.test_client().post("/v1/events", headers=auth, json=events).status_code == 202
 
@@ -127,6 +133,19 @@ def test_an_unreachable_redis_exits_1_with_a_message_and_leaves_the_file_as_it_w
     assert "secret" not in result.output and "Traceback" not in result.output
     assert out.read_text(encoding="utf-8") == "yesterday's export\n"
     assert [p.name for p in tmp_path.iterdir()] == ["events.csv"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("skew", [0, 120])
+def test_an_until_more_than_a_minute_ahead_of_redis_clock_is_refused_also_on_a_machine_whose_clock_is_ahead(
+        redis_client, redis_url, tmp_path, monkeypatch, skew):
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)  # this machine's clock `skew` s ahead of Redis's
+    until = redis_now(redis_client) + 90
+    result = export(redis_url, tmp_path / "events.csv", "--until", f"{until:.3f}")
+    assert result.exit_code == 2, result.output
+    assert "is in the future (Redis's clock: " in result.stderr and "Traceback" not in result.stderr
+    assert "the file would lack the events the log takes until then" in result.stderr
+    assert not (tmp_path / "events.csv").exists()
 
 
 @pytest.mark.parametrize("options, message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 
 import orjson
@@ -13,12 +14,13 @@ from click.testing import CliRunner
 
 from recsvc import event_log
 from recsvc.cache import event_stream_key
-from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS
+from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS, RedisStreams
 from recsvc.experiments import ExperimentRouter, parse_experiments
 from tests.conftest import free_port
-from tests.test_events_export import export, post, rows_of
+from tests.test_events_export import export, post, redis_now, rows_of
 from tests.test_feedback import redis_app  # noqa: F401 (fixture)
 from training.cli import main
+from training.event_trim import shown_time
 
 T = 1_764_460_800_000  # 2025-11-30T00:00:00Z in milliseconds, in the past: the trim time of most tests
 T_ISO = "2025-11-30T00:00:00Z"
@@ -122,8 +124,6 @@ def test_export_until_then_trim_before_the_same_time_loses_no_event(
 
 @pytest.mark.parametrize("options, message", [
     (["--before", "yesterday"], "Invalid value for '--before'"),
-    (["--before", "2062-01-01"], "--before 2062-01-01T00:00:00.000Z is in the future"),  # a typo for 2026
-    (["--before", str(time.time() + 3600)], "is in the future"),
     (["--before", "40000000000"], "out of range"),
     (["--before", T_ISO, "--stream", "events"], "Invalid value for '--stream'"),
     ([], "Missing option '--before'"),
@@ -139,14 +139,74 @@ def test_bad_options_exit_2_with_a_message_before_redis_is_asked(options, messag
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_time_up_to_a_minute_ahead_is_taken_and_one_further_ahead_removes_nothing(redis_client, redis_url):
-    now = int(time.time() * 1000)
-    log(redis_client, EVENT, f"{now - 5000}-0", event_id="e1")
-    assert trim(redis_url, "--before", "2062-01-01").exit_code == 2
-    assert trim(redis_url, "--before", str(now / 1000 + 600)).exit_code == 2
-    assert ids(redis_client, EVENT) == [f"{now - 5000}-0"]
-    ahead = trim(redis_url, "--before", str(now / 1000 + 30))  # another machine's clock a little ahead
-    assert ahead.exit_code == 0 and "removed 1 entries" in ahead.output
+def test_export_until_a_time_ahead_of_redis_clock_then_trim_before_it_loses_no_event(
+        redis_app, redis_client, redis_url, auth, tmp_path):  # noqa: F811
+    post(redis_app, auth, [{"customer_id": "early", "item_id": "SKU-1"}])
+    cut = f"{redis_now(redis_client) + 1.5:.3f}"  # "now" by a cron machine's clock 1.5 s ahead of Redis's
+    # taken while the export runs, before the cut by Redis's clock: the export must hold it, since the trim removes it
+    late = threading.Timer(0.5, post, [redis_app, auth, [{"customer_id": "late", "item_id": "SKU-2"}]])
+    late.start()
+    exported = export(redis_url, tmp_path / "until.csv", "--until", cut)
+    late.join()
+    assert exported.exit_code == 0, exported.output
+    assert [row[0] for row in rows_of(tmp_path / "until.csv")] == ["early", "late"]
+    post(redis_app, auth, [{"customer_id": "after", "item_id": "SKU-3"}])
+    trimmed = trim(redis_url, "--before", cut)
+    assert trimmed.exit_code == 0 and "removed 2 entries" in trimmed.output and "1 left" in trimmed.output
+    assert export(redis_url, tmp_path / "since.csv", "--since", cut).exit_code == 0
+    assert [row[0] for row in rows_of(tmp_path / "since.csv")] == ["after"]
+    waited = f"--until {shown_time(float(cut))} is "
+    assert waited in exported.stderr and "ahead of Redis's clock: waiting for it to pass" in exported.stderr
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_time_a_little_ahead_of_redis_clock_waits_for_it_so_what_the_log_takes_until_then_goes_too(
+        redis_client, redis_url, dry_run):
+    now = redis_now(redis_client)
+    log(redis_client, EVENT, f"{int(now * 1000) - 5000}-0", event_id="e1")
+    before = f"{now + 1:.3f}"
+    record = {"kind": EVENT, "event_id": "e2", "customer_id": "c-1", "item_id": "SKU-1", "time": now}
+    late = threading.Timer(0.3, RedisStreams(redis_client, dedupe_ttl=60).add, [record])  # before `before`
+    late.start()
+    result = trim(redis_url, "--before", before, *(["--dry-run"] if dry_run else []))
+    late.join()
+    assert result.exit_code == 0, result.output
+    if dry_run:
+        assert "would remove 2 entries" in result.stdout and "0 would be left" in result.stdout
+        assert len(ids(redis_client, EVENT)) == 2
+    else:
+        assert "removed 2 entries" in result.stdout and "0 left" in result.stdout
+        assert ids(redis_client, EVENT) == []
+    waited = f"--before {shown_time(float(before))} is "
+    assert waited in result.stderr and "ahead of Redis's clock: waiting for it to pass" in result.stderr
+
+
+@pytest.mark.parametrize("skew, ahead, exit_code", [
+    (0, 90, 2),  # a typo or a wrong zone, not a clock difference: it would remove what no export has read yet
+    (120, 90, 2),  # this machine's clock 2 minutes ahead of Redis's: "now" by it is still too far ahead
+    (-120, -1, 0),  # this machine's clock 2 minutes behind: a time Redis's clock has passed is taken
+])
+def test_how_far_ahead_a_time_is_is_judged_by_redis_clock_not_this_machines(
+        redis_client, redis_url, monkeypatch, skew, ahead, exit_code):
+    now = redis_now(redis_client)
+    log(redis_client, EVENT, f"{int(now * 1000) - 5000}-0", event_id="e1")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)
+    before = f"{now + ahead:.3f}"
+    result = trim(redis_url, "--before", before)
+    assert result.exit_code == exit_code, result.output
+    if exit_code == 2:
+        assert f"--before {shown_time(float(before))} is in the future (Redis's clock: " in result.stderr
+        assert "Traceback" not in result.stderr and ids(redis_client, EVENT) == [f"{int(now * 1000) - 5000}-0"]
+    else:
+        assert "removed 1 entries" in result.stdout and ids(redis_client, EVENT) == []
+
+
+def test_a_typo_far_in_the_future_is_refused_and_removes_nothing(redis_client, redis_url):
+    log(redis_client, EVENT, f"{T}-0", event_id="e1")
+    result = trim(redis_url, "--before", "2062-01-01")  # for 2026
+    assert result.exit_code == 2 and "--before 2062-01-01T00:00:00.000Z is in the future" in result.stderr
+    assert ids(redis_client, EVENT) == [f"{T}-0"]
 
 
 def test_an_unreachable_redis_exits_1_naming_the_url_without_its_password():

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from dataclasses import dataclass
 
 from recsvc.cache import event_stream_key, experiments_key
 from recsvc.errors import InvalidInput
 from recsvc.event_log import EXPOSURE, FEEDBACK, RedisStreams
 from recsvc.experiments import REMOVED, STOPPED
+from training.runlog import RunLog
 
-# How far `events trim --before` may be after now. A trim time ahead of now removes what the log takes until then
-# too, including what no export has read yet: beyond clock differences between machines it is a typo (2062 for
-# 2026), refused.
-TRIM_BEFORE_MAX_AHEAD_SECONDS = 60
+# How far a time that ends what `events export --until` reads or `events trim --before` removes may be ahead of Redis's
+# clock, which stamps the stream entry ids: the command waits for Redis's clock to reach it (clocks of the machines
+# differ, or T is "now" by another clock). Further ahead it is a typo (2062 for 2026), refused: trim would remove, and
+# export miss, what the log takes until then.
+MAX_AHEAD_SECONDS = 60
 
 
 def shown_time(seconds: float) -> str:
@@ -23,11 +26,20 @@ def shown_time(seconds: float) -> str:
         "+00:00", "Z")
 
 
-def check_before(before: float, now: float) -> None:
-    """InvalidInput when `before` (Unix seconds) is more than TRIM_BEFORE_MAX_AHEAD_SECONDS after `now`."""
-    if before > now + TRIM_BEFORE_MAX_AHEAD_SECONDS:
-        raise InvalidInput(f"--before {shown_time(before)} is in the future (now: {shown_time(now)}): it would remove "
-                           "everything the log holds, also what no export has read yet; give a time up to now")
+def wait_for_redis_clock(streams: RedisStreams, option: str, at: float, log: RunLog, refused_because: str) -> None:
+    """Return once Redis's clock has reached `at` (Unix seconds), so that the streams hold every entry the log will
+    ever take before it: an export up to `at` then misses none, and a trim before `at` leaves none. Logs one line
+    when it waits (at most MAX_AHEAD_SECONDS); InvalidInput, saying `refused_because`, when `at` is further ahead."""
+    ahead = streams.time_to(at)
+    if ahead > MAX_AHEAD_SECONDS:
+        raise InvalidInput(f"{option} {shown_time(at)} is in the future (Redis's clock: {shown_time(at - ahead)}): "
+                           f"{refused_because}; give a time up to now")
+    if ahead:
+        log.info(f"{option} {shown_time(at)} is {ahead:.3f}s ahead of Redis's clock: waiting for it to pass, so that "
+                 "every entry the log takes before it is in the stream", waiting_seconds=ahead)
+    while ahead:
+        time.sleep(ahead)
+        ahead = streams.time_to(at)
 
 
 @dataclass

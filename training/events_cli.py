@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -16,11 +15,11 @@ from recsvc.event_log import EVENT, EXPOSURE, FEEDBACK, KINDS, RedisStreams, par
 from training.event_trim import (
     ExperimentLoss,
     StreamTrim,
-    check_before,
     experiment_losses,
     refusal,
     shown_time,
     trim_stream,
+    wait_for_redis_clock,
     what_goes,
 )
 from training.experiments_cli import REDIS_URL, redis_client, require_redis_url, user_errors
@@ -63,7 +62,9 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
 
     --since and --until select by when the log took an event, not by its timestamp: consecutive windows
     export every event exactly once, also one sent with an old timestamp or replayed late from a server's
-    spool. Exit codes: 0 written (0 events too), 2 bad option or unusable --out, 1 Redis unreachable."""
+    spool. An --until up to a minute ahead of Redis's clock (which stamps the entry ids) is waited for, so the file
+    holds every event the log takes before it. Exit codes: 0 written (0 events too), 2 bad option (also an --until
+    further ahead) or unusable --out, 1 Redis unreachable."""
     from recsvc.files import check_writable_file
     from training.event_export import export_events, output_format
 
@@ -75,6 +76,9 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
     client = redis_client(redis_url)
     try:
         streams = RedisStreams(client, dedupe_ttl=0)
+        if until is not None:
+            wait_for_redis_clock(streams, "--until", until, log, "the file would lack the events the log takes until "
+                                 "then, which a trim --before it would remove unread")
         result = export_events(lambda: streams.read(EVENT, since, until), out)
     except redis.RedisError as exc:
         raise RecsvcError(f"cannot read the event log from {redacted_url(redis_url)}: {str(exc).rstrip('.')}; "
@@ -104,19 +108,20 @@ def export_command(redis_url: str | None, out: Path, since: float | None, until:
 def trim_command(redis_url: str | None, before: float, kinds: tuple[str, ...], dry_run: bool,
                  allow_report_loss: bool, log: RunLog) -> None:
     """Remove the entries the log took before --before from its streams (by the time in their entry id, as export
-    selects), so that `export --until T` then `trim --before T` loses no event. Prints, per stream, the entries
-    removed and left.
+    selects), so that `export --until T` then `trim --before T` loses no event; a --before up to a minute ahead of
+    Redis's clock is waited for, as export's --until. Prints, per stream, the entries removed and left.
 
     Trimming exposure or feedback takes what goes out of every experiment's report: refused (exit 3, nothing
     trimmed) while an experiment that is running, or not published to Redis, has exposures before --before.
     Exit codes: 0 trimmed (or counted), 2 bad option, 3 refused, 1 Redis unreachable."""
     redis_url = require_redis_url(redis_url)
-    check_before(before, time.time())
     kinds = tuple(dict.fromkeys(kinds)) or (EVENT,)
     client = redis_client(redis_url)
     streams = RedisStreams(client, dedupe_ttl=0)
     trims: list[StreamTrim] = []
     try:
+        wait_for_redis_clock(streams, "--before", before, log, "it would remove everything the log holds, also what "
+                             "no export has read yet")
         losses = experiment_losses(streams, before) if {EXPOSURE, FEEDBACK} & set(kinds) else []
         refused = [loss for loss in losses if loss.protected and not allow_report_loss]
         if refused and not dry_run:
