@@ -23,10 +23,12 @@ from recsvc.app import create_app  # noqa: E402
 from recsvc.config import Settings  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.evaluate import evaluate, split  # noqa: E402
+from training.ingest import load_catalog  # noqa: E402
 from training.strategies import STRATEGIES, TrainingData  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO / ".." / "shared" / "datasets" / "ml-100k" / "u.data"
+ITEMS, GENRES = DATASET.with_name("u.item"), DATASET.with_name("u.genre")  # the films' titles and genres
 CONFIG = REPO / "bench" / "ml100k.toml"
 K = 10
 BENCH_KEY = "bench-quality-key"
@@ -47,10 +49,34 @@ def convert(source: Path, target: Path) -> int:
     return len(rows)
 
 
-def publish(interactions: Path, registry: Path) -> None:
+def convert_catalog(items: Path, genres: Path, target: Path) -> int:
+    """u.item (id|title|release|video release|IMDb URL|19 genre flags; Latin-1) and u.genre (name|flag position) as
+    a catalog CSV: the title, the first genre as the category, every genre of the film as its tags."""
+    names = {}
+    for line in genres.read_text(encoding="latin-1").splitlines():
+        if line.strip():
+            name, position = line.rsplit("|", 1)
+            names[int(position)] = name
+    rows = 0
+    with open(target, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["item_id", "title", "category", "tags"])
+        for line in items.read_text(encoding="latin-1").splitlines():
+            if not line.strip():
+                continue
+            fields = line.split("|")
+            film_genres = [names[j] for j, flag in enumerate(fields[5:24]) if flag == "1"]
+            writer.writerow([f"m{fields[0]}", fields[1], film_genres[0] if film_genres else "", "|".join(film_genres)])
+            rows += 1
+    return rows
+
+
+def publish(interactions: Path, catalog: Path | None, registry: Path) -> None:
     """`recsvc-train fit` with the protocol config, exactly as an engineer would run it."""
     command = [sys.executable, "-m", "training.cli", "fit", "--interactions", str(interactions),
                "--registry", str(registry), "--config", str(CONFIG)]
+    if catalog is not None:
+        command += ["--catalog", str(catalog)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"recsvc-train fit failed ({done.returncode}):\n{done.stderr}")
@@ -138,7 +164,8 @@ def report(manifest: dict, recomputed: dict, served: dict) -> list[str]:
     return failures
 
 
-def other_seeds(matrix: sp.csr_matrix, config: TrainConfig, seeds: list[int]) -> None:
+def other_seeds(matrix: sp.csr_matrix, config: TrainConfig, seeds: list[int],
+                item_tags: sp.csr_matrix | None) -> None:
     """Context, not a target: the same protocol with other holdout seeds, fitted and scored offline."""
     names = [n for n in config.strategies if n in STRATEGIES and n not in ("popular", "trending")]
     rows = [["seed", *(f"{n} nDCG/P@10" for n in names)]]
@@ -146,7 +173,8 @@ def other_seeds(matrix: sp.csr_matrix, config: TrainConfig, seeds: list[int]) ->
         train, test = split(matrix, replace(config.holdout, seed=seed))
         cells = []
         for name in names:
-            m = evaluate(STRATEGIES[name](**config.params.get(name, {})).fit(TrainingData(train)), train, test, k=K)
+            m = evaluate(STRATEGIES[name](**config.params.get(name, {})).fit(TrainingData(train, item_tags=item_tags)),
+                         train, test, k=K)
             cells.append(f"{m['ndcg@10']:.4f}/{m['precision@10']:.4f}")
         rows.append([str(seed), *cells])
     print("\nthe same protocol with other holdout seeds (offline):\n" + table(rows))
@@ -165,9 +193,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         tmp = Path(tmp)
         rows = convert(DATASET, tmp / "interactions.csv")
+        catalog = None
+        if ITEMS.is_file() and GENRES.is_file():
+            catalog = tmp / "catalog.csv"
+            films = convert_catalog(ITEMS, GENRES, catalog)
+            print(f"MovieLens 100k: {films} films (u.item: titles, genres as tags)")
         print(f"MovieLens 100k: {rows} ratings; protocol {CONFIG.relative_to(REPO)}; training and publishing ...")
         started = time.perf_counter()
-        publish(tmp / "interactions.csv", tmp / "registry")
+        publish(tmp / "interactions.csv", catalog, tmp / "registry")
         print(f"recsvc-train fit took {time.perf_counter() - started:.1f}s")
         bundle = artifacts.load_current(tmp / "registry")
         train, test = split(bundle.owned, config.holdout)  # the trainer's split, reproduced from its seed
@@ -178,7 +211,8 @@ def main() -> int:
               "customers\n")
         failures = report(bundle.manifest, recomputed, served)
         if seeds:
-            other_seeds(bundle.owned, config, seeds)
+            tags = None if catalog is None else load_catalog(catalog, np.asarray(bundle.items.ids)).tags
+            other_seeds(bundle.owned, config, seeds, tags)
     for failure in failures:
         print(f"FAIL: {failure}")
     return 1 if failures else 0

@@ -177,6 +177,9 @@ class Catalog:
     title: np.ndarray
     category: np.ndarray
     active: np.ndarray
+    # items x tags (1.0 where an item carries a tag) from the catalog's tags column, for training only: not saved
+    # with a version; None when the catalog has no such column.
+    tags: sp.csr_matrix | None = None
 
     @classmethod
     def empty(cls, n_items: int) -> "Catalog":

@@ -442,3 +442,15 @@ def test_file_fingerprints_hash_a_file_again_only_when_it_changed(tmp_path):
     base.write_text("customer_id,item_id\nc1,i1\nc2,i1\n")  # rewritten since it was hashed: hashed again
     assert fingerprints.file(base) == fingerprint_file(base) != first
     assert load_interactions(base, fingerprints=fingerprints).fingerprint == fingerprint_file(base)
+
+
+def test_catalog_tags_are_split_on_bars_and_aligned_with_the_item_index(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_text("item_id,title,category,tags\nrouter,Wi-Fi router,Broadband, home | wifi |home|\n"
+                    "phone,Smartphone,Devices,\ncase,Phone case,Devices,accessory|phone\nghost,Gone,Misc,ghostly\n")
+    catalog = load_catalog(path, np.array([b"case", b"phone", b"router", b"sim"]))
+    tags = catalog.tags.toarray()
+    # Tags in sorted order: accessory, home, phone, wifi; "ghostly" belongs to no traded item.
+    assert tags.tolist() == [[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
+    assert load_catalog(_write(tmp_path, "item_id,title\nphone,Smartphone\n", "plain.csv"),
+                        np.array([b"phone"])).tags is None, "no tags column: no tags"

@@ -354,3 +354,76 @@ def test_an_als_ensemble_that_is_not_a_count_is_refused_before_fitting(ensemble)
 def test_a_numeric_parameter_out_of_its_range_is_refused_before_fitting(strategy, params, message):
     with pytest.raises(InvalidInput, match=re.escape(message)):
         STRATEGIES[strategy](**params)
+
+
+# --- ease with the catalog's tags as inputs (tag_weight) ---
+
+def _tagged_data(seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    rng = np.random.default_rng(seed)
+    matrix = sp.csr_matrix((rng.random((40, 12)) < 0.3).astype(np.float32))
+    tags = sp.csr_matrix((rng.random((12, 3)) < 0.5).astype(np.float32))
+    return matrix, tags
+
+
+def test_ease_with_tags_is_the_closed_form_over_items_and_tags():
+    matrix, tags = _tagged_data()
+    weight, l2, dropout = 0.7, 2.0, 0.2
+    # Independently: the inputs Z = [X, w X G] written out, EDLAE's penalty on Z'Z, outputs the items only.
+    x, g = matrix.toarray().astype(np.float64), tags.toarray().astype(np.float64)
+    z = np.hstack([x, weight * x @ g])
+    gram = z.T @ z
+    gram += np.diag(np.diag(gram) * dropout / (1 - dropout) + l2)
+    p = np.linalg.inv(gram)
+    n = x.shape[1]
+    b = -p[:, :n] / np.diag(p)[:n]
+    b[np.arange(n), np.arange(n)] = 0.0
+    expected = x @ b[:n] + (weight * x @ g) @ b[n:]  # each customer's scores from items and tag counts
+    strategy = STRATEGIES["ease"](l2=l2, dropout=dropout, tag_weight=weight)
+    scorer = strategy.fit(TrainingData(matrix, item_tags=tags))
+    assert scorer.dense and np.all(np.diag(scorer.matrix) == 0)
+    scores = x @ scorer.matrix
+    off_history = x == 0  # an item's score on itself is dropped (zero diagonal): it is never suggested to its owner
+    np.testing.assert_allclose(scores[off_history], expected[off_history], rtol=1e-4, atol=1e-5)
+    assert strategy.served_params()["tag_weight"] == weight
+    plain = STRATEGIES["ease"](l2=l2, dropout=dropout).fit(TrainingData(matrix)).matrix
+    assert not np.allclose(scorer.matrix, plain, atol=1e-4), "the tags changed the model"
+
+
+def test_tags_lift_a_little_known_item_that_shares_a_customers_tags():
+    # Items 0-3 carry tag "a", 4-7 tag "b"; item 3 and item 7 are each held by one customer only. A customer with
+    # items 0-2 gets item 3 (same tag) ranked above item 7 once the tags are inputs.
+    rows = [[0, 1, 2], [0, 1, 2], [4, 5, 6], [4, 5, 6], [0, 4], [1, 5], [2, 6], [3], [7]]
+    matrix = sp.csr_matrix((np.ones(sum(map(len, rows)), dtype=np.float32),
+                            (np.repeat(np.arange(len(rows)), [len(r) for r in rows]), np.concatenate(rows))),
+                           shape=(len(rows), 8))
+    tags = sp.csr_matrix(np.repeat(np.eye(2, dtype=np.float32), 4, axis=0))
+    customer = np.array([0, 1, 2])
+    plain = STRATEGIES["ease"](l2=1.0).fit(TrainingData(matrix, item_tags=tags)).scores(None, customer)
+    tagged = STRATEGIES["ease"](l2=1.0, tag_weight=1.0).fit(TrainingData(matrix, item_tags=tags)).scores(None, customer)
+    assert plain[3] == pytest.approx(plain[7], abs=1e-6), "without tags nothing links item 3 to the others"
+    assert tagged[3] > tagged[7] + 0.01
+
+
+def test_tag_weight_without_tags_is_plain_ease_and_the_manifest_says_so():
+    matrix, tags = _tagged_data(1)
+    strategy = STRATEGIES["ease"](l2=2.0, tag_weight=0.5)
+    untagged = strategy.fit(TrainingData(matrix))
+    np.testing.assert_array_equal(untagged.matrix, STRATEGIES["ease"](l2=2.0).fit(TrainingData(matrix)).matrix)
+    assert strategy.served_params()["tag_weight"] == 0.0
+    blend = STRATEGIES["ease_als_gf"](ease_l2=2.0, ease_tag_weight=0.5, als_factors=4, gf_factors=2)
+    blend.fit(TrainingData(matrix))
+    assert blend.served_params()["ease_tag_weight"] == 0.0
+    blend.fit(TrainingData(matrix, item_tags=tags))
+    assert blend.served_params()["ease_tag_weight"] == 0.5
+    with pytest.raises(InvalidInput, match="tag_weight must be a number of at least 0"):
+        STRATEGIES["ease"](tag_weight=-1.0)
+
+
+def test_ease_counts_its_input_tags_in_its_item_limit():
+    matrix, tags = _tagged_data(2)
+    strategy = STRATEGIES["ease"](l2=1.0, tag_weight=1.0, max_items=10, over_limit="top_items")
+    scorer = strategy.fit(TrainingData(matrix, item_tags=tags))
+    assert len(np.unique(scorer.matrix.nonzero()[0])) <= 10 - 3  # three tags take three of the ten places
+    with pytest.raises(InvalidInput,
+                       match=r"limit of 9 items \(max_items = 12, max_memory_mb = 4096, less 3 input tags\)"):
+        STRATEGIES["ease"](l2=1.0, tag_weight=1.0, max_items=12).fit(TrainingData(matrix, item_tags=tags))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import resource
 import stat
 import subprocess
@@ -229,3 +231,44 @@ def test_a_config_that_cannot_be_written_is_refused_before_the_trials(demo_paths
     assert result.exit_code == 2, result.output
     assert f"No such file or directory: {tmp_path / 'no-such-dir'}" in result.stderr
     assert "trial 1/" not in result.stderr
+
+
+def tagged_catalog(demo_paths, tmp_path) -> Path:
+    """The demo catalog with each item's category as its one tag."""
+    with open(demo_paths["catalog"], newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    path = tmp_path / "tagged.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, [*rows[0], "tags"])
+        writer.writeheader()
+        writer.writerows({**row, "tags": row["category"]} for row in rows)
+    return path
+
+
+def test_tune_and_fit_give_the_catalogs_tags_to_ease(demo_paths, tmp_path):
+    config_path = tmp_path / "recsvc.toml"
+    catalog = tagged_catalog(demo_paths, tmp_path)
+    runs = {}
+    for name, extra in (("tagged", ["--catalog", str(catalog)]), ("untagged", [])):
+        config_path.write_text('[strategies]\nenabled = ["ease"]\n[strategies.ease]\nl2 = 50.0\n'
+                               "[tuning.space.ease]\ntag_weight = [0.0, 2.0]\n", encoding="utf-8")
+        result = CliRunner().invoke(main, ["tune", "--interactions", str(demo_paths["interactions"]), *extra,
+                                           "--strategy", "ease", "--search", "grid", "--trials", "2", "--folds", "1",
+                                           "--config", str(config_path)])
+        assert result.exit_code == 0, result.output
+        runs[name] = {re.search(r"tag_weight=([\d.]+)", row)[1]: float(row.split()[1])
+                      for row in result.stdout.splitlines() if "tag_weight=" in row}
+    assert runs["untagged"]["0.0"] == runs["untagged"]["2.0"], "without a catalog tag_weight changes nothing"
+    assert runs["tagged"]["0.0"] == runs["untagged"]["0.0"]
+    assert runs["tagged"]["2.0"] != runs["tagged"]["0.0"], "the catalog's tags reached ease"
+
+    config_path.write_text('[strategies]\nenabled = ["ease"]\n[strategies.ease]\nl2 = 50.0\ntag_weight = 2.0\n',
+                           encoding="utf-8")
+    for name, extra, applied in (("tagged", ["--catalog", str(catalog)], 2.0), ("untagged", [], 0.0)):
+        registry = tmp_path / f"registry-{name}"
+        result = CliRunner().invoke(main, ["fit", "--interactions", str(demo_paths["interactions"]), *extra,
+                                           "--registry", str(registry), "--config", str(config_path), "--quiet"])
+        assert result.exit_code == 0, result.output
+        (version,) = (registry / "versions").iterdir()
+        manifest = json.loads((version / "manifest.json").read_text())
+        assert manifest["strategies"]["ease"]["params"]["tag_weight"] == applied

@@ -341,6 +341,8 @@ def registry_rollback(registry: Path, version: str | None, log) -> None:
 
 @main.command()
 @INTERACTIONS_OPTION
+@click.option("--catalog", "catalog_path", type=click.Path(path_type=Path),
+              help="Catalog, as for fit: its tags column reaches ease's tag_weight.")
 @click.option("--strategy", required=True, help="The strategy to tune, e.g. als or ease.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
               help="Parameter sets to try, besides the config's current one.")
@@ -356,8 +358,9 @@ def registry_rollback(registry: Path, version: str | None, log) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Trainer config (TOML or JSON) to read, and to write the best parameters into (created if missing).")
 @user_errors
-def tune(interactions_files: tuple[Path, ...], strategy: str, trials: int, metric: str, search: str, seed: int,
-         folds: int | None, validation_fraction: float | None, config_path: Path | None) -> None:
+def tune(interactions_files: tuple[Path, ...], catalog_path: Path | None, strategy: str, trials: int, metric: str,
+         search: str, seed: int, folds: int | None, validation_fraction: float | None,
+         config_path: Path | None) -> None:
     """Search a strategy's parameters on validation folds carved from the training part (never the test split)."""
     from dataclasses import replace
 
@@ -372,7 +375,7 @@ def tune(interactions_files: tuple[Path, ...], strategy: str, trials: int, metri
         config.tuning, folds=folds or config.tuning.folds,
         validation_fraction=validation_fraction or config.tuning.validation_fraction))
     result = run(interactions_files, strategy, config, trials, metric, search, seed,
-                 log=lambda line: click.echo(line, err=True))
+                 log=lambda line: click.echo(line, err=True), catalog_path=catalog_path)
     click.echo(format_leaderboard(result))
     if config_path is None:
         click.echo("not saved: pass --config FILE to write the best parameters into a config")

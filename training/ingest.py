@@ -129,7 +129,7 @@ class Interactions:
 
 
 CATEGORY_COLUMNS = ("event_type",)  # few distinct values: read dictionary-encoded, unified cheaply
-TEXT_COLUMNS = ("customer_id", "item_id", "timestamp", "weight", "title", "category", "active")
+TEXT_COLUMNS = ("customer_id", "item_id", "timestamp", "weight", "title", "category", "active", "tags")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
@@ -725,8 +725,9 @@ def load_catalog(path: Path, items: np.ndarray, warn: Callable[[str], None] | No
         raise InvalidInput(f"{path}: a catalog file needs an item_id column; found {', '.join(table.column_names)}")
     n_rows = table.num_rows
     column = {name: (table.column(name).to_pylist() if name in table.column_names else [None] * n_rows)
-              for name in ("item_id", "title", "category", "active")}
+              for name in ("item_id", "title", "category", "active", "tags")}
     titles, categories = [""] * len(items), [""] * len(items)
+    item_tags: list[tuple[str, ...]] = [()] * len(items)
     active = np.ones(len(items), dtype=bool)
     matched = 0
     first_row: dict[int, int] = {}
@@ -747,6 +748,7 @@ def load_catalog(path: Path, items: np.ndarray, warn: Callable[[str], None] | No
             matched += 1
         titles[pos] = str(column["title"][row] or "")
         categories[pos] = str(column["category"][row] or "")
+        item_tags[pos] = split_tags(column["tags"][row])
         active[pos] = flag not in INACTIVE_VALUES
     if n_rows and not matched:
         raise InvalidInput(f"{path}: none of the catalog's {n_rows:,} item ids is among the interactions' items "
@@ -758,4 +760,26 @@ def load_catalog(path: Path, items: np.ndarray, warn: Callable[[str], None] | No
         examples = "; ".join(f"{item_id!r} in rows {first} and {again}" for item_id, first, again in repeated[:3])
         warn(f"{path}: {len(repeated):,} catalog rows repeat an item id listed before; the last row of each is used "
              f"(e.g. {examples})")
-    return Catalog(np.array(titles, dtype=str), np.array(categories, dtype=str), active)
+    tags = tag_matrix(item_tags) if "tags" in table.column_names else None
+    return Catalog(np.array(titles, dtype=str), np.array(categories, dtype=str), active, tags)
+
+
+TAG_SEPARATOR = "|"
+
+
+def split_tags(cell: object) -> tuple[str, ...]:
+    """A catalog row's tags: `|`-separated labels (or a Parquet list of them), each stripped; empty ones and repeats
+    dropped, order kept."""
+    parts = [str(part) for part in cell if part is not None] if isinstance(cell, (list, tuple)) else [str(cell or "")]
+    labels = (label.strip() for part in parts for label in part.split(TAG_SEPARATOR))
+    return tuple(dict.fromkeys(label for label in labels if label))
+
+
+def tag_matrix(item_tags: Sequence[Sequence[str]]) -> sp.csr_matrix:
+    """items x tags, 1.0 where an item carries a tag; tags in sorted order (their names are not needed)."""
+    names = sorted({tag for tags in item_tags for tag in tags})
+    column = {name: j for j, name in enumerate(names)}
+    indptr = np.cumsum([0, *(len(tags) for tags in item_tags)])
+    indices = np.fromiter((column[tag] for tags in item_tags for tag in tags), dtype=np.int32, count=int(indptr[-1]))
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr),
+                         shape=(len(item_tags), len(names)))

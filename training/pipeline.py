@@ -155,7 +155,8 @@ def fit_strategies(data: PreparedData, train: sp.csr_matrix, test: sp.csr_matrix
     # Raw rows with their times let time-aware strategies (trending) rank recent interest;
     # they keep only rows whose pair is in `train`, so held-out rows never leak.
     training = TrainingData(train, timestamps=data.interactions.timestamp,
-                            interactions=(data.interactions.customer, data.interactions.item))
+                            interactions=(data.interactions.customer, data.interactions.item),
+                            item_tags=data.catalog.tags)
     from implicit.recommender_base import ModelFitError
 
     scorers, metrics, params = {}, {}, {}

@@ -126,7 +126,8 @@ def _cross_validate(data: PreparedData, strategy, folds: list[tuple[sp.csr_matri
     for fit_part, validation in folds:
         # Raw rows let trending see times; it keeps only rows whose pair is in the fit part.
         training = TrainingData(fit_part, timestamps=data.interactions.timestamp,
-                                interactions=(data.interactions.customer, data.interactions.item))
+                                interactions=(data.interactions.customer, data.interactions.item),
+                                item_tags=data.catalog.tags)
         per_fold.append(evaluate(strategy.fit(training), fit_part, validation, k=k))
     return {name: float(np.mean([scores[name] for scores in per_fold])) for name in per_fold[0]}
 
@@ -142,11 +143,13 @@ def _describe(params: dict) -> str:
 
 
 def run(interactions_files: Path | Sequence[Path], strategy: str, config: TrainConfig, trials: int, metric: str,
-        search: str = "random", seed: int = 42, log: Callable[[str], None] = print) -> TuneResult:
-    """Read and prepare the interactions exactly as `fit` does (weights, decay, filters) and tune on them."""
+        search: str = "random", seed: int = 42, log: Callable[[str], None] = print,
+        catalog_path: Path | None = None) -> TuneResult:
+    """Read and prepare the interactions exactly as `fit` does (weights, decay, filters) and tune on them; the
+    catalog's tags reach the strategies as in `fit` (ease's tag_weight)."""
     search_space(strategy, config)  # a wrong name or space fails before the data is read
     parse_metric(metric)
-    data = load_prepared(interactions_files, config, None, RunLog(sink=log))
+    data = load_prepared(interactions_files, config, catalog_path, RunLog(sink=log))
     return tune(data, strategy, config, trials, metric, search, seed, log=log)
 
 

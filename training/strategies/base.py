@@ -21,6 +21,7 @@ class TrainingData:
     matrix: sp.csr_matrix
     timestamps: np.ndarray | None = None  # float64 Unix seconds aligned with `interactions` rows
     interactions: tuple[np.ndarray, np.ndarray] | None = None  # (customer, item) per raw row, for time-aware strategies
+    item_tags: sp.csr_matrix | None = None  # items x tags from the catalog's tags column (ease's tag_weight)
 
 
 # Checks of the numeric parameters by name, for every strategy (a blend's parts check their own): a wrong value
@@ -28,7 +29,7 @@ class TrainingData:
 # item_knn crashes the process with neighbours = 0).
 _WHOLE_AT_LEAST_1 = ("factors", "iterations", "neighbours", "ensemble", "max_items")
 _WHOLE_AT_LEAST_0 = ("seed", "threads")
-_AT_LEAST_0 = ("regularization", "bm25_k1", "graph_weight", "ideal_weight", "weight_gf")
+_AT_LEAST_0 = ("regularization", "bm25_k1", "graph_weight", "ideal_weight", "weight_gf", "tag_weight")
 _ABOVE_0 = ("alpha", "learning_rate", "window_days", "l2", "max_memory_mb")
 _FROM_0_TO_1 = ("bm25_b", "weight_als")
 

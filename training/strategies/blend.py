@@ -37,6 +37,7 @@ class EASEALSStrategy(Strategy):
         super().__init__(**params)
         for name, cls in self.parts.items():
             cls(**self.part_params(name))  # a part's bad value stops here, before any data is read
+        self.fitted_parts: dict[str, Strategy] = {}
 
     def part_params(self, part: str) -> dict:
         prefix = f"{part}_"
@@ -48,10 +49,17 @@ class EASEALSStrategy(Strategy):
         return {"ease": 1.0 - weight, "als": weight}
 
     def fit(self, data: TrainingData) -> BlendScorer:
-        parts = {name: cls(**self.part_params(name)).fit(data) for name, cls in self.parts.items()}
+        self.fitted_parts = {name: cls(**self.part_params(name)) for name, cls in self.parts.items()}
+        parts = {name: part.fit(data) for name, part in self.fitted_parts.items()}
         scales = {name: typical_magnitude(part, data) for name, part in parts.items()}
         self.scorer = BlendScorer(parts, self.weights(), scales)
         return self.scorer
+
+    def served_params(self) -> dict:
+        """The parameters as the fitted parts apply them (ease_tag_weight 0 without tags), under their prefix."""
+        applied = {f"{name}_{key}": value for name, part in self.fitted_parts.items()
+                   for key, value in part.served_params().items()}
+        return {key: applied.get(key, value) for key, value in self.params.items()}
 
 
 def typical_magnitude(scorer: Scorer, data: TrainingData) -> float:
