@@ -303,6 +303,30 @@ def test_a_body_trickled_a_byte_at_a_time_is_408_at_the_deadline_while_the_worke
     assert len(served) >= 5 and max(served) < 1.0, served
 
 
+def test_a_chunked_body_trickled_a_chunk_at_a_time_is_408_at_the_deadline_too(server):
+    """gunicorn's chunked reader holds its request rather than the unreader: the deadline must still bound it.
+    Before, a one-byte chunk every 1.5 seconds held the thread as long as the client kept sending."""
+    import select
+
+    from recsvc.api.parsing import BODY_READ_DEADLINE_SECONDS
+
+    host, port = server
+    with socket.create_connection((host, int(port)), timeout=BODY_READ_DEADLINE_SECONDS + 10) as sock:
+        sock.sendall(post_chunked(server, b"1\r\n{\r\n"))
+        started = time.monotonic()
+        while not select.select([sock], [], [], 1.5)[0]:
+            assert time.monotonic() - started < BODY_READ_DEADLINE_SECONDS + 2, "no answer: the trickle holds a thread"
+            sock.sendall(b"1\r\n \r\n")
+        data = b""
+        while chunk := sock.recv(65536):  # the server closes it after the answer
+            data += chunk
+        waited = time.monotonic() - started
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
+    assert b'"code":"request_timeout"' in body and b"did not send the whole body within" in body
+    assert BODY_READ_DEADLINE_SECONDS - 0.5 < waited < BODY_READ_DEADLINE_SECONDS + 2
+
+
 def test_a_normal_post_keeps_its_connection_alive(server):
     """The close after a failed body read (recsvc.worker) leaves well-formed requests' connections open."""
     host, port = server

@@ -137,8 +137,10 @@ def _read_body(req) -> bytes:
     for BODY_READ_TIMEOUT_SECONDS or has not sent it all in BODY_READ_DEADLINE_SECONDS. gunicorn then closes the
     connection (and says so, recsvc.worker): a body read that failed leaves it unusable."""
     sock = req.environ.get("gunicorn.socket")  # absent under the test client
-    # gunicorn's body (wsgi.input) reads through a reader holding the unreader that holds the socket.
-    unreader = getattr(getattr(req.environ.get("wsgi.input"), "reader", None), "unreader", None)
+    # gunicorn's body (wsgi.input) reads through a reader holding the unreader that holds the socket; its chunked
+    # reader holds the request instead, whose unreader its parser reads.
+    reader = getattr(req.environ.get("wsgi.input"), "reader", None)
+    unreader = getattr(reader, "unreader", None) or getattr(getattr(reader, "req", None), "unreader", None)
     watched = None
     if sock is not None:
         sock.settimeout(BODY_READ_TIMEOUT_SECONDS)
