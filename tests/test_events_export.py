@@ -196,6 +196,7 @@ def test_exported_events_train_with_fit_in_every_format_and_an_empty_export_is_r
 
     nothing = export(redis_url, tmp_path / "empty.csv", "--since", str(time.time() + 60))
     assert nothing.exit_code == 0 and "wrote 0 events" in nothing.output and "only the header" in nothing.output
+    assert "beside other interactions files" in nothing.output  # they are read as one input: no concatenating
     assert (tmp_path / "empty.csv").read_text(encoding="utf-8").replace('"', "").strip() == HEADER
     refused = CliRunner().invoke(main, ["fit", "--interactions", str(tmp_path / "empty.csv"), "--registry",
                                         str(tmp_path / "registry")])

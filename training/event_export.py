@@ -34,8 +34,8 @@ class ExportResult:
         if self.repeated:
             text += f" ({self.repeated:,} repeated event_ids left out)"
         if not self.rows:
-            text += ("; the file holds only the header, which `recsvc-train fit` refuses on its own (exit 2): "
-                     "concatenate it with the rest of the interactions")
+            text += ("; the file holds only the header, which `fit` and `nightly` refuse on its own (exit 2) "
+                     "and read as no rows beside other interactions files")
         return text
 
     def as_dict(self) -> dict:
