@@ -16,6 +16,7 @@ master before any fork; the master gives each worker a slot when it creates it
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import time
@@ -23,13 +24,20 @@ import time
 import orjson
 from gunicorn import glogging, util
 from gunicorn.http import wsgi
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from recsvc.read_deadline import DeadlineSocket
 
 # At most, per connection taken while ahead; 5 ms was sometimes too short for an idle peer to wake.
 ACCEPT_DEFER_SECONDS = 0.020
 DEFER_STEP_SECONDS = 0.0005
 FREE = -1  # a slot no live worker holds
 SERVER_FAULT = "the server could not answer; the error was logged"
+# Seconds a request line and its headers may take to arrive, from their first byte. gthread bounds the wait for a
+# request's first byte (5 s on a thread, then keepalive's seconds in its poller) but reads the rest on a thread from
+# a socket without a timeout: a client sending a header byte every few seconds (slowloris) held the thread as long
+# as it liked, and two such connections made a two-thread worker deaf. An honest client sends its head at once.
+HEAD_READ_DEADLINE_SECONDS = 10.0
 
 
 class ConnectionBoard:
@@ -62,6 +70,45 @@ class ConnectionBoard:
 BOARD = ConnectionBoard()  # made at import, which gunicorn does in the master when it reads worker_class
 
 
+class RequestHeadTimeout(Exception):
+    """The request line and headers did not all arrive within HEAD_READ_DEADLINE_SECONDS of their first byte."""
+
+
+class _HeadSocket(DeadlineSocket):
+    """The socket as gunicorn's parser reads a request head from it. Its timeout is no OSError, which gthread would
+    log with a traceback and leave unanswered: it reaches the worker's handle_error, which answers 408."""
+
+    __slots__ = ()
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return super().recv(size)
+        except TimeoutError:
+            raise RequestHeadTimeout(f"the client did not send the request line and headers within "
+                                     f"{HEAD_READ_DEADLINE_SECONDS:g} seconds of their first byte; send them at once"
+                                     ) from None
+
+
+class HeadTimedConn(TConn):
+    """gthread's connection, each of whose request heads is read within HEAD_READ_DEADLINE_SECONDS. gthread calls
+    init on a thread right before it reads a head: once a new connection's first byte is there, once a kept-alive
+    one is readable again (its idle wait, in the poller, is keepalive's as before)."""
+
+    def init(self):
+        super().init()
+        unreader = getattr(self.parser, "unreader", None)  # HTTP/2's parser has none: left as gunicorn has it
+        if getattr(unreader, "sock", None) is self.sock:
+            unreader.sock = _HeadSocket(self.sock, time.monotonic() + HEAD_READ_DEADLINE_SECONDS,
+                                        HEAD_READ_DEADLINE_SECONDS)
+
+    def head_read(self) -> None:
+        """The head is read, or failed: the parser reads the socket itself again (the body has its own bounds,
+        recsvc.api.parsing)."""
+        unreader = getattr(self.parser, "unreader", None)
+        if isinstance(getattr(unreader, "sock", None), _HeadSocket):
+            unreader.sock = self.sock
+
+
 class BalancedThreadWorker(ThreadWorker):
     """ThreadWorker that publishes its connection count and defers accepting while it holds the most."""
 
@@ -91,7 +138,35 @@ class BalancedThreadWorker(ThreadWorker):
         deadline = time.monotonic() + ACCEPT_DEFER_SECONDS
         while self.ahead() and time.monotonic() < deadline:
             time.sleep(DEFER_STEP_SECONDS)  # a less loaded worker, woken by the same connection, may take it
-        super().accept(listener)  # EAGAIN (another took it) is handled there
+        try:  # gthread's accept, with a HeadTimedConn for its TConn
+            client_sock, client_addr = listener.accept()
+            self.nr_conns += 1
+            client_sock.setblocking(True)
+            self.enqueue_req(HeadTimedConn(self.cfg, client_sock, client_addr, listener.getsockname()))
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):  # EAGAIN: another took it
+                raise
+
+    def handle(self, conn):
+        try:
+            return super().handle(conn)
+        finally:
+            conn.head_read()  # when the head failed; after a request, handle_request did it
+
+    def handle_request(self, req, conn):
+        conn.head_read()
+        return super().handle_request(req, conn)
+
+    def handle_error(self, req, client, addr, exc):
+        """A head that did not come in time: 408 in the API's error shape (util.write_error, below), one log line.
+        gthread then closes the connection, as the answer says."""
+        if not isinstance(exc, RequestHeadTimeout):
+            return super().handle_error(req, client, addr, exc)
+        self.log.warning("Request head timed out from ip=%s: %s", (addr or ("",))[0], exc)
+        try:
+            util.write_error(client, 408, "Request Timeout", str(exc))
+        except OSError:
+            self.log.debug("Failed to send the 408.")
 
 
 class GunicornLogger(glogging.Logger):

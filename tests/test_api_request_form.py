@@ -148,16 +148,21 @@ def test_a_refused_batch_records_no_exposure_and_names_the_entry(experiment_sett
 
 
 @pytest.fixture(scope="module")
-def server(trained_registry, tmp_path_factory):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("form") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(trained_registry, server_log):
     env = {"RECSVC_REGISTRY": str(trained_registry), "RECSVC_API_KEYS": API_KEY, "RECSVC_MAX_BODY_BYTES": "4096"}
-    with running_server(env, tmp_path_factory.mktemp("form") / "server.log", workers=1) as base:
+    with running_server(env, server_log, workers=1) as base:
         yield base.removeprefix("http://").split(":")
 
 
-def raw(server, request: bytes) -> tuple[int, dict[str, str], bytes]:
+def raw(server, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     """Send bytes as they are (no client library tidies them) and read the whole answer."""
     host, port = server
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(request)
         sock.shutdown(socket.SHUT_WR)
         data = b""
@@ -325,6 +330,80 @@ def test_a_chunked_body_trickled_a_chunk_at_a_time_is_408_at_the_deadline_too(se
     assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
     assert b'"code":"request_timeout"' in body and b"did not send the whole body within" in body
     assert BODY_READ_DEADLINE_SECONDS - 0.5 < waited < BODY_READ_DEADLINE_SECONDS + 2
+
+
+def test_request_heads_trickled_a_byte_at_a_time_are_408_at_the_deadline_and_free_the_threads(server, server_log):
+    """Slowloris: the request line, then a header byte every 1.5 seconds, never waiting long enough at once for
+    gunicorn's first-byte wait to see it. Two such connections hold both threads of the one worker: each is answered
+    408 at the head's deadline, one line logged for it, and a request sent meanwhile is served then."""
+    import select
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recsvc.worker import HEAD_READ_DEADLINE_SECONDS
+
+    host, port = server
+    get = f"GET {RECS}?limit=2 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+    logged_before = server_log.read_text().count("Request head timed out")
+    slow = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+    try:
+        for sock in slow:
+            sock.sendall(get.encode())
+        started = time.monotonic()
+        time.sleep(0.3)  # each taken by a thread, reading the head
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(lambda: (raw(server, (get + "\r\n").encode(), timeout=30), time.monotonic() - started))
+            trickle = iter(b"X-Slow: " + b"a" * 100)
+            answers = {}
+            while len(answers) < len(slow):
+                served = "served" if other.done() else "not served"
+                assert time.monotonic() - started < HEAD_READ_DEADLINE_SECONDS + 3, (
+                    f"the trickling heads hold the threads (the other request: {served})")
+                waiting = [sock for sock in slow if sock not in answers]
+                for sock in select.select(waiting, [], [], 1.5)[0]:
+                    answers[sock] = (b"".join(iter(lambda s=sock: s.recv(65536), b"")), time.monotonic() - started)
+                    sock.close()  # as the server did (gthread waits up to 2 s for the client to close, in its loop)
+                byte = bytes([next(trickle)])
+                for sock in waiting:
+                    if sock not in answers:
+                        sock.sendall(byte)
+            (status, _headers, body), served_after = other.result()
+    finally:
+        for sock in slow:
+            sock.close()
+    for data, waited in answers.values():
+        head, _, body_408 = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
+        assert b"\r\nX-Request-ID: " in head and b'"code":"request_timeout"' in body_408
+        assert b"did not send the request line and headers within" in body_408
+        assert HEAD_READ_DEADLINE_SECONDS - 0.5 < waited < HEAD_READ_DEADLINE_SECONDS + 2
+    assert status == 200 and body.count(b'"item_id"') == 2
+    assert served_after < HEAD_READ_DEADLINE_SECONDS + 2
+    log = server_log.read_text()
+    assert log.count("Request head timed out") - logged_before == 2 and "Traceback" not in log
+
+
+def test_a_kept_alive_connection_gets_a_new_head_deadline_per_request_and_its_idle_keepalive(server):
+    """The head's deadline starts at each request's first byte, not the connection's: requests a few seconds apart,
+    each head sent in two parts, are served past HEAD_READ_DEADLINE_SECONDS. Idle between requests, the connection
+    is gunicorn's to close, after its keepalive (5 seconds, recsvc/gunicorn_conf.py), as before."""
+    from recsvc.worker import HEAD_READ_DEADLINE_SECONDS
+
+    host, port = server
+    get = f"GET {RECS}?limit=2 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock, sock.makefile("rb") as answers:
+        started = time.monotonic()
+        while time.monotonic() - started < HEAD_READ_DEADLINE_SECONDS + 1:
+            sock.sendall(get[:20])
+            time.sleep(0.5)
+            sock.sendall(get[20:])
+            head = b"".join(iter(answers.readline, b"\r\n"))
+            assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: keep-alive\r\n" in head, head
+            length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+            assert answers.read(length).count(b'"item_id"') == 2
+            time.sleep(1.5)
+        idle = time.monotonic()
+        assert answers.read() == b""  # closed by the server
+        assert 5 - 1.5 - 0.5 < time.monotonic() - idle < 5 - 1.5 + 1.5
 
 
 def test_a_normal_post_keeps_its_connection_alive(server):

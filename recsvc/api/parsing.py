@@ -14,6 +14,8 @@ from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
+from recsvc.read_deadline import DeadlineSocket
+
 LIST_FIELDS = frozenset({"exclude"})  # query fields that are comma lists
 # Seconds a body read may wait for the client's next bytes under gunicorn. Its sockets block without a timeout, so
 # a body that stops short of its Content-Length or of a chunk's size (say FFFFFFFF) held a worker thread until the
@@ -107,31 +109,6 @@ def _refuse_repeated_keys(body: bytes) -> None:
         pass  # nested some hundreds deep: no schema of the API takes it, and says so
 
 
-class _DeadlineSocket:
-    """The connection's socket as gunicorn's body reader sees it while the app reads a body: no recv waits past
-    the deadline. Only a client still sending at BODY_READ_TIMEOUT_SECONDS before it gets here, so a normal body
-    (most often already read with the headers) costs one clock read per recv at most."""
-
-    __slots__ = ("sock", "deadline", "expired")
-
-    def __init__(self, sock, deadline: float):
-        self.sock = sock
-        self.deadline = deadline
-        self.expired = False  # the last wait was cut by the deadline rather than BODY_READ_TIMEOUT_SECONDS
-
-    def recv(self, size: int) -> bytes:
-        left = self.deadline - time.monotonic()
-        if left < BODY_READ_TIMEOUT_SECONDS:
-            self.expired = True
-            if left <= 0:
-                raise TimeoutError("the body read's deadline has passed")
-            self.sock.settimeout(left)
-        return self.sock.recv(size)
-
-    def __getattr__(self, name):
-        return getattr(self.sock, name)
-
-
 def _read_body(req) -> bytes:
     """The whole body, at most the body limit (413 beyond it, also chunked); 408 when the client stops sending
     for BODY_READ_TIMEOUT_SECONDS or has not sent it all in BODY_READ_DEADLINE_SECONDS. gunicorn then closes the
@@ -142,10 +119,11 @@ def _read_body(req) -> bytes:
     reader = getattr(req.environ.get("wsgi.input"), "reader", None)
     unreader = getattr(reader, "unreader", None) or getattr(getattr(reader, "req", None), "unreader", None)
     watched = None
-    if sock is not None:
+    if getattr(unreader, "sock", None) is sock is not None:
+        watched = unreader.sock = DeadlineSocket(sock, time.monotonic() + BODY_READ_DEADLINE_SECONDS,
+                                                 BODY_READ_TIMEOUT_SECONDS)
+    elif sock is not None:  # read some other way: each wait bounded at least
         sock.settimeout(BODY_READ_TIMEOUT_SECONDS)
-        if getattr(unreader, "sock", None) is sock:
-            watched = unreader.sock = _DeadlineSocket(sock, time.monotonic() + BODY_READ_DEADLINE_SECONDS)
     try:
         body = req.get_data(cache=True)
         limit = req.max_content_length
