@@ -296,16 +296,22 @@ def test_a_body_trickled_a_byte_at_a_time_is_408_at_the_deadline_while_the_worke
             status, _headers, body = raw(server, post_chunked(server, b"0c\r\n{\"limit\": 2}\r\n0\r\n\r\n"))
             assert status == 200 and body.count(b'"item_id"') == 2
             served.append(time.monotonic() - asked)
-        data = b""
-        while chunk := sock.recv(65536):  # the server closes it after the answer
-            data += chunk
-        waited = time.monotonic() - started
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
-    assert b'"code":"request_timeout"' in body and b"did not send the whole body within" in body
+        waited = body_deadline_answer(sock, started)
     assert BODY_READ_DEADLINE_SECONDS - 0.5 < waited < BODY_READ_DEADLINE_SECONDS + 2
     assert waited > 1.5 * BODY_READ_TIMEOUT_SECONDS  # the client did keep the read going past the per-wait timeout
     assert len(served) >= 5 and max(served) < 1.0, served
+
+
+def body_deadline_answer(sock, started: float) -> float:
+    """Seconds from `started` until the server, having answered 408 for the body's deadline, closed the connection."""
+    data = b""
+    while chunk := sock.recv(65536):  # the server closes it after the answer
+        data += chunk
+    waited = time.monotonic() - started
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
+    assert b'"code":"request_timeout"' in body and b"did not send the whole body within" in body
+    return waited
 
 
 def test_a_chunked_body_trickled_a_chunk_at_a_time_is_408_at_the_deadline_too(server):
@@ -322,13 +328,7 @@ def test_a_chunked_body_trickled_a_chunk_at_a_time_is_408_at_the_deadline_too(se
         while not select.select([sock], [], [], 1.5)[0]:
             assert time.monotonic() - started < BODY_READ_DEADLINE_SECONDS + 2, "no answer: the trickle holds a thread"
             sock.sendall(b"1\r\n \r\n")
-        data = b""
-        while chunk := sock.recv(65536):  # the server closes it after the answer
-            data += chunk
-        waited = time.monotonic() - started
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nConnection: close\r\n" in head, data[:300]
-    assert b'"code":"request_timeout"' in body and b"did not send the whole body within" in body
+        waited = body_deadline_answer(sock, started)
     assert BODY_READ_DEADLINE_SECONDS - 0.5 < waited < BODY_READ_DEADLINE_SECONDS + 2
 
 
