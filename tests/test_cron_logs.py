@@ -4,7 +4,9 @@ exit_code and counts as fields), the result as one JSON line on stdout, text out
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +15,7 @@ from recsvc import artifacts
 from recsvc.cache import event_stream_key
 from recsvc.event_log import EVENT, FEEDBACK
 from tests.conftest import free_port
+from tests.test_events_export import redis_now
 from tests.test_events_trim import FROM_T, T_ISO, T, around_t, experiment_log, log, publish
 from tests.test_nightly import ENV, RECSVC_TRAIN, lock_held, nightly_config
 from tests.test_registry import publish as publish_version
@@ -150,7 +153,7 @@ def test_a_refused_trim_in_json_mode_exits_3_with_its_summary_and_the_experiment
 
 @pytest.mark.parametrize("options, exit_code, message", [
     (["--before", "2062-01-01", "--redis-url", "{live}"], 2,  # judged by Redis's clock
-     "--before 2062-01-01T00:00:00.000Z is in the future (Redis's clock: "),
+     "--before 2062-01-01T00:00:00.000Z is more than 60 s ahead of Redis's clock ("),
     (["--before", "soon"], 2, "Invalid value for '--before'"),
     (["--before", T_ISO, "--stream", "clicks"], 2, "Invalid value for '--stream'"),
     (["--before", T_ISO, "--redis-url", "redis://:secret@127.0.0.1:{dead}/0"], 1,
@@ -171,6 +174,51 @@ def test_a_trim_that_fails_after_a_stream_says_in_its_json_error_what_was_trimme
     error = one_error(result, 1)
     assert "cannot trim the event log in" in error["message"] and "WRONGTYPE" in error["message"]
     assert error["streams"] == {"event": {"key": event_stream_key(EVENT), "removed": 3, "left": 3}}
+
+
+# --- interrupts -------------------------------------------------------------------------------------------------
+
+
+def interrupted_while_waiting(command: list[str], signum: int, log_format: str) -> tuple[int, list[str], str]:
+    """Run the console script, send `signum` once it logged that it waits for Redis's clock, and return its exit
+    code, its stderr lines (the waiting line first) and its stdout."""
+    started = time.monotonic()
+    process = subprocess.Popen([RECSVC_TRAIN, *command, "--log-format", log_format], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        waiting = process.stderr.readline()  # logged before the wait starts
+        assert "ahead of Redis's clock: waiting for it to pass" in waiting, waiting
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 8  # it stopped at the signal, not at the end of the wait
+    return process.returncode, [waiting.rstrip("\n"), *stderr.splitlines()], stdout
+
+
+@pytest.mark.parametrize("signum, exit_code, message", [
+    (signal.SIGINT, 130, "interrupted by SIGINT"),  # Ctrl-C: not click's "Aborted!", exit 1
+    (signal.SIGTERM, 143, "terminated by SIGTERM"),
+])
+def test_an_interrupted_export_says_so_in_a_json_line_with_its_exit_code(redis_client, redis_url, tmp_path, signum,
+                                                                         exit_code, message):
+    until = f"{redis_now(redis_client) + 10:.3f}"  # ahead of Redis's clock: the export waits for it
+    out = tmp_path / "events.csv"
+    returncode, stderr, stdout = interrupted_while_waiting(
+        ["events", "export", "--redis-url", redis_url, "--out", str(out), "--until", until], signum, "json")
+    assert returncode == exit_code and stdout == "" and not out.exists()
+    waiting, error = json_lines("\n".join(stderr))
+    assert waiting["level"] == "info" and waiting["waiting_seconds"] > 5
+    assert error["level"] == "error" and error["message"] == message and error["exit_code"] == exit_code
+
+
+def test_an_interrupted_trim_says_so_and_removes_nothing(redis_client, redis_url):
+    around_t(redis_client)
+    before = f"{redis_now(redis_client) + 10:.3f}"
+    returncode, stderr, stdout = interrupted_while_waiting(
+        ["events", "trim", "--redis-url", redis_url, "--before", before], signal.SIGINT, "text")
+    assert returncode == 130 and stdout == "" and stderr[1:] == ["error: interrupted by SIGINT"]
+    assert redis_client.xlen(event_stream_key(EVENT)) == 6
 
 
 # --- warm-cache -------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 from click.testing import CliRunner
 
 from recsvc.experiment_report import Tally, VariantCounts, build_report, confidence_label, wilson
@@ -49,17 +51,31 @@ def test_cli_report_matches_the_api_with_definitions_from_redis_or_file(experime
     assert sum(r["customers_accepted"] for r in api_report["variants"]) == 100
 
 
-def test_cli_png_chart_needs_matplotlib_and_says_so(experiment_settings, auth, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_png_chart_without_matplotlib_fails_fast_with_exit_2_and_prints_no_report(
+        experiment_settings, auth, tmp_path, monkeypatch, log_format):  # noqa: F811
     _run_experiment(experiment_settings, auth, customers=20)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError, as when missing
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     png = tmp_path / "chart.png"
     result = CliRunner().invoke(main, ["experiments", "report", "als-vs-pop", "--redis-url",
-                                       experiment_settings.redis_url, "--chart", str(png)])
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert result.exit_code == 2 and "matplotlib" in result.output and not png.exists()
+                                       experiment_settings.redis_url, "--chart", str(png), "--log-format", log_format])
+    assert result.exit_code == 2 and result.stdout == "" and not png.exists()
+    message = "--chart FILE.png needs matplotlib (pip install 'recsvc[charts]'); or use --chart FILE.html"
+    if log_format == "json":
+        [error] = [json.loads(line) for line in result.stderr.splitlines()]
+        assert error["message"] == message and error["exit_code"] == 2
     else:
-        assert result.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert result.stderr == f"error: {message}\n"
+
+
+def test_a_chart_path_that_cannot_be_written_fails_before_the_report(experiment_settings, auth, tmp_path):  # noqa: F811
+    _run_experiment(experiment_settings, auth, customers=20)
+    chart = tmp_path / "missing" / "chart.html"
+    result = CliRunner().invoke(main, ["experiments", "report", "als-vs-pop", "--redis-url",
+                                       experiment_settings.redis_url, "--chart", str(chart)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: No such file or directory: {chart.parent}\n"
 
 
 def test_cli_report_errors_are_messages_with_exit_codes(experiment_settings, tmp_path):  # noqa: F811

@@ -1,7 +1,8 @@
 """recsvc-train: the trainer's command line.
 
 Exit codes: 0 done (published), 1 internal failure, 2 unusable input, 3 refused by the quality gate,
-4 another run (fit, nightly or registry rollback) holds the registry's lock.
+4 another run (fit, nightly or registry rollback) holds the registry's lock, 130 interrupted (SIGINT, Ctrl-C),
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from training.runlog import LoggedCommand, run_log_options  # noqa: E402
 EXIT_UNUSABLE_INPUT = 2
 EXIT_REFUSED_BY_GATE = 3
 EXIT_BUSY = 4
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a command Ctrl-C stopped
 
 
 class Terminated(SystemExit):
@@ -81,9 +83,9 @@ def error_message(exc: Exception) -> str:
 
 def user_errors(command):
     """Turn an error into a readable message and a documented exit code, never a traceback for a user's
-    mistake. With --log-format json every error is one JSON line on stderr (with `exit_code`, and the error's
-    details as fields: the bad-row counts of a refused input), an unexpected one too (the traceback in a field),
-    so that a cron job's .jsonl log stays JSON."""
+    mistake; an interrupt too (130 for SIGINT, 143 for SIGTERM). With --log-format json every error is one JSON
+    line on stderr (with `exit_code`, and the error's details as fields: the bad-row counts of a refused input), an
+    unexpected one too (the traceback in a field) and an interrupt, so that a cron job's .jsonl log stays JSON."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -95,6 +97,9 @@ def user_errors(command):
         except Terminated as exc:
             log.error("terminated by SIGTERM", exit_code=exc.code)
             raise
+        except KeyboardInterrupt:  # SIGINT (Ctrl-C): the `finally` blocks ran as for SIGTERM; not click's "Aborted!"
+            log.error("interrupted by SIGINT", exit_code=EXIT_INTERRUPTED)
+            sys.exit(EXIT_INTERRUPTED)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # click's own usage errors and exits
         except Exception as exc:

@@ -32,8 +32,9 @@ def wait_for_redis_clock(streams: RedisStreams, option: str, at: float, log: Run
     when it waits (at most MAX_AHEAD_SECONDS); InvalidInput, saying `refused_because`, when `at` is further ahead."""
     ahead = streams.time_to(at)
     if ahead > MAX_AHEAD_SECONDS:
-        raise InvalidInput(f"{option} {shown_time(at)} is in the future (Redis's clock: {shown_time(at - ahead)}): "
-                           f"{refused_because}; give a time up to now")
+        raise InvalidInput(f"{option} {shown_time(at)} is more than {MAX_AHEAD_SECONDS} s ahead of Redis's clock "
+                           f"({shown_time(at - ahead)}): {refused_because}; give a time at most {MAX_AHEAD_SECONDS} s "
+                           "ahead of Redis's clock (a time ahead is waited for)")
     if ahead:
         log.info(f"{option} {shown_time(at)} is {ahead:.3f}s ahead of Redis's clock: waiting for it to pass, so that "
                  "every entry the log takes before it is in the stream", waiting_seconds=ahead)

@@ -63,8 +63,8 @@ def report_command(name: str, redis_url: str | None, experiments_path: Path | No
     """The statistics of experiment NAME from the event log in Redis (exit 2: unknown experiment or bad option,
     1: Redis unreachable). --log-format json: the report as with --json, on one line."""
     redis_url = require_redis_url(redis_url)
-    if chart_path is not None and chart_path.suffix.lower() not in CHART_SUFFIXES:
-        raise InvalidInput(f"--chart must end in {' or '.join(CHART_SUFFIXES)}")
+    if chart_path is not None:
+        check_chart(chart_path)  # before the report is read and printed: a chart that cannot be written prints nothing
     from recsvc.experiment_report import report_for  # here: scipy.stats costs every recsvc-train start 0.4 s
 
     client = redis_client(redis_url)
@@ -149,6 +149,31 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_chart(path: Path) -> None:
+    """What writing a chart to `path` needs, checked before the work: a known suffix, a path that can take the
+    file and, for .png, matplotlib (.html needs nothing else). InvalidInput, or an OSError, when one is missing."""
+    from recsvc.files import check_writable_file
+
+    if path.suffix.lower() not in CHART_SUFFIXES:
+        raise InvalidInput(f"--chart must end in {' or '.join(CHART_SUFFIXES)}")
+    if path.suffix.lower() == ".png":
+        _pyplot()
+    check_writable_file(path)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); InvalidInput when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidInput("--chart FILE.png needs matplotlib (pip install 'recsvc[charts]'); or use --chart "
+                           "FILE.html") from None
+    return plt
+
+
 def write_chart(report: dict, path: Path) -> None:
     """The customer-level acceptance rate and accepts per exposure of each variant with their intervals (at the
     report's confidence level, 1 - alpha)."""
@@ -193,14 +218,7 @@ def _svg_panel(report: dict, metric: str, title: str) -> str:
 
 
 def _write_png(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InvalidInput("PNG charts need matplotlib (pip install 'recsvc[charts]'); or use --chart FILE.html") \
-            from None
+    plt = _pyplot()
     from recsvc.experiment_report import confidence_label
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.6 * len(report["variants"])))
